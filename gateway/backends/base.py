@@ -1,0 +1,62 @@
+"""The backend seam: what the request pipeline asks of every upstream kind.
+
+A backend turns one routed OpenAI request into either a finished `chat.completion` dict or a
+`ChunkStream` of `chat.completion.chunk` dicts. Backends raise only `UpstreamError`s (translated
+at their boundary) and never see the client's gateway key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from gateway.wire import ChatRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A public model name resolved to a backend and the upstream's own model name."""
+
+    model: str
+    backend: str
+    upstream_model: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamCall:
+    request_id: str
+    route: Route
+    chat: ChatRequest
+    body: dict[str, Any]  # the client's body as received (unknown fields included)
+    headers: Mapping[str, str] = field(default_factory=dict)  # client headers worth passing on
+
+
+class ChunkStream(Protocol):
+    """An opened upstream stream: already past the HTTP status check."""
+
+    meta: dict[str, str]  # e.g. {"learning_id": ...}: exposed to the client as extension data
+
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Backend(Protocol):
+    name: str
+    kind: str
+
+    def credentials_missing(self) -> str | None:
+        """The environment variable to set when the backend has no credentials, else None."""
+        ...
+
+    async def complete(self, call: UpstreamCall) -> dict[str, Any]:
+        """A finished `chat.completion` (model/id normalised later by the pipeline)."""
+        ...
+
+    async def stream(self, call: UpstreamCall) -> ChunkStream:
+        """Open the upstream stream; raises `UpstreamError` before any byte reaches the client."""
+        ...
+
+    async def aclose(self) -> None: ...

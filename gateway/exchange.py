@@ -1,0 +1,68 @@
+"""The record of one finished exchange, and the observer seam that receives it.
+
+The pipeline builds exactly one `ExchangeRecord` per request in the stream's ``finally`` and
+hands it to every `ExchangeObserver` (metering, analytics mirroring, metrics). Observers must
+not block: they queue their work and return.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Protocol
+
+Outcome = Literal["completed", "error", "client_disconnected"]
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeRecord:
+    request_id: str
+    time: float  # unix seconds when the request was accepted
+    team: str
+    key_id: str
+    model: str
+    backend: str
+    upstream_model: str
+    stream: bool
+    messages: list[dict[str, Any]]
+    answer: str
+    finish_reason: str | None
+    usage: dict[str, Any]  # prompt_tokens, completion_tokens, total_tokens[, estimated]
+    latency_ms: float
+    ttft_ms: float | None
+    status: int
+    cached: bool
+    outcome: Outcome
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    reasoning: str | None = None
+    extensions: dict[str, Any] = field(default_factory=dict)  # e.g. citations
+    error: dict[str, Any] | None = None  # the OpenAI error body when outcome is "error"
+    user: str | None = None  # the request's `user` or the end-user header
+    conversation_id: str | None = None  # from the conversation header, for threading
+    message_ids: dict[str, str] = field(default_factory=dict)  # ids given to the client
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.usage.get("prompt_tokens") or 0)
+
+    @property
+    def completion_tokens(self) -> int:
+        return int(self.usage.get("completion_tokens") or 0)
+
+    @property
+    def estimated(self) -> bool:
+        return bool(self.usage.get("estimated"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExchangeRecord:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+class ExchangeObserver(Protocol):
+    def exchange_finished(self, record: ExchangeRecord) -> None:
+        """Called once per exchange, on the event loop; must not block or raise."""
+        ...

@@ -1,0 +1,5 @@
+"""Local sample upstreams and test helpers shipped with the gateway.
+
+The fake Inkeep, Nuclia and analytics servers speak the real wire formats; the test suite and
+``gateway serve --demo`` both use them. Nothing here is on the request path of a real gateway.
+"""
