@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import uvicorn
+
+
+class EmbeddedServer(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to its host (it may run beside another)."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 def bound_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
@@ -25,7 +33,7 @@ async def run_server(app: Any, *, host: str = "127.0.0.1", port: int = 0,
     """Serve `app` in this event loop; yields its base URL (``http://127.0.0.1:PORT``)."""
     sock = bound_socket(host, port)
     config = uvicorn.Config(app, log_level="warning", lifespan="on", **options)
-    server = uvicorn.Server(config)
+    server = EmbeddedServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         while not server.started:

@@ -1,0 +1,143 @@
+"""The application factory: routes, middleware and the lifespan that builds every resource.
+
+Resources (HTTP clients, the Redis connection, stores, background workers) are created in the
+lifespan and handed to the endpoints as typed state; tests inject their own through
+`create_app`'s arguments.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import structlog
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route as HTTPRoute
+
+from gateway import endpoints
+from gateway.backends.base import Backend, Route
+from gateway.backends.openai_compat import OpenAICompatBackend
+from gateway.config import GatewayConfig
+from gateway.errors import GatewayError, MethodNotAllowed, NotFound
+from gateway.metrics import Metrics
+from gateway.middleware import RequestContextMiddleware
+from gateway.pipeline import Pipeline
+from gateway.state import GatewayState
+from gateway.upstream import UpstreamClient
+
+log = structlog.get_logger("gateway.app")
+
+
+def build_routes(config: GatewayConfig) -> dict[str, Route]:
+    return {
+        name: Route(name, model.backend, model.upstream_model or name, dict(model.nuclia))
+        for name, model in config.models.items()
+    }
+
+
+def build_backend(name: str, config: GatewayConfig, connector: Any = None) -> Backend:
+    spec = config.backends[name]
+    client = UpstreamClient(name, spec, connector=connector)
+    if spec.kind == "nuclia":
+        from gateway.backends.nuclia import NucliaBackend
+
+        return NucliaBackend(name, spec, client)
+    return OpenAICompatBackend(name, spec, client)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    error: GatewayError
+    if exc.status_code == 405:
+        error = MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}.",
+                                 headers=dict(exc.headers or {}))
+    elif exc.status_code == 404:
+        error = NotFound(f"There is no endpoint {request.method} {request.url.path}.")
+    else:
+        error = GatewayError(str(exc.detail), status=exc.status_code, code=None)
+    return endpoints.error_response(error)
+
+
+def create_app(
+    config: GatewayConfig,
+    *,
+    metrics: Metrics | None = None,
+    connector_factory: Callable[[], Any] | None = None,
+    on_startup: Callable[[AsyncExitStack], Any] | None = None,
+) -> Starlette:
+    """`on_startup(stack)` may enter extra async contexts first (e.g. the demo upstreams)."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        async with AsyncExitStack() as stack:
+            if on_startup is not None:
+                await on_startup(stack)
+            state = await assemble(config, stack, metrics or Metrics(), connector_factory)
+            app.state.gateway = state
+            yield {"gateway": state}
+
+    routes = [
+        HTTPRoute("/v1/chat/completions", endpoints.ChatCompletions(), methods=["POST"]),
+        HTTPRoute("/chat/completions", endpoints.ChatCompletions(), methods=["POST"]),
+        HTTPRoute("/v1/models", endpoints.list_models, methods=["GET"]),
+        HTTPRoute("/healthz", endpoints.healthz, methods=["GET"]),
+        HTTPRoute("/readyz", endpoints.readyz, methods=["GET"]),
+        HTTPRoute("/metrics", endpoints.metrics, methods=["GET"]),
+    ]
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(RequestContextMiddleware)],
+        exception_handlers={HTTPException: _http_error},
+        lifespan=lifespan,
+    )
+
+
+async def assemble(
+    config: GatewayConfig,
+    stack: AsyncExitStack,
+    metrics: Metrics,
+    connector_factory: Callable[[], Any] | None = None,
+) -> GatewayState:
+    """Build every resource in dependency order; `stack` closes them in reverse."""
+    from gateway.components import build_components
+
+    routes = build_routes(config)
+    backends: dict[str, Backend] = {}
+    for name in config.backends:
+        connector = connector_factory() if connector_factory else None
+        backends[name] = build_backend(name, config, connector)
+        stack.push_async_callback(backends[name].aclose)
+    parts = await build_components(config, stack, metrics)
+    pipeline = Pipeline(
+        routes=routes,
+        backends=backends,
+        authenticator=parts.authenticator,
+        admitter=parts.admitter,
+        cache=parts.cache,
+        observers=parts.observers,
+        metrics=metrics,
+        default_max_tokens=config.limits.default_max_tokens,
+        conversation_header=config.analytics.conversation_header,
+        user_header=config.analytics.user_header,
+        message_ids=parts.message_ids,
+    )
+    stack.push_async_callback(pipeline.drain)
+    log.info("gateway_ready", models=len(routes), backends=len(backends),
+             store="redis" if config.redis_url else "memory")
+    return GatewayState(
+        config=config,
+        metrics=metrics,
+        routes=routes,
+        backends=backends,
+        authenticator=parts.authenticator,
+        pipeline=pipeline,
+        ping_store=parts.ping,
+        started=int(time.time()),
+        components=parts.extra,
+    )

@@ -1,0 +1,221 @@
+"""The OpenAI-compatible backend: Inkeep, Inkeep's agents API, and any OpenAI-style upstream.
+
+Bodies pass through untouched except ``model`` (the upstream's own name); the backend's own
+credential replaces the client's. Streams are decoded incrementally and yielded chunk by
+chunk. Upstreams that omit ``[DONE]`` (Inkeep's agents API ends on a ``finish_reason`` chunk)
+end cleanly; a stream that stops with neither is reported as broken off, never as complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import structlog
+
+from gateway.answer import Answer
+from gateway.backends.base import UpstreamCall
+from gateway.config import BackendConfig
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    PayloadTooLarge,
+    UpstreamAuthError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamRateLimited,
+)
+from gateway.sse import SSEDecoder
+from gateway.upstream import UpstreamClient, UpstreamResponse
+
+log = structlog.get_logger("gateway.backends.openai")
+
+_MAX_DETAIL = 500
+
+
+def upstream_detail(body: bytes) -> str:
+    """The human message inside an upstream error body (OpenAI envelope or problem+json)."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        text = body.decode("utf-8", "replace").strip()
+        return text[:_MAX_DETAIL]
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])[:_MAX_DETAIL]
+        for key in ("detail", "message", "title"):
+            if isinstance(data.get(key), str) and data[key]:
+                return str(data[key])[:_MAX_DETAIL]
+        if isinstance(error, str):
+            return error[:_MAX_DETAIL]
+    return str(data)[:_MAX_DETAIL]
+
+
+def map_status(backend: str, status: int, body: bytes, headers: Any) -> GatewayError:
+    detail = upstream_detail(body)
+    if status in (401, 403):
+        return UpstreamAuthError(
+            f"The upstream '{backend}' refused the gateway's credentials (HTTP {status}). "
+            "This is a gateway configuration problem, not your key: tell the gateway operator.",
+            backend=backend,
+        )
+    if status == 429:
+        retry = headers.get("retry-after")
+        return UpstreamRateLimited(
+            f"The upstream '{backend}' is rate limiting the gateway: {detail}",
+            backend=backend,
+            headers={"retry-after": retry} if retry else None,
+        )
+    if status == 413:
+        return PayloadTooLarge(f"The upstream '{backend}' found the request too large: {detail}")
+    if status in (400, 422):
+        return InvalidRequest(f"The upstream '{backend}' rejected the request: {detail}",
+                              code="upstream_rejected")
+    if status >= 500:
+        return UpstreamError(
+            f"The upstream '{backend}' failed (HTTP {status}): {detail}", backend=backend
+        )
+    return UpstreamError(
+        f"The upstream '{backend}' answered HTTP {status}: {detail}", backend=backend
+    )
+
+
+class OpenAIChunkStream:
+    def __init__(self, response: UpstreamResponse, backend: str) -> None:
+        self._response = response
+        self._backend = backend
+        self.meta: dict[str, str] = {}
+
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[dict[str, Any]]:
+        decoder = SSEDecoder()
+        finished = False
+        async for data in self._response.iter_bytes():
+            for event in decoder.feed(data):
+                payload = event.data
+                if payload == "[DONE]":
+                    return
+                chunk = self._decode(payload)
+                if chunk is None:
+                    continue
+                finished = finished or _has_finish(chunk)
+                yield chunk
+        for event in decoder.flush():
+            if event.data == "[DONE]":
+                return
+            chunk = self._decode(event.data)
+            if chunk is not None:
+                finished = finished or _has_finish(chunk)
+                yield chunk
+        if not finished:
+            raise UpstreamProtocolError(
+                f"The upstream '{self._backend}' closed the stream before the answer finished.",
+                backend=self._backend,
+            )
+
+    def _decode(self, payload: str) -> dict[str, Any] | None:
+        if not payload.strip():
+            return None
+        try:
+            chunk = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            raise UpstreamProtocolError(
+                f"The upstream '{self._backend}' sent an event that is not JSON.",
+                backend=self._backend,
+            ) from None
+        if not isinstance(chunk, dict):
+            raise UpstreamProtocolError(
+                f"The upstream '{self._backend}' sent an event that is not a JSON object.",
+                backend=self._backend,
+            )
+        if "error" in chunk and "choices" not in chunk:
+            raise UpstreamError(
+                f"The upstream '{self._backend}' failed mid-stream: "
+                f"{upstream_detail(orjson.dumps(chunk))}",
+                backend=self._backend,
+            )
+        return chunk
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+def _has_finish(chunk: dict[str, Any]) -> bool:
+    return any(c.get("finish_reason") for c in chunk.get("choices") or ())
+
+
+class OpenAICompatBackend:
+    """``kind: inkeep`` or ``kind: openai`` — POST ``{base_url}/chat/completions``."""
+
+    def __init__(self, name: str, config: BackendConfig, client: UpstreamClient) -> None:
+        self.name = name
+        self.kind = config.kind
+        self._config = config
+        self._client = client
+        headers = {"content-type": "application/json", **config.headers}
+        credential = config.credential()
+        if credential:
+            headers["authorization"] = f"Bearer {credential}"
+        self._headers = headers
+        self._stream_headers = {**headers, "accept": "text/event-stream"}
+
+    def credentials_missing(self) -> str | None:
+        if not self._config.requires_key or self._config.credential():
+            return None
+        return self._config.api_key_env or f"the api_key of backend '{self.name}'"
+
+    def _payload(self, call: UpstreamCall) -> bytes:
+        body = call.body
+        if body.get("model") != call.route.upstream_model:
+            body = {**body, "model": call.route.upstream_model}
+        return orjson.dumps(body)
+
+    async def complete(self, call: UpstreamCall) -> dict[str, Any]:
+        response = await self._client.post(
+            "/chat/completions", self._payload(call), self._headers
+        )
+        raw = await response.read()
+        if response.status >= 400:
+            raise map_status(self.name, response.status, raw, response.headers)
+        if response.content_type == "text/event-stream":
+            return await self._assemble(raw)
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise UpstreamProtocolError(
+                f"The upstream '{self.name}' answered with a body that is not JSON.",
+                backend=self.name,
+            ) from None
+        if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+            raise UpstreamProtocolError(
+                f"The upstream '{self.name}' answered without 'choices'.", backend=self.name
+            )
+        return data
+
+    async def _assemble(self, raw: bytes) -> dict[str, Any]:
+        """Some OpenAI-like upstreams stream even when asked not to: assemble the answer."""
+        answer = Answer()
+        decoder = SSEDecoder()
+        for event in decoder.feed(raw) + decoder.flush():
+            if event.data == "[DONE]" or not event.data.strip():
+                continue
+            chunk = orjson.loads(event.data)
+            if isinstance(chunk, dict):
+                answer.add_chunk(chunk)
+        return answer.to_completion("", "", 0)
+
+    async def stream(self, call: UpstreamCall) -> OpenAIChunkStream:
+        response = await self._client.post(
+            "/chat/completions", self._payload(call), self._stream_headers
+        )
+        if response.status >= 400:
+            raw = await response.read()
+            raise map_status(self.name, response.status, raw, response.headers)
+        return OpenAIChunkStream(response, self.name)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,134 @@
+"""The ``gateway`` command: serve, check-config, and the key, team, usage and outbox tools."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from gateway.config import ConfigError, GatewayConfig, config_path, load_config
+
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.logs import configure_logging
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    server = config.server
+    host = args.host or server.host
+    port = server.port if args.port is None else args.port
+    workers = args.workers or server.workers
+    configure_logging(server.log_level, json=server.log_json)
+    options: dict[str, Any] = dict(
+        host=host, port=port, log_level=server.log_level, access_log=server.access_log,
+        loop="uvloop", http="httptools", lifespan="on", timeout_graceful_shutdown=10,
+        server_header=False,
+    )
+    if args.demo:
+        if workers > 1:
+            print("error: --demo runs its sample upstreams in-process: use one worker",
+                  file=sys.stderr)
+            return 2
+        from gateway.demo import demo_app
+
+        app, banner = demo_app(config, host, port)
+        print(banner, file=sys.stderr, flush=True)
+        uvicorn.run(app, **options)
+        return 0
+    if workers > 1:
+        os.environ["GATEWAY_CONFIG"] = str(config_path(args.config))
+        uvicorn.run("gateway.cli:app_factory", factory=True, workers=workers, **options)
+        return 0
+    from gateway.app import create_app
+
+    uvicorn.run(create_app(config), **options)
+    return 0
+
+
+def app_factory() -> Any:
+    """Entry point for multi-worker uvicorn (each worker loads the config itself)."""
+    from gateway.app import create_app
+    from gateway.logs import configure_logging
+
+    config = load_config()
+    configure_logging(config.server.log_level, json=config.server.log_json)
+    return create_app(config)
+
+
+def routing_table(config: GatewayConfig) -> str:
+    rows = [("MODEL", "BACKEND", "KIND", "UPSTREAM MODEL", "BASE URL", "CREDENTIALS")]
+    for name, model in sorted(config.models.items()):
+        backend = config.backends[model.backend]
+        if backend.credential():
+            creds = "set"
+        elif not backend.requires_key:
+            creds = "not needed"
+        else:
+            creds = f"missing: set {backend.api_key_env or 'api_key'}"
+        rows.append((name, model.backend, backend.kind, model.upstream_model or name,
+                     backend.base_url + (f" (kb {backend.kbid})" if backend.kbid else ""),
+                     creds))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    store = "redis" if config.redis_url else "memory (in-process)"
+    lines.append(f"\nstore: {store}; sinks: {len(config.analytics.sinks)}; "
+                 f"static keys: {len(config.keys.static)}")
+    return "\n".join(lines)
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{config_path(args.config)}: ok\n")
+    print(routing_table(config))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", help="YAML file (default: $GATEWAY_CONFIG or "
+                                        "config/gateway.yaml)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int)
+    serve.add_argument("--demo", action="store_true",
+                       help="also start local SAMPLE upstreams and route demo-* models to them")
+    serve.set_defaults(func=_serve)
+
+    check = sub.add_parser("check-config", help="validate the config and print the routing table")
+    check.add_argument("--config")
+    check.set_defaults(func=_check_config)
+
+    for module in ("gateway.cli_keys", "gateway.cli_usage"):
+        try:
+            register = __import__(module, fromlist=["register"]).register
+        except ModuleNotFoundError:
+            continue
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

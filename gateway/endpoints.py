@@ -1,0 +1,181 @@
+"""HTTP endpoints: the OpenAI surface and the operational ones beside it.
+
+`/v1/chat/completions` is a plain ASGI endpoint (no Request object, no task group per
+response): it reads the body under the size limit, hands it to the pipeline and sends the
+reply, watching for ``http.disconnect`` while a stream is being relayed so that a client that
+goes away cancels the upstream promptly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from gateway.errors import GatewayError, PayloadTooLarge
+from gateway.state import GatewayState
+
+JSON = [(b"content-type", b"application/json")]
+SSE = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+def state_of(scope: dict[str, Any]) -> GatewayState:
+    state: GatewayState = scope["state"]["gateway"]
+    return state
+
+
+def error_response(exc: GatewayError) -> Response:
+    return Response(exc.json(), status_code=exc.status, headers=exc.headers,
+                    media_type="application/json")
+
+
+async def read_body(receive: Any, scope: dict[str, Any], limit: int) -> bytes:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                declared = int(value)
+            except ValueError:
+                declared = 0
+            if declared > limit:
+                raise PayloadTooLarge(
+                    f"The request body is {declared} bytes; this gateway accepts at most {limit}."
+                )
+            break
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise asyncio.CancelledError
+        body = message.get("body", b"")
+        if body:
+            size += len(body)
+            if size > limit:
+                raise PayloadTooLarge(
+                    f"The request body is larger than the {limit} bytes this gateway accepts."
+                )
+            chunks.append(body)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class ChatCompletions:
+    """``POST /v1/chat/completions``."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        state = state_of(scope)
+        request_id: str = scope.get("gateway.request_id") or ""
+        try:
+            raw = await read_body(receive, scope, state.config.server.max_body_bytes)
+        except GatewayError as exc:
+            await _send_whole(send, exc.status, exc.headers, exc.json())
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        state.metrics.in_flight.inc()
+        try:
+            reply = await state.pipeline.handle(request_id, raw, headers)
+            if reply.stream is None:
+                await _send_whole(send, reply.status, reply.headers, reply.body)
+            else:
+                await _send_stream(send, receive, reply.status, reply.headers, reply.stream)
+        finally:
+            state.metrics.in_flight.dec()
+
+
+def _encode(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+
+async def _send_whole(send: Any, status: int, headers: dict[str, str], body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": JSON + _encode(headers)})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_stream(
+    send: Any, receive: Any, status: int, headers: dict[str, str], stream: AsyncIterator[bytes]
+) -> None:
+    async def pump() -> None:
+        try:
+            await send({"type": "http.response.start", "status": status,
+                        "headers": SSE + _encode(headers)})
+            async for data in stream:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    async def watch() -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    pumping = asyncio.ensure_future(pump())
+    watching = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait((pumping, watching), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (pumping, watching):
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(pumping, watching, return_exceptions=True)
+    if not pumping.cancelled() and pumping.exception() is not None:
+        exc = pumping.exception()
+        if not isinstance(exc, OSError):
+            raise exc  # type: ignore[misc]
+
+
+async def list_models(request: Request) -> Response:
+    state: GatewayState = request.state.gateway
+    try:
+        principal = await state.authenticator.authenticate(request.headers.get("authorization"))
+    except GatewayError as exc:
+        return error_response(exc)
+    created = state.started
+    data = [
+        {"id": name, "object": "model", "created": created,
+         "owned_by": f"gateway:{route.backend}"}
+        for name, route in state.routes.items()
+        if principal.allows(name)
+    ]
+    return Response(orjson.dumps({"object": "list", "data": data}),
+                    media_type="application/json")
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    state: GatewayState = request.state.gateway
+    checks: dict[str, str] = {"config": "ok"}
+    ready = True
+    try:
+        await asyncio.wait_for(state.ping_store(), 2.0)
+        checks["store"] = "ok"
+    except Exception as exc:  # readiness reports any failure, it never raises
+        checks["store"] = f"unreachable ({type(exc).__name__})"
+        ready = False
+    return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
+                        status_code=200 if ready else 503)
+
+
+async def metrics(request: Request) -> Response:
+    state: GatewayState = request.state.gateway
+    body, content_type = state.metrics.render()
+    return Response(body, media_type=content_type)
+
+
+def uptime_created() -> int:
+    return int(time.time())

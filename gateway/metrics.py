@@ -1,0 +1,61 @@
+"""Prometheus metrics, all defined here on an injected registry.
+
+Labels stay bounded: model (configured names, else "unknown"), backend, status, team, sink —
+never key ids, user ids or anything a client can make up freely.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "gateway_requests", "Chat completion requests by outcome",
+            ["model", "backend", "status"], registry=r)
+        self.latency = Histogram(
+            "gateway_request_duration_seconds", "Time from request to last byte",
+            ["model", "backend", "status"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "gateway_time_to_first_token_seconds", "Time from request to first content chunk",
+            ["model", "backend"], buckets=LATENCY_BUCKETS, registry=r)
+        self.overhead = Histogram(
+            "gateway_overhead_seconds", "Latency the gateway itself added (upstream wait excluded)",
+            ["model", "backend"], buckets=OVERHEAD_BUCKETS, registry=r)
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors", "Upstream failures by kind",
+            ["backend", "code"], registry=r)
+        self.rejected = Counter(
+            "gateway_rejected_requests", "Requests refused before reaching a backend",
+            ["code"], registry=r)
+        self.tokens = Counter(
+            "gateway_tokens", "Tokens by team, model and kind (prompt|completion)",
+            ["team", "model", "backend", "kind"], registry=r)
+        self.team_requests = Counter(
+            "gateway_team_requests", "Finished exchanges by team",
+            ["team", "model", "backend", "status", "cached"], registry=r)
+        self.store_unavailable = Counter(
+            "gateway_store_unavailable", "Store operations that failed and fell back",
+            ["component"], registry=r)
+        self.cache_events = Counter(
+            "gateway_cache_events", "Response cache lookups by result (hit|miss|bypass|coalesced)",
+            ["model", "result"], registry=r)
+        self.cache_bytes = Gauge(
+            "gateway_cache_bytes", "Bytes held by the in-process response cache", registry=r)
+        self.outbox_depth = Gauge(
+            "gateway_outbox_depth", "Records waiting in the analytics outbox", ["sink"], registry=r)
+        self.outbox_events = Counter(
+            "gateway_outbox_deliveries", "Analytics deliveries by result "
+            "(delivered|retried|dead_lettered)", ["sink", "result"], registry=r)
+        self.in_flight = Gauge(
+            "gateway_in_flight_requests", "Chat completion requests in progress", registry=r)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,81 @@
+"""Plain ASGI middleware: request ids, the gateway's added latency, and a last-resort envelope.
+
+Every response carries ``x-request-id`` (the client's when it sent a sane one) and
+``x-gateway-overhead-ms``: time to the response start minus the time spent waiting for the
+upstream (which the pipeline reports in ``x-gateway-upstream-ms``).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Any
+
+import structlog
+
+from gateway.errors import GatewayError
+
+log = structlog.get_logger("gateway.http")
+
+_SANE_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+_UPSTREAM = b"x-gateway-upstream-ms"
+
+Scope = dict[str, Any]
+
+
+def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
+    for name, value in headers:
+        if name == b"x-request-id":
+            text = value.decode("latin-1")
+            if _SANE_ID.match(text):
+                return text
+            break
+    return f"req_{uuid.uuid4().hex}"
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = request_id_from(scope["headers"])
+        scope["gateway.request_id"] = request_id
+        rid = request_id.encode("latin-1")
+        response_started = False
+
+        async def send_with_headers(message: dict[str, Any]) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                headers = list(message.get("headers") or ())
+                upstream_ms = 0.0
+                for name, value in headers:
+                    if name == _UPSTREAM:
+                        upstream_ms = float(value)
+                        break
+                overhead = (time.perf_counter() - started) * 1000 - upstream_ms
+                headers.append((b"x-request-id", rid))
+                headers.append((b"x-gateway-overhead-ms", b"%.3f" % max(overhead, 0.0)))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception as exc:  # the last resort: never a traceback to the client
+            log.exception("request_failed", error_type=type(exc).__name__)
+            if not response_started:
+                error = GatewayError("The gateway failed to process this request.")
+                await send_with_headers({
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [(b"content-type", b"application/json")],
+                })
+                await send({"type": "http.response.body", "body": error.json()})
+        finally:
+            structlog.contextvars.unbind_contextvars("request_id")

@@ -1,0 +1,442 @@
+"""The request pipeline of ``/v1/chat/completions``, independent of ASGI.
+
+auth → parse → route → credentials → limits → cache / single flight → backend → re-emit,
+and, in one ``finally`` per exchange, settle the reservation and hand exactly one
+`ExchangeRecord` to every observer (metering, analytics, metrics).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+import structlog
+
+from gateway.answer import Answer
+from gateway.backends.base import Backend, ChunkStream, Route, UpstreamCall
+from gateway.errors import (
+    GatewayError,
+    ModelNotFound,
+    PermissionDenied,
+    ServiceUnavailable,
+    UpstreamError,
+)
+from gateway.exchange import ExchangeObserver, ExchangeRecord, Outcome
+from gateway.metrics import Metrics
+from gateway.tokens import prompt_tokens, text_tokens
+from gateway.wire import SSE_DONE, ChatRequest, parse_chat_request, sse_event, usage_chunk, \
+    usage_dict
+
+log = structlog.get_logger("gateway.pipeline")
+
+
+class Principal(Protocol):
+    key_id: str
+    team: str
+
+    def allows(self, model: str) -> bool: ...
+
+
+class Authenticator(Protocol):
+    async def authenticate(self, authorization: str | None) -> Principal: ...
+
+
+class Admission(Protocol):
+    headers: dict[str, str]
+
+    async def settle(self, actual_tokens: int) -> None: ...
+
+
+class Admitter(Protocol):
+    async def admit(self, principal: Any, model: str, estimated_tokens: int) -> Admission: ...
+
+
+class CachedAnswer(Protocol):
+    answer: Answer
+    age: float
+
+
+class CacheDecision(Protocol):
+    key: str | None
+    read: bool
+    write: bool
+
+
+class ResponseCache(Protocol):
+    def decide(self, route: Route, chat: ChatRequest, body: dict[str, Any], team: str,
+               cache_control: str | None) -> Any: ...
+
+    async def get(self, decision: Any) -> Any: ...
+
+    async def acquire(self, decision: Any) -> Any: ...
+
+    async def put(self, decision: Any, answer: Answer) -> None: ...
+
+    async def release(self, decision: Any) -> None: ...
+
+
+@dataclass(slots=True)
+class Reply:
+    """What the HTTP layer sends: a whole body, or a stream of SSE byte strings."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes = b""
+    stream: AsyncIterator[bytes] | None = None
+    media_type: str = "application/json"
+
+
+@dataclass(slots=True)
+class Exchange:
+    """Mutable state of one admitted request, finished exactly once."""
+
+    request_id: str
+    started: float  # perf_counter
+    wall: float
+    principal: Any
+    route: Route
+    chat: ChatRequest
+    body: dict[str, Any]
+    headers: Mapping[str, str]
+    prompt_estimate: int
+    admission: Admission | None = None
+    decision: Any = None
+    answer: Answer = field(default_factory=Answer)
+    status: int = 200
+    outcome: Outcome = "completed"
+    cached: bool = False
+    ttft: float | None = None
+    error: dict[str, Any] | None = None
+    upstream_wait: float = 0.0
+    locked: bool = False
+    finished: bool = False
+    extra_headers: dict[str, str] = field(default_factory=dict)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        routes: Mapping[str, Route],
+        backends: Mapping[str, Backend],
+        authenticator: Authenticator,
+        admitter: Admitter | None,
+        cache: ResponseCache | None,
+        observers: Sequence[ExchangeObserver],
+        metrics: Metrics,
+        default_max_tokens: int = 1024,
+        conversation_header: str = "x-conversation-id",
+        user_header: str = "x-end-user-id",
+        message_ids: Any = None,
+    ) -> None:
+        self.routes = routes
+        self.backends = backends
+        self.authenticator = authenticator
+        self.admitter = admitter
+        self.cache = cache
+        self.observers = list(observers)
+        self.metrics = metrics
+        self.default_max_tokens = default_max_tokens
+        self.conversation_header = conversation_header
+        self.user_header = user_header
+        self.message_ids = message_ids
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- entry -------------------------------------------------------------------------------
+
+    async def handle(self, request_id: str, raw: bytes, headers: Mapping[str, str]) -> Reply:
+        started = time.perf_counter()
+        wall = time.time()
+        try:
+            principal = await self.authenticator.authenticate(headers.get("authorization"))
+            body, chat = parse_chat_request(raw)
+            route = self.routes.get(chat.model)
+            if route is None:
+                raise ModelNotFound(
+                    f"The model '{chat.model}' does not exist or is not served by this gateway. "
+                    "GET /v1/models lists the models you can use.",
+                    param="model",
+                )
+            if not principal.allows(route.model):
+                raise PermissionDenied(
+                    f"Your key may not use the model '{route.model}'.", param="model"
+                )
+            backend = self.backends[route.backend]
+            missing = backend.credentials_missing()
+            if missing:
+                raise ServiceUnavailable(
+                    f"The model '{route.model}' is not available: its backend '{route.backend}' "
+                    f"has no upstream credentials. Set {missing} and restart the gateway.",
+                    code="backend_not_configured",
+                )
+        except GatewayError as exc:
+            self.metrics.rejected.labels(exc.code or "error").inc()
+            return self._error_reply(exc)
+        estimate = prompt_tokens(body["messages"])
+        ex = Exchange(request_id, started, wall, principal, route, chat, body, headers, estimate)
+        try:
+            if self.admitter is not None:
+                budget = chat.answer_token_budget or self.default_max_tokens
+                ex.admission = await self.admitter.admit(principal, route.model, estimate + budget)
+        except GatewayError as exc:
+            self.metrics.rejected.labels(exc.code or "error").inc()
+            return self._error_reply(exc)
+        return await self._admitted(ex, backend)
+
+    async def _admitted(self, ex: Exchange, backend: Backend) -> Reply:
+        handed_off = False
+        try:
+            cached = await self._cached(ex)
+            if cached is not None:
+                ex.cached = True
+                reply = self._replay(ex, cached)
+                handed_off = reply.stream is not None
+                return reply
+            call = UpstreamCall(ex.request_id, ex.route, ex.chat, ex.body, ex.headers)
+            upstream_started = time.perf_counter()
+            if ex.chat.stream:
+                stream = await backend.stream(call)
+                ex.upstream_wait = time.perf_counter() - upstream_started
+                reply = Reply(200, self._headers(ex), stream=self._relay(ex, stream),
+                              media_type="text/event-stream")
+                if stream.meta.get("learning_id"):
+                    reply.headers["x-nuclia-learning-id"] = stream.meta["learning_id"]
+                handed_off = True
+                return reply
+            completion = await backend.complete(call)
+            ex.upstream_wait = time.perf_counter() - upstream_started
+            return await self._completed(ex, completion)
+        except GatewayError as exc:
+            self._fail(ex, exc)
+            return self._error_reply(exc, ex)
+        except Exception as exc:  # a bug must still end as an envelope and a record
+            log.exception("pipeline_failed", error_type=type(exc).__name__)
+            error = GatewayError("The gateway failed to process this request.")
+            self._fail(ex, error)
+            return self._error_reply(error, ex)
+        finally:
+            if not handed_off:
+                await self._finish(ex)
+
+    # -- cache -------------------------------------------------------------------------------
+
+    async def _cached(self, ex: Exchange) -> Any:
+        if self.cache is None:
+            return None
+        decision = self.cache.decide(ex.route, ex.chat, ex.body, ex.principal.team,
+                                     ex.headers.get("cache-control"))
+        ex.decision = decision
+        status = "bypass"
+        hit = None
+        if decision.read:
+            hit = await self.cache.get(decision)
+            status = "hit" if hit is not None else "miss"
+            if hit is None and decision.write:
+                ex.locked = True
+                hit = await self.cache.acquire(decision)
+                if hit is not None:
+                    self.metrics.cache_events.labels(ex.route.model, "coalesced").inc()
+                    status = "hit"
+        elif decision.write:
+            status = "miss"
+        self.metrics.cache_events.labels(ex.route.model, status).inc()
+        ex.extra_headers["x-gateway-cache"] = status
+        if hit is not None:
+            ex.extra_headers["age"] = str(int(hit.age))
+        return hit
+
+    def _replay(self, ex: Exchange, hit: Any) -> Reply:
+        ex.answer = hit.answer
+        cid, created = _ids()
+        if not ex.chat.stream:
+            completion = hit.answer.to_completion(cid, ex.route.model, created)
+            return Reply(200, self._headers(ex), orjson.dumps(completion))
+        chunks = hit.answer.replay_chunks(cid, ex.route.model, created,
+                                          include_usage=ex.chat.include_usage, pieces=None)
+        return Reply(200, self._headers(ex), stream=self._replay_stream(ex, chunks),
+                     media_type="text/event-stream")
+
+    async def _replay_stream(self, ex: Exchange, chunks: list[dict[str, Any]]
+                             ) -> AsyncIterator[bytes]:
+        try:
+            ex.ttft = time.perf_counter() - ex.started
+            for data in chunks:
+                yield sse_event(data)
+            yield SSE_DONE
+        except BaseException:
+            ex.outcome = "client_disconnected"
+            raise
+        finally:
+            await self._finish(ex)
+
+    # -- upstream ----------------------------------------------------------------------------
+
+    async def _completed(self, ex: Exchange, completion: dict[str, Any]) -> Reply:
+        answer = ex.answer
+        answer.add_completion(completion)
+        cid, created = _ids()
+        completion["id"] = completion.get("id") or cid
+        completion["object"] = "chat.completion"
+        completion["created"] = completion.get("created") or created
+        completion["model"] = ex.route.model
+        if not completion.get("usage"):
+            completion["usage"] = self._usage(ex)
+        answer.usage = completion["usage"]
+        ex.ttft = time.perf_counter() - ex.started
+        await self._store(ex)
+        return Reply(200, self._headers(ex), orjson.dumps(completion))
+
+    async def _relay(self, ex: Exchange, stream: ChunkStream) -> AsyncIterator[bytes]:
+        """Re-emit upstream chunks as they arrive; one ``finally`` ends the exchange."""
+        model = ex.route.model
+        cid, created = _ids()
+        answer = ex.answer
+        include_usage = ex.chat.include_usage
+        try:
+            async for data in stream:
+                answer.add_chunk(data)
+                if "usage" in data:
+                    del data["usage"]
+                    if not data.get("choices"):
+                        continue  # the upstream's own usage chunk: re-sent at the end if asked
+                data["model"] = model
+                data["object"] = "chat.completion.chunk"
+                if not data.get("id"):
+                    data["id"] = cid
+                if not data.get("created"):
+                    data["created"] = created
+                if ex.ttft is None:
+                    ex.ttft = time.perf_counter() - ex.started
+                yield sse_event(data)
+            if include_usage:
+                answer.usage = answer.usage or self._usage(ex)
+                yield sse_event(usage_chunk(cid, model, created, answer.usage))
+            yield SSE_DONE
+            await self._store(ex)
+        except GatewayError as exc:
+            self._fail(ex, exc)
+            yield sse_event(exc.body())
+        except (asyncio.CancelledError, GeneratorExit):
+            ex.outcome = "client_disconnected"
+            ex.status = 499
+            raise
+        except Exception as exc:  # never cut a stream silently
+            log.exception("stream_failed", error_type=type(exc).__name__)
+            error = GatewayError("The gateway failed while relaying the stream.")
+            self._fail(ex, error)
+            yield sse_event(error.body())
+        finally:
+            await stream.aclose()
+            await self._finish(ex)
+
+    def _usage(self, ex: Exchange) -> dict[str, Any]:
+        completion = text_tokens(ex.answer.text) + text_tokens("".join(ex.answer.reasoning))
+        for call in ex.answer.tool_calls.values():
+            completion += text_tokens(str((call.get("function") or {}).get("arguments") or ""))
+        return usage_dict(ex.prompt_estimate, completion, estimated=True)
+
+    async def _store(self, ex: Exchange) -> None:
+        decision = ex.decision
+        if self.cache is None or decision is None or not decision.write:
+            return
+        if ex.status == 200 and ex.answer.finish_reason:
+            await self.cache.put(decision, ex.answer)
+
+    # -- endings -----------------------------------------------------------------------------
+
+    def _fail(self, ex: Exchange, exc: GatewayError) -> None:
+        ex.status = exc.status
+        ex.outcome = "error"
+        ex.error = exc.body()
+        if isinstance(exc, UpstreamError):
+            self.metrics.upstream_errors.labels(ex.route.backend, exc.code or "error").inc()
+
+    async def _finish(self, ex: Exchange) -> None:
+        if ex.finished:
+            return
+        ex.finished = True
+        if ex.locked and self.cache is not None:
+            self._spawn(self.cache.release(ex.decision))
+        answer = ex.answer
+        usage = answer.usage or self._usage(ex)
+        answer.usage = usage
+        total = int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
+        if ex.admission is not None:
+            self._spawn(ex.admission.settle(0 if ex.cached else total))
+        elapsed = time.perf_counter() - ex.started
+        route = ex.route
+        status = str(ex.status)
+        self.metrics.requests.labels(route.model, route.backend, status).inc()
+        self.metrics.latency.labels(route.model, route.backend, status).observe(elapsed)
+        if ex.ttft is not None and not ex.cached:
+            self.metrics.ttft.labels(route.model, route.backend).observe(ex.ttft)
+        record = ExchangeRecord(
+            request_id=ex.request_id,
+            time=ex.wall,
+            team=ex.principal.team,
+            key_id=ex.principal.key_id,
+            model=route.model,
+            backend=route.backend,
+            upstream_model=route.upstream_model,
+            stream=ex.chat.stream,
+            messages=ex.body["messages"],
+            answer=answer.text,
+            finish_reason=answer.finish_reason,
+            usage=usage,
+            latency_ms=round(elapsed * 1000, 3),
+            ttft_ms=None if ex.ttft is None else round(ex.ttft * 1000, 3),
+            status=ex.status,
+            cached=ex.cached,
+            outcome=ex.outcome,
+            tool_calls=[answer.tool_calls[i] for i in sorted(answer.tool_calls)],
+            reasoning="".join(answer.reasoning) or None,
+            extensions=dict(answer.extensions),
+            error=ex.error,
+            user=ex.headers.get(self.user_header) or ex.chat.user,
+            conversation_id=ex.headers.get(self.conversation_header),
+            message_ids=self.message_ids(ex.request_id) if self.message_ids else {},
+        )
+        for observer in self.observers:
+            try:
+                observer.exchange_finished(record)
+            except Exception:  # an observer must never break the request path
+                log.exception("observer_failed", observer=type(observer).__name__)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait for settlements and releases still running (at shutdown)."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    # -- replies -----------------------------------------------------------------------------
+
+    def _headers(self, ex: Exchange) -> dict[str, str]:
+        headers = dict(ex.admission.headers) if ex.admission is not None else {}
+        headers.update(ex.extra_headers)
+        headers["x-gateway-upstream-ms"] = f"{ex.upstream_wait * 1000:.3f}"
+        if self.message_ids:
+            ids = self.message_ids(ex.request_id)
+            if ids.get("assistant"):
+                headers["x-gateway-message-id"] = ids["assistant"]
+        return headers
+
+    def _error_reply(self, exc: GatewayError, ex: Exchange | None = None) -> Reply:
+        headers = dict(exc.headers)
+        if ex is not None:
+            if ex.admission is not None:
+                headers = {**ex.admission.headers, **headers}
+            headers["x-gateway-upstream-ms"] = f"{ex.upstream_wait * 1000:.3f}"
+        return Reply(exc.status, headers, exc.json())
+
+
+def _ids() -> tuple[str, int]:
+    now = time.time()
+    return f"chatcmpl-{time.time_ns():x}", int(now)
