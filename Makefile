@@ -1,0 +1,47 @@
+# Two commands from a fresh clone:  `make run`  and  `make test`.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	&& echo $$p && break; done)
+
+.PHONY: run test bench lint typecheck check-config clean redis-server
+
+$(VENV)/.installed: pyproject.toml
+	@test -n "$(PYTHON)" || { echo "Python 3.11+ is required"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+## Install into .venv and run the gateway on its embedded default, with local SAMPLE upstreams.
+run: $(VENV)/.installed
+	$(VENV)/bin/gateway serve --demo
+
+## Install with the dev extras and run the whole test suite (real redis-server, real uvicorn).
+test: $(VENV)/.installed redis-server
+	$(PY) -m pytest
+
+## The benchmark (wrk + nginx as the fast fake upstream); see bench/README.md.
+bench: $(VENV)/.installed redis-server
+	@command -v wrk >/dev/null && command -v nginx >/dev/null || $(call apt,wrk nginx-light)
+	$(PY) bench/run.py
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check gateway tests bench
+	$(VENV)/bin/mypy
+
+check-config: $(VENV)/.installed
+	$(VENV)/bin/gateway check-config
+
+redis-server:
+	@command -v redis-server >/dev/null || $(call apt,redis-server)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+define apt
+	{ SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(1) >/dev/null; }
+endef
