@@ -134,7 +134,7 @@ def create_fake_inkeep_app(*, api_key: str | None = None, delay: float = 0.0) ->
         events = _events(completion_id, created, None if agents else model,
                          split_answer(text, count), tools, question, pause,
                          usage if include_usage and not agents else None, done=not agents)
-        return StreamingResponse(events, media_type="text/event-stream")
+        return StreamingResponse(_tracked(events, state), media_type="text/event-stream")
 
     app = Starlette(routes=[
         Route("/v1/chat/completions", completions, methods=["POST"]),
@@ -142,9 +142,25 @@ def create_fake_inkeep_app(*, api_key: str | None = None, delay: float = 0.0) ->
         Route("/run/v1/chat/completions", completions, methods=["POST"]),
     ])
     app.state.calls = 0
+    app.state.streams_finished = 0
+    app.state.streams_cancelled = 0
     app.state.last_body = None
     app.state.last_headers = None
     return app
+
+
+async def _tracked(events: AsyncIterator[bytes], state: Any) -> AsyncIterator[bytes]:
+    """Count streams sent to their end and streams the gateway cancelled (client went away)."""
+    finished = False
+    try:
+        async for data in events:
+            yield data
+        finished = True
+    finally:
+        if finished:
+            state.streams_finished += 1
+        else:
+            state.streams_cancelled += 1
 
 
 def _tool_call() -> dict[str, Any]:

@@ -32,6 +32,7 @@ async def run_server(app: Any, *, host: str = "127.0.0.1", port: int = 0,
                      **options: Any) -> AsyncIterator[str]:
     """Serve `app` in this event loop; yields its base URL (``http://127.0.0.1:PORT``)."""
     sock = bound_socket(host, port)
+    options.setdefault("timeout_graceful_shutdown", 1)
     config = uvicorn.Config(app, log_level="warning", lifespan="on", **options)
     server = EmbeddedServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))

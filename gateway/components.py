@@ -1,0 +1,74 @@
+"""Assembly of the pipeline's collaborators from the config: stores, auth, limits, cache,
+metering and analytics mirroring — on Redis when a URL is configured, in-process otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.config import GatewayConfig
+from gateway.exchange import ExchangeObserver
+from gateway.metrics import Metrics
+from gateway.pipeline import Admitter, Authenticator, ResponseCache
+
+
+@dataclass
+class Components:
+    authenticator: Authenticator
+    admitter: Admitter | None
+    cache: ResponseCache | None
+    observers: list[ExchangeObserver]
+    ping: Callable[[], Awaitable[Any]]
+    message_ids: Callable[[str], dict[str, str]] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+async def _nothing() -> None:
+    return None
+
+
+async def build_components(
+    config: GatewayConfig, stack: AsyncExitStack, metrics: Metrics
+) -> Components:
+    from gateway.auth import KeyAuthority
+    from gateway.cache import ResponseCache as Cache
+    from gateway.limits import Limiter
+    from gateway.stores.cache import make_cache_store
+    from gateway.stores.keys import make_key_store
+    from gateway.stores.limits import make_limit_store
+
+    ns = None
+    ping: Callable[[], Awaitable[Any]] = _nothing
+    if config.redis_url:
+        from gateway.stores.redis_base import connect
+
+        ns = connect(config.redis_url, config.store_prefix)
+        stack.push_async_callback(ns.client.aclose)
+        ping = ns.client.ping
+
+    key_store = make_key_store(config, ns)
+    authority = KeyAuthority(config, key_store)
+    if hasattr(authority, "start"):
+        await authority.start()
+    if hasattr(authority, "aclose"):
+        stack.push_async_callback(authority.aclose)
+
+    limit_store = make_limit_store(config, ns)
+    fallback = make_limit_store(config, None) if ns is not None else None
+    limiter = Limiter(config, limit_store, fallback)
+
+    cache = Cache(config, make_cache_store(config, ns))
+
+    extra: dict[str, Any] = {"redis": ns, "key_store": key_store, "authority": authority,
+                             "limit_store": limit_store}
+    return Components(
+        authenticator=authority,
+        admitter=limiter,
+        cache=cache,
+        observers=[],
+        ping=ping,
+        extra=extra,
+    )

@@ -1,0 +1,78 @@
+"""Building blocks for end-to-end tests: a gateway served by real uvicorn in front of fakes."""
+
+from __future__ import annotations
+
+import hashlib
+import textwrap
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import openai
+
+from gateway.app import create_app
+from gateway.config import GatewayConfig, parse_config
+from gateway.testing.server import run_server
+
+CLIENT_KEY = "sk-test-client-key"
+OTHER_KEY = "sk-test-other-team"
+UPSTREAM_KEY = "upstream-secret-do-not-leak"
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def gateway_config(
+    inkeep_url: str, *, extra: str = "", base_dir: Path = Path("."), store: str = "memory",
+    env: dict[str, str] | None = None,
+) -> GatewayConfig:
+    text = textwrap.dedent(f"""
+        store: {store}
+        server: {{log_json: true}}
+        backends:
+          inkeep:
+            kind: inkeep
+            base_url: {inkeep_url}/v1
+            api_key: ${{TEST_INKEEP_KEY:-{UPSTREAM_KEY}}}
+            headers: {{x-extra-upstream: configured}}
+            timeouts: {{connect: 1, read: 1.5, total: 10}}
+          agents:
+            kind: openai
+            base_url: {inkeep_url}/run/v1
+            api_key: {UPSTREAM_KEY}
+          nokey:
+            kind: inkeep
+            base_url: {inkeep_url}/v1
+            api_key: ${{MISSING_TEST_VAR:-}}
+          dead:
+            kind: openai
+            base_url: http://127.0.0.1:9
+            requires_key: false
+        models:
+          qa: {{backend: inkeep, upstream_model: inkeep-qa}}
+          rag: {{backend: inkeep, upstream_model: inkeep-rag}}
+          agent: {{backend: agents, upstream_model: agent}}
+          unconfigured: {{backend: nokey}}
+          dead: {{backend: dead}}
+        keys:
+          static:
+            - {{id: test, team: alpha, sha256: "{sha(CLIENT_KEY)}"}}
+            - {{id: other, team: beta, sha256: "{sha(OTHER_KEY)}", models: [qa]}}
+    """) + textwrap.dedent(extra)
+    return parse_config(text, base_dir=base_dir, env=env or {})
+
+
+@asynccontextmanager
+async def serve_gateway(config: GatewayConfig, **kw: Any) -> AsyncIterator[str]:
+    async with run_server(create_app(config, **kw)) as url:
+        yield url
+
+
+def async_client(url: str, key: str = CLIENT_KEY, **kw: Any) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, **kw)
+
+
+def sync_client(url: str, key: str = CLIENT_KEY, **kw: Any) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, **kw)
