@@ -258,8 +258,8 @@ def parse_config(
     text: str, *, base_dir: Path = Path("."), env: dict[str, str] | None = None,
     source: str = "<config>",
 ) -> GatewayConfig:
-    raw_yaml = yaml.safe_load(text) if text.strip() else {}
     try:
+        raw_yaml = yaml.safe_load(text) if text.strip() else {}
         data = yaml.safe_load(interpolate(text, env)) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None

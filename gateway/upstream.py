@@ -84,7 +84,12 @@ class UpstreamClient:
         self.name = name
         self.base_url = config.base_url
         timeouts = config.timeouts
+        # Streams are bounded by the silence between reads, not by a total: a long answer
+        # that keeps flowing is fine. Whole (non-streamed) answers also get the total.
         self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=timeouts.connect, sock_read=timeouts.read
+        )
+        self.whole_timeout = aiohttp.ClientTimeout(
             total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.read
         )
         self._connector = connector

@@ -176,7 +176,8 @@ class OpenAICompatBackend:
 
     async def complete(self, call: UpstreamCall) -> dict[str, Any]:
         response = await self._client.post(
-            "/chat/completions", self._payload(call), self._headers
+            "/chat/completions", self._payload(call), self._headers,
+            timeout=self._client.whole_timeout,
         )
         raw = await response.read()
         if response.status >= 400:

@@ -1,0 +1,105 @@
+"""Configuration: interpolation, precise errors, secrets, and `gateway check-config`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from gateway.cli import main
+from gateway.config import ConfigError, interpolate, load_config, parse_config
+
+GOOD = textwrap.dedent("""
+    backends:
+      inkeep:
+        kind: inkeep
+        base_url: ${INKEEP_BASE_URL:-https://api.inkeep.com/v1}
+        api_key: ${INKEEP_API_KEY}
+      kb:
+        kind: nuclia
+        base_url: https://europe-1.nuclia.cloud/api/v1
+        kbid: abc
+        api_key: ${NUCLIA_API_KEY:-}
+    models:
+      qa: {backend: inkeep, upstream_model: inkeep-qa}
+      docs: {backend: kb}
+""")
+
+
+def test_interpolation() -> None:
+    env = {"A": "1", "EMPTY": ""}
+    assert interpolate("${A} ${B:-two} ${EMPTY:-fallback} ${MISSING}", env) == "1 two fallback "
+
+
+def test_parses_and_keeps_secrets_secret() -> None:
+    config = parse_config(GOOD, env={"INKEEP_API_KEY": "sk-secret-value"})
+    inkeep = config.backends["inkeep"]
+    assert inkeep.base_url == "https://api.inkeep.com/v1"
+    assert inkeep.credential() == "sk-secret-value"
+    assert "sk-secret-value" not in repr(config) and "sk-secret-value" not in str(inkeep)
+    assert inkeep.api_key_env == "INKEEP_API_KEY"
+    assert config.backends["kb"].credential() is None
+    assert config.backends["kb"].api_key_env == "NUCLIA_API_KEY"
+    assert config.store == "memory"
+
+
+def test_base_url_is_settable_from_the_environment() -> None:
+    config = parse_config(GOOD, env={"INKEEP_BASE_URL": "http://127.0.0.1:9999/v1/"})
+    assert config.backends["inkeep"].base_url == "http://127.0.0.1:9999/v1"
+
+
+def test_redis_from_environment() -> None:
+    config = parse_config(GOOD, env={"GATEWAY_REDIS_URL": "redis://127.0.0.1:6380/0"})
+    assert config.redis_url == "redis://127.0.0.1:6380/0"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("backends:\n  x: {kind: inkeep}\n", "backends.x.base_url: Field required"),
+        ("backends:\n  x: {kind: inkeep, base_url: http://a, bse_url: 1}\n",
+         "backends.x.bse_url: unknown key"),
+        ("backends:\n  x: {kind: grpc, base_url: http://a}\n", "backends.x.kind: Input should be"),
+        ("backends:\n  x: {kind: inkeep, base_url: ftp://a}\n",
+         "backends.x.base_url: must start with http:// or https://"),
+        ("backends:\n  x: {kind: nuclia, base_url: http://a}\n", "needs 'kbid'"),
+        ("models:\n  m: {backend: nope}\n", "models.m.backend: unknown backend 'nope'"),
+        ("server: {port: 99999}\n", "server.port: Input should be less than or equal to 65535"),
+        ("store: mysql://x\n", "store: must be 'memory' or a redis:// URL"),
+        ("backends: [\n", "not valid YAML"),
+        ("- 1\n", "top level must be a mapping"),
+    ],
+)
+def test_errors_name_the_key(text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_config(text, env={})
+    assert expected in str(error.value)
+
+
+def test_check_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "gateway.yaml"
+    good.write_text(GOOD)
+    assert main(["check-config", "--config", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert "qa" in out and "inkeep-qa" in out and "missing: set INKEEP_API_KEY" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  m: {backend: nope}\n")
+    assert main(["check-config", "--config", str(bad)]) == 2
+    assert "models.m.backend: unknown backend 'nope'" in capsys.readouterr().err
+
+
+def test_default_config_is_valid_and_python_m_works() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", "--config", "config/gateway.yaml"],
+        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "inkeep-qa" in result.stdout and "nuclia-kb" in result.stdout
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match="no such configuration file"):
+        load_config("/nonexistent/gateway.yaml")
