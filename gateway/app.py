@@ -46,7 +46,8 @@ def build_backend(name: str, config: GatewayConfig, connector: Any = None) -> Ba
     if spec.kind == "nuclia":
         from gateway.backends.nuclia import NucliaBackend
 
-        return NucliaBackend(name, spec, client)
+        nuclia: Backend = NucliaBackend(name, spec, client)
+        return nuclia
     return OpenAICompatBackend(name, spec, client)
 
 

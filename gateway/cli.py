@@ -11,7 +11,6 @@ from typing import Any
 from gateway.config import ConfigError, GatewayConfig, config_path, load_config
 
 
-
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 

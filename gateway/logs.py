@@ -1,22 +1,24 @@
-"""structlog, configured once at start-up: JSON lines (or console), request fields from contextvars."""
+"""structlog, configured once at start-up: JSON lines (or console), request ids from contextvars."""
 
 from __future__ import annotations
 
 import logging
 import sys
 from contextvars import ContextVar
+from collections.abc import MutableMapping
 from typing import Any
 
 import orjson
 import structlog
-
 
 # The current request's id: set once per request by the HTTP middleware (one ContextVar.set is
 # cheaper than structlog's bind_contextvars on the hot path), added to every event below.
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 
-def add_request_id(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+def add_request_id(
+    logger: Any, method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     request_id = REQUEST_ID.get()
     if request_id is not None:
         event.setdefault("request_id", request_id)

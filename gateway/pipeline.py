@@ -28,8 +28,14 @@ from gateway.errors import (
 from gateway.exchange import ExchangeObserver, ExchangeRecord, Outcome
 from gateway.metrics import Metrics
 from gateway.tokens import prompt_tokens, text_tokens
-from gateway.wire import SSE_DONE, ChatRequest, parse_chat_request, sse_event, usage_chunk, \
-    usage_dict
+from gateway.wire import (
+    SSE_DONE,
+    ChatRequest,
+    parse_chat_request,
+    sse_event,
+    usage_chunk,
+    usage_dict,
+)
 
 log = structlog.get_logger("gateway.pipeline")
 

@@ -7,7 +7,6 @@ the gateway's target is 3k. The seam stays injectable: tests may pass their own 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -38,7 +37,7 @@ class UpstreamResponse:
     async def read(self) -> bytes:
         try:
             return await self._resp.read()
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise UpstreamTimeout(
                 f"The upstream '{self._backend}' timed out while sending its answer.",
                 backend=self._backend,
@@ -55,7 +54,7 @@ class UpstreamResponse:
         try:
             async for data in self._resp.content.iter_any():
                 yield data
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise UpstreamTimeout(
                 f"The upstream '{self._backend}' stopped sending data (read timeout).",
                 backend=self._backend,
@@ -116,7 +115,7 @@ class UpstreamClient:
         url = self.base_url + path
         try:
             resp = await session.post(url, data=data, headers=dict(headers), **kw)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise UpstreamTimeout(
                 f"The upstream '{self.name}' did not answer in time.", backend=self.name
             ) from exc

@@ -153,7 +153,7 @@ class OpenAICompatBackend:
 
     def __init__(self, name: str, config: BackendConfig, client: UpstreamClient) -> None:
         self.name = name
-        self.kind = config.kind
+        self.kind: str = config.kind
         self._config = config
         self._client = client
         headers = {"content-type": "application/json", **config.headers}

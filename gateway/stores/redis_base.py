@@ -47,7 +47,7 @@ def connect(url: str, prefix: str = "gw", *, max_connections: int = 64) -> Redis
 
 
 def unavailable(exc: BaseException) -> ServiceUnavailable:
-    """Translate a redis error at the boundary (never includes the URL, which may hold a password)."""
+    """Translate a redis error at the boundary (never with the URL: it may hold a password)."""
     return ServiceUnavailable(
         f"The gateway's shared store is unreachable ({type(exc).__name__}).",
         code="store_unavailable",

@@ -123,12 +123,12 @@ def create_fake_inkeep_app(*, api_key: str | None = None, delay: float = 0.0) ->
             message: dict[str, Any] = {"role": "assistant", "content": text}
             if tools:
                 message["tool_calls"] = [_tool_call()]
-            data = {"id": completion_id, "object": "chat.completion", "created": created,
+            whole = {"id": completion_id, "object": "chat.completion", "created": created,
                     "model": model, "choices": [{"index": 0, "message": message,
                                                  "finish_reason": "stop"}]}
             if not agents:
-                data["usage"] = usage
-            return Response(orjson.dumps(data), media_type="application/json")
+                whole["usage"] = usage
+            return Response(orjson.dumps(whole), media_type="application/json")
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         pause = 0.2 if "[slow]" in question else delay
         events = _events(completion_id, created, None if agents else model,
