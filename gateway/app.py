@@ -8,7 +8,7 @@ lifespan and handed to the endpoints as typed state; tests inject their own thro
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -24,6 +24,7 @@ from gateway.backends.base import Backend, Route
 from gateway.backends.openai_compat import OpenAICompatBackend
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
+from gateway.exchange import ExchangeObserver
 from gateway.metrics import Metrics
 from gateway.middleware import RequestContextMiddleware
 from gateway.pipeline import Pipeline
@@ -70,15 +71,18 @@ def create_app(
     metrics: Metrics | None = None,
     connector_factory: Callable[[], Any] | None = None,
     on_startup: Callable[[AsyncExitStack], Any] | None = None,
+    observers: Sequence[ExchangeObserver] = (),
 ) -> Any:
-    """`on_startup(stack)` may enter extra async contexts first (e.g. the demo upstreams)."""
+    """`on_startup(stack)` may enter extra async contexts first (e.g. the demo upstreams);
+    `observers` receive every finished exchange besides the configured ones."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         async with AsyncExitStack() as stack:
             if on_startup is not None:
                 await on_startup(stack)
-            state = await assemble(config, stack, metrics or Metrics(), connector_factory)
+            state = await assemble(config, stack, metrics or Metrics(), connector_factory,
+                                   observers)
             app.state.gateway = state
             yield {"gateway": state}
 
@@ -133,6 +137,7 @@ async def assemble(
     stack: AsyncExitStack,
     metrics: Metrics,
     connector_factory: Callable[[], Any] | None = None,
+    observers: Sequence[ExchangeObserver] = (),
 ) -> GatewayState:
     """Build every resource in dependency order; `stack` closes them in reverse."""
     from gateway.components import build_components
@@ -150,7 +155,7 @@ async def assemble(
         authenticator=parts.authenticator,
         admitter=parts.admitter,
         cache=parts.cache,
-        observers=parts.observers,
+        observers=[*parts.observers, *observers],
         metrics=metrics,
         default_max_tokens=config.limits.default_max_tokens,
         conversation_header=config.analytics.conversation_header,
