@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,7 +46,13 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     if workers > 1:
         os.environ["GATEWAY_CONFIG"] = str(config_path(args.config))
-        uvicorn.run("gateway.cli:app_factory", factory=True, workers=workers, **options)
+        # every worker writes its metrics where /metrics (in any worker) aggregates them
+        metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir)
+        try:
+            uvicorn.run("gateway.cli:app_factory", factory=True, workers=workers, **options)
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
         return 0
     from gateway.app import create_app
 

@@ -1,13 +1,17 @@
 """Prometheus metrics, all defined here on an injected registry.
 
-Labels stay bounded: model (configured names, else "unknown"), backend, status, team, sink —
+With ``--workers N`` the CLI sets ``PROMETHEUS_MULTIPROC_DIR`` and `/metrics` aggregates every
+worker's values. Labels stay bounded: model (configured names), backend, status, team, sink —
 never key ids, user ids or anything a client can make up freely.
 """
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
@@ -48,14 +52,21 @@ class Metrics:
             "gateway_cache_events", "Response cache lookups by result (hit|miss|bypass|coalesced)",
             ["model", "result"], registry=r)
         self.cache_bytes = Gauge(
-            "gateway_cache_bytes", "Bytes held by the in-process response cache", registry=r)
+            "gateway_cache_bytes", "Bytes held by the in-process response cache", registry=r,
+            multiprocess_mode="livesum")
         self.outbox_depth = Gauge(
-            "gateway_outbox_depth", "Records waiting in the analytics outbox", ["sink"], registry=r)
+            "gateway_outbox_depth", "Records waiting in the analytics outbox", ["sink"], registry=r,
+            multiprocess_mode="max")
         self.outbox_events = Counter(
             "gateway_outbox_deliveries", "Analytics deliveries by result "
             "(delivered|retried|dead_lettered)", ["sink", "result"], registry=r)
         self.in_flight = Gauge(
-            "gateway_in_flight_requests", "Chat completion requests in progress", registry=r)
+            "gateway_in_flight_requests", "Chat completion requests in progress", registry=r,
+            multiprocess_mode="livesum")
 
     def render(self) -> tuple[bytes, str]:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+            return generate_latest(merged), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
