@@ -1,0 +1,139 @@
+"""One contract suite for `LimitStore`, run against the in-process and the Redis store."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from gateway.stores.limits import (
+    AcquireRequest,
+    Bucket,
+    Budget,
+    Concurrency,
+    LimitStore,
+    MemoryLimitStore,
+    RedisLimitStore,
+)
+from gateway.stores.redis_base import connect
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[LimitStore]:
+    if request.param == "memory":
+        yield MemoryLimitStore()
+        return
+    # the `redis_url` fixture, inlined: async fixtures cannot be requested dynamically
+    url = request.getfixturevalue("redis_proc").url
+    ns = connect(url, "test")
+    await ns.client.flushall()
+    try:
+        yield RedisLimitStore(ns)
+    finally:
+        await ns.client.aclose()
+
+
+def rpm(limit: int, scope: str = "k:a:rpm", name: str = "key_rpm") -> Bucket:
+    return Bucket(name, scope, "requests", limit, 1)
+
+
+def tpm(limit: int, cost: int, scope: str = "k:a:tpm", name: str = "key_tpm") -> Bucket:
+    return Bucket(name, scope, "tokens", limit, cost)
+
+
+async def test_burst_up_to_the_limit_then_denied_with_retry_after(store: LimitStore) -> None:
+    req = AcquireRequest("alpha", (rpm(5),))
+    decisions = [await store.acquire(req) for _ in range(6)]
+    assert [d.admitted for d in decisions] == [True] * 5 + [False]
+    assert [d.figures[0].remaining for d in decisions[:5]] == [4, 3, 2, 1, 0]
+    denied = decisions[5]
+    assert denied.denied == "key_rpm"
+    assert 11 <= denied.retry_after <= 12.01  # one emission interval: 60 s / 5
+    assert denied.figures[0].limit == 5
+
+
+async def test_gcra_admits_again_smoothly(store: LimitStore) -> None:
+    # 60,000 tokens per minute = one token per millisecond; fill the bucket, then wait for 50
+    full = AcquireRequest("alpha", (tpm(60_000, 60_000),))
+    assert (await store.acquire(full)).admitted
+    small = AcquireRequest("alpha", (tpm(60_000, 50),))
+    denied = await store.acquire(small)
+    assert not denied.admitted
+    assert 0.03 <= denied.retry_after <= 0.06
+    await asyncio.sleep(denied.retry_after + 0.02)
+    assert (await store.acquire(small)).admitted
+
+
+async def test_all_or_nothing(store: LimitStore) -> None:
+    # the team limit refuses, so the key bucket must not have been charged
+    key, team = rpm(10), rpm(1, "t:rpm", "team_rpm")
+    assert (await store.acquire(AcquireRequest("alpha", (key, team)))).admitted
+    refused = await store.acquire(AcquireRequest("alpha", (key, team)))
+    assert not refused.admitted and refused.denied == "team_rpm"
+    alone = await store.acquire(AcquireRequest("alpha", (key,)))
+    assert alone.figures[0].remaining == 8  # 10 - the first - this one
+
+
+async def test_tags_are_separate(store: LimitStore) -> None:
+    assert (await store.acquire(AcquireRequest("alpha", (rpm(1),)))).admitted
+    assert (await store.acquire(AcquireRequest("beta", (rpm(1),)))).admitted
+    assert not (await store.acquire(AcquireRequest("alpha", (rpm(1),)))).admitted
+
+
+async def test_settle_returns_unused_tokens(store: LimitStore) -> None:
+    req = AcquireRequest("alpha", (tpm(1000, 800),))
+    first = await store.acquire(req)
+    assert first.admitted and first.figures[0].remaining == 200
+    assert not (await store.acquire(req)).admitted
+    await store.settle(req, -700)  # used 100 of the 800 reserved
+    second = await store.acquire(req)
+    assert second.admitted
+    assert 90 <= second.figures[0].remaining <= 100
+
+
+async def test_settle_charges_overruns(store: LimitStore) -> None:
+    req = AcquireRequest("alpha", (tpm(1000, 100),))
+    assert (await store.acquire(req)).admitted
+    await store.settle(req, 850)  # used 950: another 100 no longer fits
+    assert not (await store.acquire(req)).admitted
+
+
+async def test_budget_reserves_settles_and_reports_reset(store: LimitStore) -> None:
+    budget = Budget("daily_budget", "budget:d:20250101", 1000, 600, ttl=3600)
+    req = AcquireRequest("alpha", budgets=(budget,))
+    first = await store.acquire(req)
+    assert first.admitted and first.figures[0].remaining == 400
+    assert first.figures[0].reset == pytest.approx(3600)
+    refused = await store.acquire(req)
+    assert not refused.admitted and refused.denied == "daily_budget"
+    assert refused.retry_after == pytest.approx(3600)
+    await store.settle(req, -500)  # used 100
+    assert (await store.acquire(req)).admitted
+
+
+async def test_concurrency_leases(store: LimitStore) -> None:
+    def req(lease: str) -> AcquireRequest:
+        return AcquireRequest("alpha", concurrency=Concurrency("conc:a", 2, 60), lease=lease)
+
+    assert (await store.acquire(req("1"))).admitted
+    second = await store.acquire(req("2"))
+    assert second.admitted and second.in_flight == 2
+    third = await store.acquire(req("3"))
+    assert not third.admitted and third.denied == "concurrency"
+    await store.settle(req("1"), 0)
+    assert (await store.acquire(req("4"))).admitted
+
+
+async def test_expired_leases_free_their_slot(store: LimitStore) -> None:
+    conc = Concurrency("conc:a", 1, 0.05)
+    assert (await store.acquire(AcquireRequest("alpha", concurrency=conc, lease="dead"))).admitted
+    assert not (await store.acquire(AcquireRequest("alpha", concurrency=conc, lease="x"))).admitted
+    await asyncio.sleep(0.08)  # the replica holding "dead" never settled
+    assert (await store.acquire(AcquireRequest("alpha", concurrency=conc, lease="y"))).admitted
+
+
+async def test_oversized_token_request_fits_an_idle_bucket_once(store: LimitStore) -> None:
+    big = AcquireRequest("alpha", (tpm(100, 500),))
+    assert (await store.acquire(big)).admitted
+    assert not (await store.acquire(AcquireRequest("alpha", (tpm(100, 1),)))).admitted
