@@ -95,7 +95,9 @@ def _reject_unsupported(body: dict[str, Any]) -> None:
         raise UnsupportedParameter("Nuclia models do not support 'tool_choice'.",
                                    param="tool_choice")
     if body.get("audio") or "audio" in (body.get("modalities") or ()):
-        raise UnsupportedParameter("Nuclia models answer with text only.", param="modalities")
+        raise UnsupportedParameter(
+            "Nuclia models answer with text only: 'modalities' may not ask for audio.",
+            param="modalities")
 
 
 def _json_schema(body: dict[str, Any]) -> dict[str, Any] | None:
