@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway.errors import GatewayError, PayloadTooLarge
+from gateway.pipeline import Piece
 from gateway.state import GatewayState
 
 JSON = [(b"content-type", b"application/json")]
@@ -98,20 +99,29 @@ def _encode(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
 
 async def _send_whole(send: Any, status: int, headers: dict[str, str], body: bytes) -> None:
     await send({"type": "http.response.start", "status": status,
-                "headers": JSON + _encode(headers)})
+                "headers": [*JSON, (b"content-length", b"%d" % len(body)), *_encode(headers)]})
     await send({"type": "http.response.body", "body": body})
 
 
 async def _send_stream(
-    send: Any, receive: Any, status: int, headers: dict[str, str], stream: AsyncIterator[bytes]
+    send: Any, receive: Any, status: int, headers: dict[str, str], stream: AsyncIterator[Piece]
 ) -> None:
+    """Send the pieces as they come; a disconnect before the last one cancels the relay."""
+    sent_last = False
+
     async def pump() -> None:
+        nonlocal sent_last
         try:
             await send({"type": "http.response.start", "status": status,
                         "headers": SSE + _encode(headers)})
-            async for data in stream:
-                await send({"type": "http.response.body", "body": data, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
+            async for data, last in stream:
+                if not sent_last:
+                    await send({"type": "http.response.body", "body": data,
+                                "more_body": not last})
+                    sent_last = last
+            if not sent_last:
+                await send({"type": "http.response.body", "body": b""})
+                sent_last = True
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
 
@@ -125,6 +135,10 @@ async def _send_stream(
     watching = asyncio.ensure_future(watch())
     try:
         await asyncio.wait((pumping, watching), return_when=asyncio.FIRST_COMPLETED)
+        if sent_last and not pumping.done():
+            # the response is complete (so receive() reports a disconnect): let the relay
+            # finish its bookkeeping rather than cancelling it
+            await asyncio.wait((pumping,))
     finally:
         for task in (pumping, watching):
             if not task.done():

@@ -85,14 +85,18 @@ class ResponseCache(Protocol):
     async def release(self, decision: Any) -> None: ...
 
 
+# A piece of a streamed body and whether it is the last one (sent with the end of the body).
+Piece = tuple[bytes, bool]
+
+
 @dataclass(slots=True)
 class Reply:
-    """What the HTTP layer sends: a whole body, or a stream of SSE byte strings."""
+    """What the HTTP layer sends: a whole body, or a stream of SSE byte pieces."""
 
     status: int
     headers: dict[str, str]
     body: bytes = b""
-    stream: AsyncIterator[bytes] | None = None
+    stream: AsyncIterator[Piece] | None = None
     media_type: str = "application/json"
 
 
@@ -269,12 +273,11 @@ class Pipeline:
                      media_type="text/event-stream")
 
     async def _replay_stream(self, ex: Exchange, chunks: list[dict[str, Any]]
-                             ) -> AsyncIterator[bytes]:
+                             ) -> AsyncIterator[Piece]:
         try:
             ex.ttft = time.perf_counter() - ex.started
-            for data in chunks:
-                yield sse_event(data)
-            yield SSE_DONE
+            # one write for the whole replay: the chunks stay distinct SSE events
+            yield b"".join([*(sse_event(data) for data in chunks), SSE_DONE]), True
         except BaseException:
             ex.outcome = "client_disconnected"
             raise
@@ -298,36 +301,50 @@ class Pipeline:
         await self._store(ex)
         return Reply(200, self._headers(ex), orjson.dumps(completion))
 
-    async def _relay(self, ex: Exchange, stream: ChunkStream) -> AsyncIterator[bytes]:
-        """Re-emit upstream chunks as they arrive; one ``finally`` ends the exchange."""
+    async def _relay(self, ex: Exchange, stream: ChunkStream) -> AsyncIterator[Piece]:
+        """Re-emit upstream chunks as they arrive; one ``finally`` ends the exchange.
+
+        Chunks that arrived in one upstream read leave in one write; the read that carried
+        ``[DONE]`` goes out together with the usage chunk, our ``[DONE]`` and the end of the
+        response body."""
         model = ex.route.model
         cid, created = _ids()
         answer = ex.answer
         include_usage = ex.chat.include_usage
         try:
-            async for data in stream:
-                answer.add_chunk(data)
-                if "usage" in data:
-                    del data["usage"]
-                    if not data.get("choices"):
-                        continue  # the upstream's own usage chunk: re-sent at the end if asked
-                data["model"] = model
-                data["object"] = "chat.completion.chunk"
-                if not data.get("id"):
-                    data["id"] = cid
-                if not data.get("created"):
-                    data["created"] = created
+            tail: list[bytes] = []
+            async for batch, last in _batches(stream):
+                out: list[bytes] = []
+                for data in batch:
+                    answer.add_chunk(data)
+                    if "usage" in data:
+                        del data["usage"]
+                        if not data.get("choices"):
+                            continue  # the upstream's usage chunk: re-sent at the end if asked
+                    data["model"] = model
+                    data["object"] = "chat.completion.chunk"
+                    if not data.get("id"):
+                        data["id"] = cid
+                    if not data.get("created"):
+                        data["created"] = created
+                    out.append(sse_event(data))
+                if not out:
+                    continue
                 if ex.ttft is None:
                     ex.ttft = time.perf_counter() - ex.started
-                yield sse_event(data)
+                if last:
+                    tail = out
+                    break
+                yield (out[0] if len(out) == 1 else b"".join(out)), False
             if include_usage:
                 answer.usage = answer.usage or self._usage(ex)
-                yield sse_event(usage_chunk(cid, model, created, answer.usage))
-            yield SSE_DONE
+                tail.append(sse_event(usage_chunk(cid, model, created, answer.usage)))
+            tail.append(SSE_DONE)
+            yield b"".join(tail), True
             await self._store(ex)
         except GatewayError as exc:
             self._fail(ex, exc)
-            yield sse_event(exc.body())
+            yield sse_event(exc.body()), True
         except (asyncio.CancelledError, GeneratorExit):
             ex.outcome = "client_disconnected"
             ex.status = 499
@@ -336,7 +353,7 @@ class Pipeline:
             log.exception("stream_failed", error_type=type(exc).__name__)
             error = GatewayError("The gateway failed while relaying the stream.")
             self._fail(ex, error)
-            yield sse_event(error.body())
+            yield sse_event(error.body()), True
         finally:
             await stream.aclose()
             await self._finish(ex)
@@ -447,6 +464,23 @@ class Pipeline:
                 headers = {**ex.admission.headers, **headers}
             headers["x-gateway-upstream-ms"] = f"{ex.upstream_wait * 1000:.3f}"
         return Reply(exc.status, headers, exc.json())
+
+
+Batch = tuple[list[dict[str, Any]], bool]
+
+
+async def _singletons(stream: ChunkStream) -> AsyncIterator[Batch]:
+    async for chunk in stream:
+        yield [chunk], False
+
+
+def _batches(stream: ChunkStream) -> AsyncIterator[Batch]:
+    """(chunks, is the last read) grouped by upstream read when the stream can tell."""
+    batches = getattr(stream, "batches", None)
+    if batches is not None:
+        grouped: AsyncIterator[Batch] = batches()
+        return grouped
+    return _singletons(stream)
 
 
 def _ids() -> tuple[str, int]:

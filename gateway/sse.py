@@ -33,16 +33,17 @@ class SSEDecoder:
         if self._pending_cr and data[:1] == b"\n":
             data = data[1:]  # the LF of a CRLF split across two reads
         self._pending_cr = data.endswith(b"\r")
-        buffer = self._buffer
-        buffer += data
-        if b"\r" in buffer:
-            lines = bytes(buffer).replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-        else:
-            lines = bytes(buffer).split(b"\n")
+        text = bytes(self._buffer) + data if self._buffer else data
+        if b"\r" in text:
+            text = text.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        lines = text.split(b"\n")
         tail = lines.pop()
         self._buffer = bytearray(tail)
         events: list[SSEEvent] = []
         for line in lines:
+            if line[:6] == b"data: ":  # the common case, without a call
+                self._data.append(line[6:].decode("utf-8", errors="replace"))
+                continue
             event = self._line(line)
             if event is not None:
                 events.append(event)

@@ -104,6 +104,7 @@ class UpstreamClient:
                 connector=connector,
                 timeout=self._timeout,
                 auto_decompress=True,
+                cookie_jar=aiohttp.DummyCookieJar(),  # upstream cookies are never kept
                 skip_auto_headers=("User-Agent",),
             )
         return self._session

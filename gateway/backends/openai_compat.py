@@ -26,7 +26,7 @@ from gateway.errors import (
     UpstreamProtocolError,
     UpstreamRateLimited,
 )
-from gateway.sse import SSEDecoder
+from gateway.sse import SSEDecoder, SSEEvent
 from gateway.upstream import UpstreamClient, UpstreamResponse
 
 log = structlog.get_logger("gateway.backends.openai")
@@ -92,30 +92,52 @@ class OpenAIChunkStream:
         return self._chunks()
 
     async def _chunks(self) -> AsyncIterator[dict[str, Any]]:
+        async for batch, _ in self.batches():
+            for chunk in batch:
+                yield chunk
+
+    async def batches(self) -> AsyncIterator[tuple[list[dict[str, Any]], bool]]:
+        """(the chunks of one upstream read, whether it ended the stream): re-emitted with one
+        write, at once."""
         decoder = SSEDecoder()
         finished = False
         async for data in self._response.iter_bytes():
-            for event in decoder.feed(data):
-                payload = event.data
-                if payload == "[DONE]":
-                    return
-                chunk = self._decode(payload)
-                if chunk is None:
-                    continue
-                finished = finished or _has_finish(chunk)
-                yield chunk
-        for event in decoder.flush():
-            if event.data == "[DONE]":
+            batch, done, error = self._decode_events(decoder.feed(data))
+            finished = finished or _has_finish(batch)
+            if batch:
+                yield batch, done
+            if error is not None:
+                raise error
+            if done:
                 return
-            chunk = self._decode(event.data)
-            if chunk is not None:
-                finished = finished or _has_finish(chunk)
-                yield chunk
-        if not finished:
+        batch, done, error = self._decode_events(decoder.flush())
+        finished = finished or _has_finish(batch)
+        if batch:
+            yield batch, True
+        if error is not None:
+            raise error
+        if not finished and not done:
             raise UpstreamProtocolError(
                 f"The upstream '{self._backend}' closed the stream before the answer finished.",
                 backend=self._backend,
             )
+
+    def _decode_events(
+        self, events: list[SSEEvent]
+    ) -> tuple[list[dict[str, Any]], bool, UpstreamError | None]:
+        """(chunks, saw [DONE], the error that ended the stream): the chunks before an error
+        are still delivered."""
+        batch: list[dict[str, Any]] = []
+        for event in events:
+            if event.data == "[DONE]":
+                return batch, True, None
+            try:
+                chunk = self._decode(event.data)
+            except UpstreamError as exc:
+                return batch, False, exc
+            if chunk is not None:
+                batch.append(chunk)
+        return batch, False, None
 
     def _decode(self, payload: str) -> dict[str, Any] | None:
         if not payload.strip():
@@ -144,8 +166,12 @@ class OpenAIChunkStream:
         await self._response.aclose()
 
 
-def _has_finish(chunk: dict[str, Any]) -> bool:
-    return any(c.get("finish_reason") for c in chunk.get("choices") or ())
+def _has_finish(batch: list[dict[str, Any]]) -> bool:
+    for chunk in batch:
+        for choice in chunk.get("choices") or ():
+            if choice.get("finish_reason"):
+                return True
+    return False
 
 
 class OpenAICompatBackend:
