@@ -149,19 +149,20 @@ class MemoryKeyStore:
         self.path = path
         self._keys: dict[str, KeyRecord] = {}
         self._teams: dict[str, TeamRecord] = {}
-        self._seen: tuple[int, int] | None = None
+        self._seen: tuple[int, ...] | None = None
         self._refresh()
 
     # -- file --------------------------------------------------------------------------------
 
-    def _stamp(self) -> tuple[int, int] | None:
+    def _stamp(self) -> tuple[int, ...] | None:
         if self.path is None:
             return None
         try:
             st = self.path.stat()
         except FileNotFoundError:
             return None
-        return (st.st_mtime_ns, st.st_size)
+        # each write is a new file (rename): the inode changes even when mtime ticks coarsely
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def _refresh(self) -> None:
         if self.path is None:

@@ -1,0 +1,257 @@
+"""Admission control: turns a principal's limits into one atomic `LimitStore.acquire`, raises
+the OpenAI-style 429s, and hands back the ``x-ratelimit-*`` headers and a one-shot `settle`.
+
+Limits: requests and tokens per minute per key (the key's own, else ``limits.key_*``), per team
+and per team+model (``teams:`` in the config, overridden by ``gateway teams set``), concurrent
+requests per key, and daily/monthly token budgets per team (UTC periods). A principal with no
+limit at all is admitted without touching any store.
+
+When the shared store is unreachable: ``fail_open`` (default) admits through the in-process
+`fallback` store (logged as ``limits_store_unavailable`` and counted through `on_unavailable`),
+``fail_closed`` answers 503. The shared store is tried again after `retry_interval` seconds,
+so a recovered Redis is picked up without a restart.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from gateway.config import GatewayConfig
+from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
+from gateway.stores.limits import (
+    AcquireRequest,
+    Bucket,
+    Budget,
+    Concurrency,
+    Decision,
+    Figure,
+    LimitStore,
+    MemoryLimitStore,
+)
+
+log = structlog.get_logger("gateway.limits")
+
+_NAMES = {"rpm": "requests per minute (rpm)", "tpm": "tokens per minute (tpm)"}
+
+
+def format_reset(seconds: float) -> str:
+    """OpenAI's reset format: ``20ms``, ``1s``, ``1.5s``, ``6m0s``, ``1h2m3s``."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{secs:.3f}".rstrip("0").rstrip(".") + "s"
+    if hours >= 1:
+        return f"{int(hours)}h{int(minutes)}m{text}"
+    if minutes >= 1:
+        return f"{int(minutes)}m{text}"
+    return text
+
+
+def _headers(figures: tuple[Figure, ...]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for kind in ("requests", "tokens"):
+        tightest = min(
+            (f for f in figures if f.kind == kind),
+            key=lambda f: (f.remaining, f.limit),
+            default=None,
+        )
+        if tightest is not None:
+            headers[f"x-ratelimit-limit-{kind}"] = str(tightest.limit)
+            headers[f"x-ratelimit-remaining-{kind}"] = str(tightest.remaining)
+            headers[f"x-ratelimit-reset-{kind}"] = format_reset(tightest.reset)
+    return headers
+
+
+class Admission:
+    """An admitted request: `headers` for the response, `settle(actual)` exactly once (later
+    calls do nothing)."""
+
+    __slots__ = ("headers", "_limiter", "_store", "_request", "_estimate", "_settled")
+
+    def __init__(self, headers: dict[str, str], limiter: Limiter | None = None,
+                 store: LimitStore | None = None, request: AcquireRequest | None = None,
+                 estimate: int = 0) -> None:
+        self.headers = headers
+        self._limiter = limiter
+        self._store = store
+        self._request = request
+        self._estimate = estimate
+        self._settled = False
+
+    async def settle(self, actual_tokens: int) -> None:
+        if self._settled or self._store is None or self._request is None:
+            return
+        self._settled = True
+        try:
+            await self._store.settle(self._request, actual_tokens - self._estimate)
+        except ServiceUnavailable as exc:
+            # the lease expires by itself; the token correction is lost
+            log.warning("limits_settle_failed", error=exc.code)
+            if self._limiter is not None:
+                self._limiter.unavailable()
+
+
+UNLIMITED = Admission({})
+
+
+class Limiter:
+    """Implements the pipeline's `Admitter`."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        store: LimitStore,
+        fallback: LimitStore | None = None,
+        *,
+        on_unavailable: Callable[[], None] | None = None,
+        retry_interval: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.store = store
+        # fail_open needs somewhere to count: the in-process store unless one is given
+        self.fallback = fallback if fallback is not None else MemoryLimitStore(clock)
+        self.fail_open = config.limits.fail_mode == "fail_open"
+        self.on_unavailable = on_unavailable
+        self.retry_interval = retry_interval
+        self.clock = clock
+        self._down_until = 0.0
+        totals = [b.timeouts.total for b in config.backends.values()] or [300.0]
+        self.lease_seconds = max(totals) + 60.0
+        self._lease_prefix = secrets.token_hex(6) + ":"
+        self._leases = itertools.count()
+        defaults = config.limits
+        self._key_rpm, self._key_tpm = defaults.key_rpm, defaults.key_tpm
+        self._key_conc = defaults.key_max_concurrent
+
+    def unavailable(self) -> None:
+        if self.on_unavailable is not None:
+            self.on_unavailable()
+
+    # -- plan --------------------------------------------------------------------------------
+
+    def plan(self, principal: Any, model: str, tokens: int) -> AcquireRequest | None:
+        """The limits that apply to this request, or None when none do."""
+        key_id: str = principal.key_id
+        rpm = getattr(principal, "rpm", None) or self._key_rpm
+        tpm = getattr(principal, "tpm", None) or self._key_tpm
+        conc = getattr(principal, "max_concurrent", None) or self._key_conc
+        team = getattr(principal, "team_limits", None)
+        if not (rpm or tpm or conc or (team is not None and team.any)):
+            return None
+        buckets: list[Bucket] = []
+        budgets: list[Budget] = []
+        if rpm:
+            buckets.append(Bucket("key_rpm", f"k:{key_id}:rpm", "requests", rpm, 1))
+        if tpm:
+            buckets.append(Bucket("key_tpm", f"k:{key_id}:tpm", "tokens", tpm, tokens))
+        if team is not None and team.any:
+            if team.rpm:
+                buckets.append(Bucket("team_rpm", "t:rpm", "requests", team.rpm, 1))
+            if team.tpm:
+                buckets.append(Bucket("team_tpm", "t:tpm", "tokens", team.tpm, tokens))
+            per_model = team.models.get(model)
+            if per_model is not None:
+                if per_model.rpm:
+                    buckets.append(Bucket("model_rpm", f"m:{model}:rpm", "requests",
+                                          per_model.rpm, 1))
+                if per_model.tpm:
+                    buckets.append(Bucket("model_tpm", f"m:{model}:tpm", "tokens",
+                                          per_model.tpm, tokens))
+            if team.daily_token_budget or team.monthly_token_budget:
+                now = datetime.fromtimestamp(self.clock(), UTC)
+                if team.daily_token_budget:
+                    budgets.append(_daily(now, team.daily_token_budget, tokens))
+                if team.monthly_token_budget:
+                    budgets.append(_monthly(now, team.monthly_token_budget, tokens))
+        concurrency = Concurrency(f"c:{key_id}", conc, self.lease_seconds) if conc else None
+        return AcquireRequest(principal.team, tuple(buckets), tuple(budgets), concurrency,
+                              self._lease_prefix + str(next(self._leases)))
+
+    # -- admission ---------------------------------------------------------------------------
+
+    async def admit(self, principal: Any, model: str, estimated_tokens: int) -> Admission:
+        request = self.plan(principal, model, estimated_tokens)
+        if request is None:
+            return UNLIMITED
+        store = self.store
+        decision: Decision | None = None
+        if self._down_until <= time.monotonic():
+            try:
+                decision = await store.acquire(request)
+            except ServiceUnavailable as exc:
+                self._down_until = time.monotonic() + self.retry_interval
+                log.warning("limits_store_unavailable", error=exc.code,
+                            fail_mode=self.config.limits.fail_mode)
+                self.unavailable()
+        if decision is None:
+            if not self.fail_open:
+                raise ServiceUnavailable(
+                    "Rate limits cannot be checked: the gateway's shared store is unreachable. "
+                    "Retry shortly.",
+                    code="store_unavailable",
+                )
+            store = self.fallback
+            decision = await store.acquire(request)
+        if not decision.admitted:
+            raise self._refusal(principal, model, request, decision)
+        return Admission(_headers(decision.figures), self, store, request, estimated_tokens)
+
+    def _refusal(self, principal: Any, model: str, request: AcquireRequest,
+                 decision: Decision) -> RateLimited | QuotaExceeded:
+        name = decision.denied or ""
+        headers = _headers(decision.figures)
+        retry = decision.retry_after
+        if name == "concurrency":
+            limit = request.concurrency.limit if request.concurrency else 0
+            return RateLimited(
+                f"Too many concurrent requests on key {principal.key_id}: limit {limit}. "
+                "Retry when one of your requests has finished.",
+                retry_after=retry, headers=headers,
+            )
+        figure = next(f for f in decision.figures if f.name == name)
+        if figure.kind == "budget":
+            period = "daily" if name == "daily_budget" else "monthly"
+            resets = datetime.fromtimestamp(self.clock() + figure.reset, UTC)
+            return QuotaExceeded(
+                f"Team {principal.team} has used its {period} token budget of {figure.limit} "
+                f"tokens (this request reserves about {_cost(request, name)} tokens). The budget "
+                f"resets at {resets.strftime('%Y-%m-%dT%H:%M:%SZ')} "
+                f"(in {format_reset(figure.reset)}).",
+                headers=headers,
+            )
+        scope, _, unit = name.partition("_")
+        where = {
+            "key": f"key {principal.key_id}",
+            "team": f"team {principal.team}",
+            "model": f"team {principal.team} for model {model}",
+        }[scope]
+        message = (f"Rate limit reached for {_NAMES[unit]} on {where}: limit {figure.limit}. "
+                   f"Please try again in {format_reset(retry)}.")
+        return RateLimited(message, retry_after=retry, headers=headers)
+
+
+def _cost(request: AcquireRequest, name: str) -> int:
+    return next((g.cost for g in request.budgets if g.name == name), 0)
+
+
+def _daily(now: datetime, limit: int, tokens: int) -> Budget:
+    start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    ttl = 86400 - (now - start).total_seconds()
+    return Budget("daily_budget", f"b:d:{now:%Y%m%d}", limit, tokens, ttl)
+
+
+def _monthly(now: datetime, limit: int, tokens: int) -> Budget:
+    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    following = start.replace(year=start.year + 1, month=1) if start.month == 12 else \
+        start.replace(month=start.month + 1)
+    ttl = (following - now).total_seconds()
+    return Budget("monthly_budget", f"b:m:{now:%Y%m}", limit, tokens, ttl)
