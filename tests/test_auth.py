@@ -211,6 +211,10 @@ async def test_revocation_reaches_every_replica_within_a_second(
             await ns.client.aclose()
 
 
+def _files(folder: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in folder.iterdir())
+
+
 @pytest.mark.redis
 async def test_secret_appears_nowhere(redis_url: str, tmp_path: Path) -> None:
     """Hash-only storage: not in Redis, not in the key file, not in any log event."""
@@ -237,7 +241,7 @@ async def test_secret_appears_nowhere(redis_url: str, tmp_path: Path) -> None:
                 dump.extend(str(v).encode() for v in (await ns.client.hgetall(key)).items())
             elif kind == "string":
                 dump.append(await ns.client.get(key) or b"")
-        blob = b"\n".join(dump) + b"\n" + b"".join(p.read_bytes() for p in tmp_path.iterdir())
+        blob = b"\n".join(dump) + b"\n" + _files(tmp_path)
         blob += repr(logs).encode()
         for secret in secrets:
             assert secret.encode() not in blob

@@ -107,6 +107,10 @@ async def test_watch_announces_changes_from_another_connection(
             await watcher
 
 
+def _leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.suffix == ".tmp"]
+
+
 async def test_file_store_sees_other_processes_and_writes_atomically(tmp_path: Path) -> None:
     path = tmp_path / "keys.json"
     server, cli = MemoryKeyStore(path), MemoryKeyStore(path)
@@ -119,5 +123,5 @@ async def test_file_store_sees_other_processes_and_writes_atomically(tmp_path: P
     assert found is not None and found.revoked and found.last_used == 5.0
     data = json.loads(path.read_text())
     assert set(data) == {"keys", "teams"}
-    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
+    assert _leftovers(tmp_path) == []
     assert path.stat().st_mode & 0o077 == 0

@@ -1,0 +1,215 @@
+"""Limiter: plans, OpenAI headers and errors, exact admission under concurrency on Redis,
+token reserve/settle, budgets, and fail_open / fail_closed across a Redis outage."""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from gateway.auth import Principal, TeamLimits
+from gateway.config import GatewayConfig, parse_config
+from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
+from gateway.limits import UNLIMITED, Limiter, format_reset
+from gateway.stores.keys import ModelLimit
+from gateway.stores.limits import AcquireRequest, Decision, MemoryLimitStore, RedisLimitStore
+from gateway.stores.redis_base import connect
+from gateway.testing.redis_server import redis_server
+
+
+def config(extra: str = "") -> GatewayConfig:
+    return parse_config(textwrap.dedent(extra), base_dir=Path("."), env={})
+
+
+def principal(**kw: Any) -> Principal:
+    return Principal(**{"key_id": "k1", "team": "alpha", **kw})
+
+
+class Exploding:
+    async def acquire(self, request: AcquireRequest) -> Decision:
+        raise AssertionError("no store call expected")
+
+    async def settle(self, request: AcquireRequest, delta_tokens: int) -> None:
+        raise AssertionError("no store call expected")
+
+
+def test_format_reset_like_openai() -> None:
+    assert format_reset(0.02) == "20ms"
+    assert format_reset(1) == "1s"
+    assert format_reset(1.5) == "1.5s"
+    assert format_reset(360) == "6m0s"
+    assert format_reset(3723) == "1h2m3s"
+
+
+async def test_no_limits_costs_no_store_call() -> None:
+    limiter = Limiter(config(), Exploding(), Exploding())
+    admission = await limiter.admit(principal(), "qa", 100)
+    assert admission is UNLIMITED and admission.headers == {}
+    await admission.settle(5)
+
+
+async def test_headers_show_the_tightest_limits() -> None:
+    limiter = Limiter(config(), MemoryLimitStore())
+    p = principal(rpm=60, tpm=10_000, team_limits=TeamLimits(rpm=5, tpm=100_000))
+    admission = await limiter.admit(p, "qa", 1000)
+    assert admission.headers == {
+        "x-ratelimit-limit-requests": "5",
+        "x-ratelimit-remaining-requests": "4",
+        "x-ratelimit-reset-requests": "12s",
+        "x-ratelimit-limit-tokens": "10000",
+        "x-ratelimit-remaining-tokens": "9000",
+        "x-ratelimit-reset-tokens": "6s",
+    }
+
+
+async def test_rate_limited_names_the_limit_and_sets_retry_after() -> None:
+    limiter = Limiter(config("limits: {key_rpm: 2}\n"), MemoryLimitStore())
+    for _ in range(2):
+        await limiter.admit(principal(), "qa", 10)
+    with pytest.raises(RateLimited) as err:
+        await limiter.admit(principal(), "qa", 10)
+    exc = err.value
+    assert exc.status == 429 and exc.code == "rate_limit_exceeded"
+    assert exc.message.startswith(
+        "Rate limit reached for requests per minute (rpm) on key k1: limit 2.")
+    assert exc.headers["retry-after"] == "30"
+    assert 29_000 <= int(exc.headers["retry-after-ms"]) <= 30_000
+    assert exc.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+async def test_team_model_limit_applies_to_that_model_only() -> None:
+    limiter = Limiter(config(), MemoryLimitStore())
+    p = principal(team_limits=TeamLimits(models={"qa": ModelLimit(rpm=1)}))
+    await limiter.admit(p, "qa", 10)
+    await limiter.admit(p, "rag", 10)
+    with pytest.raises(RateLimited, match="on team alpha for model qa: limit 1"):
+        await limiter.admit(p, "qa", 10)
+
+
+async def test_concurrency_cap_and_release_on_settle() -> None:
+    limiter = Limiter(config(), MemoryLimitStore())
+    p = principal(max_concurrent=1)
+    first = await limiter.admit(p, "qa", 10)
+    with pytest.raises(RateLimited, match="Too many concurrent requests on key k1: limit 1"):
+        await limiter.admit(p, "qa", 10)
+    await first.settle(10)
+    await first.settle(10)  # idempotent
+    second = await limiter.admit(p, "qa", 10)
+    await second.settle(3)
+
+
+async def test_tokens_reserved_then_settled_to_actual_usage() -> None:
+    limiter = Limiter(config(), MemoryLimitStore())
+    p = principal(tpm=1000)
+    first = await limiter.admit(p, "qa", 900)
+    with pytest.raises(RateLimited, match=r"tokens per minute \(tpm\)"):
+        await limiter.admit(p, "qa", 200)
+    await first.settle(50)  # the answer was short: 850 tokens come back
+    second = await limiter.admit(p, "qa", 200)
+    assert 740 <= int(second.headers["x-ratelimit-remaining-tokens"]) <= 750
+
+
+async def test_budget_exhausted_is_insufficient_quota() -> None:
+    noon = 946_728_000.0  # 2000-01-01 12:00Z
+    limiter = Limiter(config(), MemoryLimitStore(), clock=lambda: noon)
+    p = principal(team_limits=TeamLimits(daily_token_budget=1000, monthly_token_budget=10**6))
+    admission = await limiter.admit(p, "qa", 800)
+    await admission.settle(900)
+    with pytest.raises(QuotaExceeded) as err:
+        await limiter.admit(p, "qa", 200)
+    assert err.value.status == 429 and err.value.code == "insufficient_quota"
+    assert "daily token budget of 1000 tokens" in err.value.message
+    assert "resets at 2000-01-02T00:00:00Z (in 12h0m0s)" in err.value.message
+
+
+@pytest.mark.redis
+async def test_exactly_n_of_100_concurrent_requests_on_redis(redis_url: str) -> None:
+    n = 17
+    clients = [connect(redis_url, "gw") for _ in range(5)]
+    limiters = [Limiter(config(), RedisLimitStore(ns)) for ns in clients]
+    p = principal(rpm=n)
+
+    async def one(i: int) -> bool:
+        try:
+            await limiters[i % len(limiters)].admit(p, "qa", 10)
+            return True
+        except RateLimited:
+            return False
+
+    try:
+        results = await asyncio.gather(*(one(i) for i in range(100)))
+        assert sum(results) == n
+    finally:
+        for ns in clients:
+            await ns.client.aclose()
+
+
+@pytest.mark.redis
+async def test_token_limit_holds_under_concurrency_on_redis(redis_url: str) -> None:
+    clients = [connect(redis_url, "gw") for _ in range(4)]
+    limiters = [Limiter(config(), RedisLimitStore(ns)) for ns in clients]
+    p = principal(tpm=10_000, max_concurrent=50)
+
+    async def one(i: int) -> int:
+        try:
+            admission = await limiters[i % 4].admit(p, "qa", 700)
+        except RateLimited:
+            return 0
+        await admission.settle(700)
+        return 700
+
+    try:
+        used = sum(await asyncio.gather(*(one(i) for i in range(60))))
+        assert 10_000 - 700 < used <= 10_000
+    finally:
+        for ns in clients:
+            await ns.client.aclose()
+
+
+async def test_fail_open_and_recovery_across_a_redis_outage() -> None:
+    with redis_server() as server:
+        ns = connect(server.url, "gw")
+        counted: list[int] = []
+        limiter = Limiter(config(), RedisLimitStore(ns), MemoryLimitStore(),
+                          on_unavailable=lambda: counted.append(1), retry_interval=0.2)
+        p = principal(rpm=1000)
+        try:
+            await limiter.admit(p, "qa", 10)
+            server.stop()
+            with capture_logs() as logs:
+                admission = await limiter.admit(p, "qa", 10)  # via the local limiter
+                await limiter.admit(p, "qa", 10)  # no second Redis attempt in the interval
+            assert admission.headers["x-ratelimit-limit-requests"] == "1000"
+            assert [e["event"] for e in logs] == ["limits_store_unavailable"]
+            assert counted == [1]
+            await admission.settle(10)  # settles on the store that admitted it
+            server.start_again()
+            await asyncio.sleep(0.25)
+            await limiter.admit(p, "qa", 10)
+            assert await ns.client.keys("gw:{lim:alpha}:k:k1:rpm") != []
+            assert counted == [1]
+        finally:
+            await ns.client.aclose()
+
+
+async def test_fail_closed_is_503_until_redis_returns() -> None:
+    with redis_server() as server:
+        ns = connect(server.url, "gw")
+        limiter = Limiter(config("limits: {fail_mode: fail_closed}\n"), RedisLimitStore(ns),
+                          retry_interval=0.1)
+        p = principal(rpm=10)
+        try:
+            server.stop()
+            with capture_logs(), pytest.raises(ServiceUnavailable) as err:
+                await limiter.admit(p, "qa", 10)
+            assert err.value.status == 503 and err.value.code == "store_unavailable"
+            assert "127.0.0.1" not in err.value.message
+            server.start_again()
+            await asyncio.sleep(0.15)
+            await limiter.admit(p, "qa", 10)
+        finally:
+            await ns.client.aclose()
