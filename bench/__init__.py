@@ -1,0 +1,1 @@
+"""The benchmark of the gateway (`make bench`): see bench/README.md."""

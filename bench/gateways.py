@@ -1,0 +1,133 @@
+"""Gateways under test: one YAML config per variant, served by ``python -m gateway serve`` as a
+subprocess (one worker) on a free port.
+
+Every config routes the same models to the fake upstream: ``bench-json`` (whole answers),
+``bench-sse`` (streams), ``bench-nuclia`` (Nuclia ``/ask`` ndjson), plus ``bench-cached``
+(the JSON upstream with the response cache on) when the variant enables the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.processes import free_port, read_rss_mib, spawn, stop, wait_http
+from bench.upstream import KBID, Upstream
+
+REPO = Path(__file__).resolve().parent.parent
+CLIENT_KEY = "sk-bench-client-key-0123456789abcdef"
+TEAM = "bench"
+# generous: the limiter runs on every request but never refuses
+HUGE = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class GatewaySpec:
+    """What one gateway process has switched on."""
+
+    name: str
+    limits: bool = False  # key, team and per-model rpm/tpm limits (never reached)
+    redis: bool = False  # store on the throw-away redis-server instead of in-process
+    cache: bool = False  # add the ``bench-cached`` model with the response cache on
+    sink: bool = False  # one webhook analytics sink (nginx ``/hook``)
+
+
+def render_config(spec: GatewaySpec, upstream: Upstream, *, redis_url: str | None,
+                  workdir: Path) -> dict[str, Any]:
+    """The gateway config (as a mapping) for one variant."""
+    backends: dict[str, Any] = {
+        "json": {"kind": "openai", "base_url": upstream.json_base, "requires_key": False},
+        "sse": {"kind": "openai", "base_url": upstream.sse_base, "requires_key": False},
+        "nuclia": {"kind": "nuclia", "base_url": upstream.nuclia_base, "kbid": KBID,
+                   "requires_key": False},
+    }
+    models: dict[str, Any] = {
+        "bench-json": {"backend": "json", "upstream_model": "bench-upstream"},
+        "bench-sse": {"backend": "sse", "upstream_model": "bench-upstream"},
+        "bench-nuclia": {"backend": "nuclia"},
+    }
+    if spec.cache:
+        models["bench-cached"] = {"backend": "json", "upstream_model": "bench-upstream",
+                                  "cache": {"enabled": True, "ttl": 3600}}
+    key: dict[str, Any] = {"id": "bench", "team": TEAM,
+                           "sha256": hashlib.sha256(CLIENT_KEY.encode()).hexdigest()}
+    config: dict[str, Any] = {
+        "server": {"log_json": True},
+        "store": "memory",
+        "backends": backends,
+        "models": models,
+        "keys": {"static": [key]},
+        "analytics": {"outbox": {"spool_dir": str(workdir / "outbox")}},
+    }
+    if spec.redis:
+        if redis_url is None:
+            raise ValueError(f"{spec.name}: needs a redis-server")
+        config["store"] = redis_url
+        config["store_prefix"] = f"bench-{spec.name}"
+    if spec.limits:
+        key.update(rpm=HUGE, tpm=HUGE, max_concurrent=100_000)
+        per_model = {name: {"rpm": HUGE, "tpm": HUGE} for name in models}
+        config["teams"] = {TEAM: {"rpm": HUGE, "tpm": HUGE, "daily_token_budget": HUGE * 1000,
+                                  "monthly_token_budget": HUGE * 1000, "models": per_model}}
+        config["limits"] = {"key_rpm": HUGE, "key_tpm": HUGE, "key_max_concurrent": 100_000}
+    if spec.sink:
+        config["analytics"]["sinks"] = [{"name": "hook", "kind": "webhook",
+                                         "url": upstream.hook, "timeout": 5}]
+    return config
+
+
+@dataclass(frozen=True)
+class RunningGateway:
+    spec: GatewaySpec
+    url: str
+    pid: int
+    log: Path
+
+    @property
+    def chat_url(self) -> str:
+        return f"{self.url}/v1/chat/completions"
+
+    def rss_mib(self) -> float:
+        return read_rss_mib(self.pid)
+
+
+def gateway_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # the config decides the store; never let the caller's environment switch it
+    env.pop("GATEWAY_REDIS_URL", None)
+    env.pop("GATEWAY_CONFIG", None)
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    return env
+
+
+@contextmanager
+def gateway_process(spec: GatewaySpec, upstream: Upstream, *, redis_url: str | None,
+                    workdir: Path) -> Iterator[RunningGateway]:
+    """Serve one variant until the block exits (then TERM, and KILL if it lingers)."""
+    home = workdir / f"gateway-{spec.name}"
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "gateway.yaml"
+    config.write_text(yaml.safe_dump(
+        render_config(spec, upstream, redis_url=redis_url, workdir=home), sort_keys=False))
+    port = free_port()
+    log = home / "gateway.log"
+    proc: subprocess.Popen[bytes] = spawn(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port",
+         str(port)],
+        log=log, cwd=REPO, env=gateway_env(),
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/healthz", proc, log, timeout=30)
+        yield RunningGateway(spec=spec, url=url, pid=proc.pid, log=log)
+    finally:
+        stop(proc, grace=10)

@@ -1,0 +1,176 @@
+"""The measuring harness: what one load is (`Target`), how long it runs (`Timing`), and
+`Bench`, which measures single targets or A/B pairs and records rows in the `Results`.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from bench.gateways import CLIENT_KEY, GatewaySpec, RunningGateway, gateway_process
+from bench.probe import Probe, probe
+from bench.processes import BenchProcessError
+from bench.report import Results, Row
+from bench.upstream import Upstream
+from bench.wrk import Load, WrkResult, combine, run_wrk
+
+AUTH = f"Bearer {CLIENT_KEY}"
+_RAISED = re.compile(r"^[A-Za-z_.]*(Error|Exception|Exit)\b.*:")
+
+
+@dataclass(frozen=True)
+class Timing:
+    seconds: int  # one measurement
+    warmup: int  # before the first measurement of a target
+    rounds: int  # paired comparisons alternate A, B this many times ...
+    round_seconds: int  # ... for this long each
+
+
+FULL = Timing(seconds=8, warmup=2, rounds=2, round_seconds=4)
+QUICK = Timing(seconds=3, warmup=1, rounds=1, round_seconds=2)
+
+
+def chat_body(model: str, *, stream: bool = False, unique: bool = False) -> bytes:
+    """A small chat request; ``@N@`` (unique bodies) is replaced per request by chat.lua."""
+    question = "How fast is the gateway? " + ("@N@" if unique else "fixed question")
+    stream_part = ',"stream":true' if stream else ""
+    return (f'{{"model":"{model}","temperature":0{stream_part},"messages":['
+            f'{{"role":"system","content":"You answer benchmark questions."}},'
+            f'{{"role":"user","content":"{question}"}}]}}').encode()
+
+
+@dataclass(frozen=True)
+class Target:
+    """One thing to load: a URL and a body."""
+
+    row_id: str
+    label: str
+    url: str
+    body: bytes
+    unique: bool = False
+    notes: str = ""
+
+
+class Bench:
+    """Runs the selected variants; owns the long-lived processes through `stack`."""
+
+    def __init__(self, timing: Timing, workdir: Path, upstream: Upstream, stack: ExitStack,
+                 results: Results) -> None:
+        self.timing = timing
+        self.workdir = workdir
+        self.upstream = upstream
+        self.stack = stack
+        self.results = results
+        self._core: RunningGateway | None = None
+        self._core_error: BenchProcessError | None = None
+        self._redis_url: str | None = None
+
+    # -- processes -------------------------------------------------------------------------
+
+    def core(self) -> RunningGateway:
+        """The core gateway (memory store, no limits/cache/sinks), kept for the whole run."""
+        if self._core_error is not None:
+            raise self._core_error  # started once, failed: do not retry for every row
+        if self._core is None:
+            try:
+                self._core = self.stack.enter_context(self.gateway(GatewaySpec("core")))
+            except BenchProcessError as exc:
+                self._core_error = exc
+                raise
+            time.sleep(0.5)  # let start-up garbage settle before reading idle RSS
+            self.results.rss_mb["idle"] = round(self._core.rss_mib() * 1.048576, 1)
+        return self._core
+
+    def redis_url(self) -> str:
+        if self._redis_url is None:
+            from gateway.testing.redis_server import redis_server
+
+            self._redis_url = self.stack.enter_context(redis_server()).url
+        return self._redis_url
+
+    def gateway(self, spec: GatewaySpec) -> Any:
+        redis_url = self.redis_url() if spec.redis else None
+        return gateway_process(spec, self.upstream, redis_url=redis_url, workdir=self.workdir)
+
+    # -- measurements ----------------------------------------------------------------------
+
+    def _load(self, target: Target, connections: int, seconds: int) -> WrkResult:
+        return run_wrk(Load(url=target.url, body=target.body, authorization=AUTH,
+                            connections=connections, seconds=seconds, unique=target.unique))
+
+    def check(self, target: Target) -> Probe:
+        return probe(target.url, target.body, AUTH)
+
+    def measure(self, target: Target, connections: int) -> None:
+        seen = self.check(target)
+        if self.timing.warmup:
+            self._load(target, connections, self.timing.warmup)
+        result = self._load(target, connections, self.timing.seconds)
+        self._record(target, connections, result, seen)
+
+    def paired(self, base: Target, variant: Target, connections: int) -> None:
+        """Alternate A, B, A, B (`timing.rounds` times) so drift on a shared machine hits
+        both sides of a ratio alike."""
+        seen = {t.row_id: self.check(t) for t in (base, variant)}
+        if self.timing.warmup:
+            for target in (base, variant):
+                self._load(target, connections, self.timing.warmup)
+        runs: dict[str, list[WrkResult]] = {base.row_id: [], variant.row_id: []}
+        for _ in range(self.timing.rounds):
+            for target in (base, variant):
+                runs[target.row_id].append(
+                    self._load(target, connections, self.timing.round_seconds))
+        for target in (base, variant):
+            self._record(target, connections, combine(runs[target.row_id]),
+                         seen[target.row_id], paired=True)
+
+    def _record(self, target: Target, connections: int, result: WrkResult, seen: Probe,
+                *, paired: bool = False) -> None:
+        notes = [f"@{connections}"]
+        if target.notes:
+            notes.append(target.notes)
+        if seen.note:
+            notes.append(seen.note)
+        if paired:
+            notes.append(f"paired, {self.timing.rounds}x{self.timing.round_seconds}s")
+        self.results.add(Row(target.row_id, target.label, connections, result, "; ".join(notes)))
+        print(f"  {target.label:<34} @{connections:<3} {result.rps:>9,.0f} req/s  "
+              f"p50 {result.p50_ms:.2f} ms  p99 {result.p99_ms:.2f} ms"
+              + (f"  ERRORS {result.errors}" if result.error_count else ""), flush=True)
+
+    def annotate(self, row_id: str, note: str) -> None:
+        row = self.results.rows.get(row_id)
+        if row is not None:
+            notes = f"{row.notes}; {note}" if row.notes else note
+            self.results.add(replace(row, notes=notes))
+
+    def skip(self, row_ids: list[tuple[str, str, int]], reason: str) -> None:
+        for row_id, label, connections in row_ids:
+            if row_id not in self.results.rows:
+                self.results.add(Row(row_id, label, connections, skipped=reason))
+
+
+def short_reason(exc: BaseException) -> str:
+    """One line for the table: the last exception line of a traceback, else the first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    raised = [line for line in lines if _RAISED.match(line)]
+    chosen = raised[-1] if raised else (lines[0] if lines else type(exc).__name__)
+    return chosen[:100]
+
+
+@contextmanager
+def guarded(bench: Bench, rows: list[tuple[str, str, int]]) -> Iterator[None]:
+    """A variant that cannot run is recorded as skipped (with why); the others still run."""
+    try:
+        yield
+    except (BenchProcessError, OSError, ValueError) as exc:
+        print(f"  ! {rows[0][1]}: {exc}", file=sys.stderr, flush=True)
+        bench.skip(rows, short_reason(exc))
+
+

@@ -1,0 +1,179 @@
+"""The benchmark's results: one row per measurement, the targets with PASS/FAIL, the printed
+table, and the machine-readable JSON written to ``bench/results/``.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench.wrk import WrkResult
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measurement (or why it did not run)."""
+
+    id: str
+    label: str
+    connections: int
+    result: WrkResult | None = None
+    notes: str = ""
+    skipped: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.result is not None and self.result.error_count == 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "label": self.label, "connections": self.connections,
+                "notes": self.notes, "skipped": self.skipped,
+                "result": self.result.as_dict() if self.result else None}
+
+
+@dataclass
+class Results:
+    rows: dict[str, Row] = field(default_factory=dict)
+    rss_mb: dict[str, float] = field(default_factory=dict)  # "idle" / "after_load"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, row: Row) -> None:
+        self.rows[row.id] = row
+
+    def measured(self, row_id: str) -> WrkResult | None:
+        row = self.rows.get(row_id)
+        return row.result if row is not None and row.ok else None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    name: str
+    value: str
+    passed: bool | None  # None: not measured (skipped or errors)
+    why: str = ""
+
+
+def _rate(row_id: str, floor: float) -> Callable[[Results], Verdict | str]:
+    def check(res: Results) -> Verdict | str:
+        got = res.measured(row_id)
+        if got is None:
+            return row_id
+        return Verdict("", f"{got.rps:,.0f}/s", got.rps >= floor)
+    return check
+
+
+def _ratio(row_id: str, base_id: str, floor: float) -> Callable[[Results], Verdict | str]:
+    def check(res: Results) -> Verdict | str:
+        got, base = res.measured(row_id), res.measured(base_id)
+        if got is None or base is None:
+            return row_id if got is None else base_id
+        share = got.rps / base.rps if base.rps else 0.0
+        return Verdict("", f"{share:.1%} ({got.rps:,.0f} vs {base.rps:,.0f})", share >= floor)
+    return check
+
+
+def _miss_cost(res: Results) -> Verdict | str:
+    miss, none = res.measured("cache-miss"), res.measured("no-cache")
+    if miss is None or none is None:
+        return "cache-miss" if miss is None else "no-cache"
+    cost = 1 - miss.rps / none.rps if none.rps else 1.0
+    return Verdict("", f"{cost:+.1%} ({miss.rps:,.0f} vs {none.rps:,.0f})", cost <= 0.05)
+
+
+def _added_p50(res: Results) -> Verdict | str:
+    gw, direct = res.measured("core-json-1"), res.measured("direct-json-1")
+    if gw is None or direct is None:
+        return "core-json-1" if gw is None else "direct-json-1"
+    added = gw.p50_ms - direct.p50_ms
+    return Verdict("", f"{added:.3f} ms ({gw.p50_ms:.3f} - {direct.p50_ms:.3f})", added <= 0.5)
+
+
+def _idle_rss(res: Results) -> Verdict | str:
+    if "idle" not in res.rss_mb:
+        return "core"
+    return Verdict("", f"{res.rss_mb['idle']:.1f} MB", res.rss_mb["idle"] <= 80.0)
+
+
+TARGETS: list[tuple[str, Callable[[Results], Verdict | str]]] = [
+    ("core non-stream @50 >= 3,000 req/s", _rate("core-json-50", 3000)),
+    ("stream (10 chunks) @50 >= 1,500 answers/s", _rate("core-sse-50", 1500)),
+    ("added p50 @1 <= 0.5 ms (gateway - nginx direct)", _added_p50),
+    ("idle RSS <= 80 MB", _idle_rss),
+    ("keys+limits (memory) >= 90% of core", _ratio("limits-memory", "limits-memory-base", 0.9)),
+    ("keys+limits (redis) >= 2,000 req/s", _rate("limits-redis", 2000)),
+    ("cache hit >= 5,000 req/s", _rate("cache-hit", 5000)),
+    ("cache miss cost <= 5% (vs no cache, unique bodies)", _miss_cost),
+    ("one webhook sink >= 90% of no sink", _ratio("sink", "no-sink", 0.9)),
+    ("nuclia stream @50 >= 1,200 answers/s", _rate("nuclia-stream", 1200)),
+]
+
+
+def verdicts(res: Results) -> list[Verdict]:
+    out = []
+    for name, check in TARGETS:
+        got = check(res)
+        if isinstance(got, str):
+            row = res.rows.get(got)
+            why = (row.skipped or "errors during the run") if row else "not run"
+            out.append(Verdict(name, "-", None, why))
+        else:
+            out.append(Verdict(name, got.value, got.passed))
+    return out
+
+
+def _table(header: list[str], rows: list[list[str]], right: set[int]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return " | ".join(c.rjust(w) if i in right else c.ljust(w)
+                          for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    rule = "-+-".join("-" * w for w in widths)
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+def render(res: Results) -> str:
+    rows = []
+    for row in res.rows.values():
+        if row.result is None:
+            rows.append([row.label, "-", "-", "-", f"skipped: {row.skipped}"])
+            continue
+        r = row.result
+        notes = row.notes
+        if r.error_count:
+            notes = f"{r.error_count} ERRORS {r.errors}; {notes}"
+        rows.append([row.label, f"{r.rps:,.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}", notes])
+    parts = [_table(["variant", "req/s", "p50 ms", "p99 ms", "notes"], rows, {1, 2, 3})]
+    if res.rss_mb:
+        parts.append("RSS of the core gateway: " + ", ".join(
+            f"{k.replace('_', ' ')} {v:.1f} MB" for k, v in res.rss_mb.items()))
+    marks = {True: "PASS", False: "FAIL", None: "n/a"}
+    parts.append(_table(["target", "measured", "result"],
+                        [[v.name, v.value if v.passed is not None else v.why,
+                          marks[v.passed]] for v in verdicts(res)], set()))
+    return "\n\n".join(parts)
+
+
+def machine() -> dict[str, Any]:
+    import os
+
+    return {"python": platform.python_version(), "platform": platform.platform(),
+            "cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()}
+
+
+def write_json(res: Results, folder: Path, stamp: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {"meta": res.meta, "rss_mb": res.rss_mb,
+            "rows": [row.as_dict() for row in res.rows.values()],
+            "targets": [{"name": v.name, "measured": v.value, "passed": v.passed,
+                         "why": v.why} for v in verdicts(res)]}
+    blob = orjson.dumps(data, option=orjson.OPT_INDENT_2)
+    (folder / f"run-{stamp}.json").write_bytes(blob)
+    last = folder / "last.json"
+    last.write_bytes(blob)
+    return last

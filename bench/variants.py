@@ -1,0 +1,130 @@
+"""The benchmark's variants, one ``run_<name>`` function each (``--only NAME`` picks one).
+
+Ratios (keys+limits vs core, cache miss vs no cache, one sink vs none) are measured as
+alternating A/B pairs; absolute targets are single measurements at 50 connections.
+"""
+
+from __future__ import annotations
+
+import time
+
+from bench.gateways import GatewaySpec
+from bench.harness import Bench, Target, chat_body, guarded
+
+CHAT = "/chat/completions"
+
+
+def run_core(bench: Bench) -> None:
+    """Non-stream and stream at 1 and 50 connections, through the gateway and nginx direct."""
+    up = bench.upstream
+    plan = [(False, "non-stream", "json", up.json_base), (True, "stream", "sse", up.sse_base)]
+    for stream, kind, tag, base in plan:
+        model = "bench-sse" if stream else "bench-json"
+        body = chat_body(model, stream=stream)
+        for connections in (1, 50):
+            direct = Target(f"direct-{tag}-{connections}", f"nginx direct, {kind}",
+                            base + CHAT, body)
+            with guarded(bench, [(direct.row_id, direct.label, connections)]):
+                bench.measure(direct, connections)
+            row = (f"core-{tag}-{connections}", f"core, {kind}", connections)
+            with guarded(bench, [row]):
+                target = Target(row[0], row[1], bench.core().chat_url, body)
+                bench.measure(target, connections)
+    with guarded(bench, [("core-json-1", "core, non-stream", 1)]):
+        bench.results.rss_mb["after_load"] = round(bench.core().rss_mib() * 1.048576, 1)
+
+
+def run_limits_memory(bench: Bench) -> None:
+    rows = [("limits-memory-base", "core (paired with keys+limits)", 50),
+            ("limits-memory", "keys+limits (memory)", 50)]
+    body = chat_body("bench-json")
+    with guarded(bench, rows):
+        core = bench.core()
+        spec = GatewaySpec("limits-memory", limits=True)
+        with bench.gateway(spec) as gateway:
+            bench.paired(Target(rows[0][0], rows[0][1], core.chat_url, body),
+                         Target(rows[1][0], rows[1][1], gateway.chat_url, body,
+                                notes="key+team+model rpm/tpm, never reached"), 50)
+
+
+def run_limits_redis(bench: Bench) -> None:
+    row = ("limits-redis", "keys+limits (redis)", 50)
+    with guarded(bench, [row]):
+        spec = GatewaySpec("limits-redis", limits=True, redis=True)
+        with bench.gateway(spec) as gateway:
+            target = Target(row[0], row[1], gateway.chat_url, chat_body("bench-json"),
+                            notes="store on redis-server")
+            bench.measure(target, 50)
+            keys = redis_keys(bench.redis_url())
+            bench.annotate(row[0], f"{keys} redis keys after the run")
+
+
+def redis_keys(url: str) -> int:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        return int(client.dbsize())
+    finally:
+        client.close()
+
+
+def run_cache_hit(bench: Bench) -> None:
+    row = ("cache-hit", "cache hit (memory)", 50)
+    with guarded(bench, [row]):
+        with bench.gateway(GatewaySpec("cache-hit", cache=True)) as gateway:
+            target = Target(row[0], row[1], gateway.chat_url, chat_body("bench-cached"),
+                            notes="one body: all hits after the first")
+            bench.measure(target, 50)
+            seen = bench.check(target)
+            if seen.cache:
+                bench.annotate(row[0], seen.cache)
+
+
+def run_cache_miss(bench: Bench) -> None:
+    rows = [("no-cache", "no cache (unique bodies)", 50),
+            ("cache-miss", "cache miss (memory, unique bodies)", 50)]
+    with guarded(bench, rows):
+        with bench.gateway(GatewaySpec("cache-miss", cache=True)) as gateway:
+            bench.paired(
+                Target(rows[0][0], rows[0][1], gateway.chat_url,
+                       chat_body("bench-json", unique=True), unique=True,
+                       notes="model without cache"),
+                Target(rows[1][0], rows[1][1], gateway.chat_url,
+                       chat_body("bench-cached", unique=True), unique=True,
+                       notes="lookup + store every answer"), 50)
+
+
+def run_sink(bench: Bench) -> None:
+    rows = [("no-sink", "no sink (core)", 50), ("sink", "one webhook sink", 50)]
+    body = chat_body("bench-json")
+    with guarded(bench, rows):
+        core = bench.core()
+        with bench.gateway(GatewaySpec("sink", sink=True)) as gateway:
+            before = bench.upstream.sink_posts()
+            bench.paired(Target(rows[0][0], rows[0][1], core.chat_url, body),
+                         Target(rows[1][0], rows[1][1], gateway.chat_url, body,
+                                notes="outbox + delivery to nginx"), 50)
+            bench.annotate(rows[1][0], f"{settled_posts(bench) - before:,} sink POSTs")
+
+
+def settled_posts(bench: Bench, timeout: float = 6.0) -> int:
+    """The sink POST count once it stops growing (nginx flushes its log every second)."""
+    deadline = time.monotonic() + timeout
+    last = -1
+    while time.monotonic() < deadline:
+        time.sleep(1.2)
+        now = bench.upstream.sink_posts()
+        if now == last:
+            break
+        last = now
+    return bench.upstream.sink_posts()
+
+
+def run_nuclia(bench: Bench) -> None:
+    row = ("nuclia-stream", "nuclia stream (ndjson -> SSE)", 50)
+    with guarded(bench, [row]):
+        target = Target(row[0], row[1], bench.core().chat_url,
+                        chat_body("bench-nuclia", stream=True),
+                        notes="10 answer items; req/s = answers/s")
+        bench.measure(target, 50)
