@@ -8,6 +8,7 @@ Paths (all ``POST``): ``/json/v1/chat/completions`` (one ``chat.completion``),
 
 from __future__ import annotations
 
+import os
 import shutil
 import string
 import subprocess
@@ -122,7 +123,11 @@ class Upstream:
 
 
 def render_conf(prefix: Path, port: int) -> str:
-    return string.Template(TEMPLATE.read_text()).substitute(prefix=prefix, port=port)
+    # started as root, nginx's workers would switch to "nobody", who cannot read a private
+    # temp dir: keep them as the user who runs the benchmark
+    user = "user root;" if os.geteuid() == 0 else ""
+    return string.Template(TEMPLATE.read_text()).substitute(prefix=prefix, port=port,
+                                                            user_directive=user)
 
 
 @contextmanager
@@ -135,9 +140,6 @@ def nginx_upstream(workdir: Path) -> Iterator[Upstream]:
     prefix = workdir / "nginx"
     for sub in ("bodies", "tmp"):
         (prefix / sub).mkdir(parents=True, exist_ok=True)
-    # run as root, nginx's worker drops to an unprivileged user that must read the bodies
-    for folder in (workdir, prefix, prefix / "bodies"):
-        folder.chmod(0o755)
     (prefix / "bodies" / "completion.json").write_bytes(completion_body())
     (prefix / "bodies" / "stream.sse").write_bytes(stream_body())
     (prefix / "bodies" / "ask.ndjson").write_bytes(ask_body())

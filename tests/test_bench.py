@@ -1,0 +1,139 @@
+"""The benchmark's own pieces: fixed upstream bodies, gateway configs that the schema accepts,
+wrk summary parsing, report verdicts, and nginx really serving the bodies (a real process)."""
+
+from __future__ import annotations
+
+import shutil
+import urllib.request
+from pathlib import Path
+
+import orjson
+import pytest
+
+from bench.gateways import CLIENT_KEY, GatewaySpec, render_config
+from bench.harness import chat_body, short_reason
+from bench.probe import count_chunks, probe
+from bench.processes import BenchProcessError
+from bench.report import Results, Row, render, verdicts
+from bench.upstream import Upstream, ask_body, completion_body, nginx_upstream, stream_body
+from bench.wrk import WrkResult, combine, parse_summary
+from gateway.config import parse_config
+from gateway.ndjson import NdjsonDecoder
+
+UP = Upstream(url="http://127.0.0.1:1", pid=0, sink_log=Path("/nonexistent"))
+
+
+def result(rps: float, p50: float = 1.0, errors: int = 0) -> WrkResult:
+    return WrkResult(requests=int(rps * 10), seconds=10.0, errors={"status": errors},
+                     p50_ms=p50, p90_ms=p50, p99_ms=p50 * 2, mean_ms=p50, max_ms=p50 * 3)
+
+
+def test_stream_body_is_ten_chunks_then_done() -> None:
+    chunks, done = count_chunks(stream_body())
+    assert (chunks, done) == (10, True)
+
+
+def test_completion_body_is_a_chat_completion() -> None:
+    data = orjson.loads(completion_body())
+    assert data["object"] == "chat.completion"
+    assert data["choices"][0]["message"]["content"]
+
+
+def test_ask_body_in_nuclia_order() -> None:
+    decoder = NdjsonDecoder()
+    items = [orjson.loads(line)["item"]["type"] for line in decoder.feed(ask_body())]
+    assert items == ["answer"] * 10 + ["retrieval", "status", "metadata"]
+
+
+@pytest.mark.parametrize("spec", [
+    GatewaySpec("core"), GatewaySpec("limits", limits=True),
+    GatewaySpec("redis", limits=True, redis=True), GatewaySpec("cache", cache=True),
+    GatewaySpec("sink", sink=True),
+])
+def test_every_variant_config_is_valid(spec: GatewaySpec, tmp_path: Path) -> None:
+    raw = render_config(spec, UP, redis_url="redis://127.0.0.1:1/0", workdir=tmp_path)
+    config = parse_config(orjson.dumps(raw).decode(), base_dir=tmp_path, env={})
+    assert {"bench-json", "bench-sse", "bench-nuclia"} <= set(config.models)
+    assert ("bench-cached" in config.models) is spec.cache
+    assert (config.redis_url is not None) is spec.redis
+    assert len(config.analytics.sinks) == (1 if spec.sink else 0)
+    if spec.limits:
+        assert config.teams["bench"].rpm and config.keys.static[0].rpm
+
+
+def test_unique_body_has_the_placeholder_and_is_json() -> None:
+    body = chat_body("bench-json", unique=True)
+    assert b"@N@" in body
+    data = orjson.loads(body.replace(b"@N@", b"1"))
+    assert data["temperature"] == 0 and "stream" not in data
+    assert orjson.loads(chat_body("m", stream=True))["stream"] is True
+
+
+def test_parse_wrk_summary() -> None:
+    out = ("Running 1s test\nBENCH_JSON {\"requests\":3000,\"duration_us\":1000000,"
+           "\"bytes\":9,\"errors\":{\"connect\":0,\"read\":0,\"write\":0,\"status\":2,"
+           "\"timeout\":0},\"latency_us\":{\"mean\":420.5,\"max\":9000,\"p50\":400,"
+           "\"p90\":600,\"p99\":1500,\"p999\":3000}}\n")
+    got = parse_summary(out)
+    assert got.rps == 3000 and got.p50_ms == 0.4 and got.p99_ms == 1.5
+    assert got.error_count == 2
+    with pytest.raises(BenchProcessError):
+        parse_summary("wrk: connection refused")
+
+
+def test_combine_sums_requests_and_time() -> None:
+    got = combine([result(1000, 1.0), result(3000, 3.0)])
+    assert got.rps == 2000 and got.p50_ms == 2.0
+
+
+def test_verdicts_pass_fail_and_missing() -> None:
+    res = Results()
+    res.add(Row("core-json-50", "core", 50, result(3500)))
+    res.add(Row("core-sse-50", "core stream", 50, result(1400)))
+    res.add(Row("core-json-1", "core", 1, result(2000, p50=0.45)))
+    res.add(Row("direct-json-1", "nginx", 1, result(20000, p50=0.05)))
+    res.add(Row("no-cache", "no cache", 50, result(2000)))
+    res.add(Row("cache-miss", "miss", 50, result(1950)))
+    res.add(Row("sink", "sink", 50, result(2000, errors=3)))
+    res.add(Row("no-sink", "no sink", 50, result(2000)))
+    res.add(Row("cache-hit", "hit", 50, skipped="ModuleNotFoundError: gateway.cache"))
+    res.rss_mb["idle"] = 70.0
+    by_name = {v.name.split(" >=")[0].split(" <=")[0]: v for v in verdicts(res)}
+    assert by_name["core non-stream @50"].passed is True
+    assert by_name["stream (10 chunks) @50"].passed is False
+    assert by_name["added p50 @1"].passed is True
+    assert by_name["idle RSS"].passed is True
+    assert by_name["cache miss cost"].passed is True
+    assert by_name["one webhook sink"].passed is None  # errors: not a valid measurement
+    assert by_name["cache hit"].passed is None
+    assert "ModuleNotFoundError" in by_name["cache hit"].why
+    table = render(res)
+    assert "3 ERRORS" in table and "PASS" in table and "FAIL" in table
+
+
+def test_short_reason_picks_the_exception_line() -> None:
+    exc = BenchProcessError("exited with status 3:\nTraceback\n  File x\n"
+                            "ModuleNotFoundError: No module named 'gateway.cache'\n"
+                            "ERROR:    Application startup failed. Exiting.")
+    assert short_reason(exc) == "ModuleNotFoundError: No module named 'gateway.cache'"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists(),
+                    reason="nginx is not installed")
+def test_nginx_serves_the_fixed_bodies(tmp_path: Path) -> None:
+    auth = f"Bearer {CLIENT_KEY}"
+    with nginx_upstream(tmp_path) as up:
+        body = chat_body("x")
+        assert probe(f"{up.json_base}/chat/completions", body, auth).note == ""
+        assert probe(f"{up.sse_base}/chat/completions", body, auth).note == "10 chunks/answer"
+        request = urllib.request.Request(f"{up.nuclia_base}/kb/bench/ask", data=body,
+                                         method="POST")
+        with urllib.request.urlopen(request, timeout=5) as reply:
+            assert reply.read() == ask_body()
+            assert reply.headers["content-type"] == "application/x-ndjson"
+        for path in ("/hook", "/v1/conversations"):
+            request = urllib.request.Request(up.url + path, data=b"{}", method="POST")
+            with urllib.request.urlopen(request, timeout=5) as reply:
+                assert reply.read() == b"{}"
+    assert not (tmp_path / "nginx" / "nginx.pid").exists()  # stopped
