@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from bench.processes import free_port, read_rss_mib, spawn, stop, wait_http
+from bench.processes import BenchProcessError, free_port, read_rss_mib, spawn, stop, wait_http
 from bench.upstream import KBID, Upstream
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,6 +39,9 @@ class GatewaySpec:
     redis: bool = False  # store on the throw-away redis-server instead of in-process
     cache: bool = False  # add the ``bench-cached`` model with the response cache on
     sink: bool = False  # one webhook analytics sink (nginx ``/hook``)
+    # the client uses a key made by ``gateway keys create`` in the variant's key store (the
+    # key file, or Redis) instead of the static key of the config
+    created_key: bool = False
 
 
 def render_config(spec: GatewaySpec, upstream: Upstream, *, redis_url: str | None,
@@ -91,6 +94,7 @@ class RunningGateway:
     url: str
     pid: int
     log: Path
+    authorization: str  # the client's Authorization header value
 
     @property
     def chat_url(self) -> str:
@@ -109,6 +113,20 @@ def gateway_env() -> dict[str, str]:
     return env
 
 
+def create_key(config: Path) -> str:
+    """A key with never-reached limits, made by ``gateway keys create`` in the config's store."""
+    argv = [sys.executable, "-m", "gateway", "keys", "create", "--team", TEAM, "--name",
+            "bench", "--rpm", str(HUGE), "--tpm", str(HUGE), "--max-concurrent", "100000",
+            "--config", str(config)]
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=gateway_env(),
+                          timeout=60, check=False)
+    lines = done.stdout.split()
+    if done.returncode != 0 or not lines:
+        reason = (done.stderr.strip().splitlines() or ["no key printed"])[-1]
+        raise BenchProcessError(f"gateway keys create failed ({done.returncode}): {reason}")
+    return lines[0]
+
+
 @contextmanager
 def gateway_process(spec: GatewaySpec, upstream: Upstream, *, redis_url: str | None,
                     workdir: Path) -> Iterator[RunningGateway]:
@@ -118,6 +136,7 @@ def gateway_process(spec: GatewaySpec, upstream: Upstream, *, redis_url: str | N
     config = home / "gateway.yaml"
     config.write_text(yaml.safe_dump(
         render_config(spec, upstream, redis_url=redis_url, workdir=home), sort_keys=False))
+    key = create_key(config) if spec.created_key else CLIENT_KEY
     port = free_port()
     log = home / "gateway.log"
     proc: subprocess.Popen[bytes] = spawn(
@@ -128,6 +147,7 @@ def gateway_process(spec: GatewaySpec, upstream: Upstream, *, redis_url: str | N
     try:
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/healthz", proc, log, timeout=30)
-        yield RunningGateway(spec=spec, url=url, pid=proc.pid, log=log)
+        yield RunningGateway(spec=spec, url=url, pid=proc.pid, log=log,
+                             authorization=f"Bearer {key}")
     finally:
         stop(proc, grace=10)

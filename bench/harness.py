@@ -55,6 +55,7 @@ class Target:
     body: bytes
     unique: bool = False
     notes: str = ""
+    authorization: str = AUTH
 
 
 class Bench:
@@ -101,11 +102,12 @@ class Bench:
     # -- measurements ----------------------------------------------------------------------
 
     def _load(self, target: Target, connections: int, seconds: int) -> WrkResult:
-        return run_wrk(Load(url=target.url, body=target.body, authorization=AUTH,
+        return run_wrk(Load(url=target.url, body=target.body,
+                            authorization=target.authorization,
                             connections=connections, seconds=seconds, unique=target.unique))
 
     def check(self, target: Target) -> Probe:
-        return probe(target.url, target.body, AUTH)
+        return probe(target.url, target.body, target.authorization)
 
     def measure(self, target: Target, connections: int) -> None:
         seen = self.check(target)
@@ -149,6 +151,11 @@ class Bench:
         if row is not None:
             notes = f"{row.notes}; {note}" if row.notes else note
             self.results.add(replace(row, notes=notes))
+
+    def invalidate(self, row_id: str, reason: str) -> None:
+        row = self.results.rows.get(row_id)
+        if row is not None:
+            self.results.add(replace(row, invalid=reason))
 
     def skip(self, row_ids: list[tuple[str, str, int]], reason: str) -> None:
         for row_id, label, connections in row_ids:

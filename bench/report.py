@@ -25,14 +25,16 @@ class Row:
     result: WrkResult | None = None
     notes: str = ""
     skipped: str | None = None
+    invalid: str | None = None  # it ran, but did not measure what it claims
 
     @property
     def ok(self) -> bool:
-        return self.result is not None and self.result.error_count == 0
+        return (self.result is not None and self.result.error_count == 0
+                and self.invalid is None)
 
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "label": self.label, "connections": self.connections,
-                "notes": self.notes, "skipped": self.skipped,
+                "notes": self.notes, "skipped": self.skipped, "invalid": self.invalid,
                 "result": self.result.as_dict() if self.result else None}
 
 
@@ -119,7 +121,7 @@ def verdicts(res: Results) -> list[Verdict]:
         got = check(res)
         if isinstance(got, str):
             row = res.rows.get(got)
-            why = (row.skipped or "errors during the run") if row else "not run"
+            why = (row.skipped or row.invalid or "errors during the run") if row else "not run"
             out.append(Verdict(name, "-", None, why))
         else:
             out.append(Verdict(name, got.value, got.passed))
@@ -147,6 +149,8 @@ def render(res: Results) -> str:
         notes = row.notes
         if r.error_count:
             notes = f"{r.error_count} ERRORS {r.errors}; {notes}"
+        if row.invalid:
+            notes = f"INVALID: {row.invalid}; {notes}"
         rows.append([row.label, f"{r.rps:,.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}", notes])
     parts = [_table(["variant", "req/s", "p50 ms", "p99 ms", "notes"], rows, {1, 2, 3})]
     if res.rss_mb:

@@ -40,20 +40,22 @@ def run_limits_memory(bench: Bench) -> None:
     body = chat_body("bench-json")
     with guarded(bench, rows):
         core = bench.core()
-        spec = GatewaySpec("limits-memory", limits=True)
+        spec = GatewaySpec("limits-memory", limits=True, created_key=True)
         with bench.gateway(spec) as gateway:
             bench.paired(Target(rows[0][0], rows[0][1], core.chat_url, body),
                          Target(rows[1][0], rows[1][1], gateway.chat_url, body,
-                                notes="key+team+model rpm/tpm, never reached"), 50)
+                                notes="created key; key+team+model rpm/tpm, never reached",
+                                authorization=gateway.authorization), 50)
 
 
 def run_limits_redis(bench: Bench) -> None:
     row = ("limits-redis", "keys+limits (redis)", 50)
     with guarded(bench, [row]):
-        spec = GatewaySpec("limits-redis", limits=True, redis=True)
+        spec = GatewaySpec("limits-redis", limits=True, redis=True, created_key=True)
         with bench.gateway(spec) as gateway:
             target = Target(row[0], row[1], gateway.chat_url, chat_body("bench-json"),
-                            notes="store on redis-server")
+                            notes="key created in redis; limits on redis",
+                            authorization=gateway.authorization)
             bench.measure(target, 50)
             keys = redis_keys(bench.redis_url())
             bench.annotate(row[0], f"{keys} redis keys after the run")
@@ -105,7 +107,10 @@ def run_sink(bench: Bench) -> None:
             bench.paired(Target(rows[0][0], rows[0][1], core.chat_url, body),
                          Target(rows[1][0], rows[1][1], gateway.chat_url, body,
                                 notes="outbox + delivery to nginx"), 50)
-            bench.annotate(rows[1][0], f"{settled_posts(bench) - before:,} sink POSTs")
+            posts = settled_posts(bench) - before
+            bench.annotate(rows[1][0], f"{posts:,} sink POSTs (incl. warm-up)")
+            if posts == 0:
+                bench.invalidate(rows[1][0], "the sink received nothing")
 
 
 def settled_posts(bench: Bench, timeout: float = 6.0) -> int:
