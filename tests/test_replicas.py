@@ -1,0 +1,170 @@
+"""Three real gateway processes (uvicorn) sharing one real Redis: limits stay exact and a
+revocation reaches every replica within one second."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.auth import create_key
+from gateway.config import load_config
+from gateway.stores.keys import RedisKeyStore
+from gateway.stores.redis_base import connect
+from gateway.testing.fake_inkeep import create_fake_inkeep_app
+from gateway.testing.redis_server import free_port
+from gateway.testing.server import run_server
+
+pytestmark = [pytest.mark.slow, pytest.mark.redis]
+pytest.importorskip("gateway.cache", reason="the gateway's components are not all in yet")
+
+UPSTREAM_KEY = "upstream-secret-replicas"
+N = 12
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[str]:
+    async with run_server(create_fake_inkeep_app(api_key=UPSTREAM_KEY)) as url:
+        yield url
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, redis_url: str, upstream: str) -> Path:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(textwrap.dedent(f"""
+        store: {redis_url}
+        server: {{log_json: true, log_level: warning}}
+        backends:
+          inkeep: {{kind: inkeep, base_url: {upstream}/v1, api_key: {UPSTREAM_KEY}}}
+        models:
+          qa: {{backend: inkeep, upstream_model: inkeep-qa}}
+    """))
+    return path
+
+
+@pytest.fixture
+def replicas(config_file: Path, tmp_path: Path) -> Iterator[list[str]]:
+    ports = [free_port() for _ in range(3)]
+    logs = [open(tmp_path / f"replica-{port}.log", "wb") for port in ports]  # noqa: SIM115
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(config_file),
+             "--port", str(port)],
+            stdout=subprocess.DEVNULL, stderr=log,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        for port, log in zip(ports, logs, strict=True)
+    ]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    try:
+        deadline = time.monotonic() + 20
+        for url, proc in zip(urls, procs, strict=True):
+            while True:
+                assert proc.poll() is None, (tmp_path / f"replica-{url[-5:]}.log")
+                try:
+                    if httpx.get(f"{url}/healthz", timeout=0.5).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, "a replica did not start"
+                time.sleep(0.05)
+        yield urls
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for log in logs:
+            log.close()
+
+
+async def _new_key(config_file: Path, **limits: int) -> tuple[str, RedisKeyStore, object]:
+    config = load_config(config_file)
+    assert config.redis_url is not None
+    ns = connect(config.redis_url, config.store_prefix)
+    store = RedisKeyStore(ns)
+    issued = await create_key(config, store, team="alpha", **limits)  # type: ignore[arg-type]
+    return issued.secret, store, ns
+
+
+def _body(max_tokens: int = 16) -> dict[str, object]:
+    return {"model": "qa", "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": "How do I rotate a key?"}]}
+
+
+async def test_burst_over_three_replicas_admits_exactly_n(
+    replicas: list[str], config_file: Path
+) -> None:
+    secret, store, ns = await _new_key(config_file, rpm=N)
+    headers = {"authorization": f"Bearer {secret}"}
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            async def one(i: int) -> httpx.Response:
+                return await client.post(f"{replicas[i % 3]}/v1/chat/completions",
+                                         json=_body(), headers=headers)
+
+            replies = await asyncio.gather(*(one(i) for i in range(4 * N)))
+        statuses = [r.status_code for r in replies]
+        assert statuses.count(200) == N, statuses
+        assert statuses.count(429) == 3 * N
+        refused = next(r for r in replies if r.status_code == 429)
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert int(refused.headers["retry-after"]) >= 1
+        admitted = next(r for r in replies if r.status_code == 200)
+        assert admitted.headers["x-ratelimit-limit-requests"] == str(N)
+    finally:
+        await ns.client.aclose()  # type: ignore[attr-defined]
+
+
+async def test_token_limit_holds_within_one_estimate(
+    replicas: list[str], config_file: Path
+) -> None:
+    tpm = 2000
+    secret, store, ns = await _new_key(config_file, tpm=tpm)
+    headers = {"authorization": f"Bearer {secret}"}
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            async def one(i: int) -> httpx.Response:
+                return await client.post(f"{replicas[i % 3]}/v1/chat/completions",
+                                         json=_body(max_tokens=200), headers=headers)
+
+            replies = await asyncio.gather(*(one(i) for i in range(30)))
+        used = sum(r.json()["usage"]["total_tokens"] for r in replies if r.status_code == 200)
+        admitted = sum(r.status_code == 200 for r in replies)
+        assert 0 < admitted < 30
+        estimate = 200 + 30  # max_tokens + a generous prompt estimate
+        assert used <= tpm + estimate
+    finally:
+        await ns.client.aclose()  # type: ignore[attr-defined]
+
+
+async def test_revocation_reaches_all_replicas_within_a_second(
+    replicas: list[str], config_file: Path
+) -> None:
+    secret, store, ns = await _new_key(config_file)
+    headers = {"authorization": f"Bearer {secret}"}
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            for url in replicas:
+                assert (await client.get(f"{url}/v1/models", headers=headers)).status_code == 200
+            key_id = secret[3:].partition("_")[0]
+            assert await store.revoke_key(key_id)
+            started = time.monotonic()
+            for url in replicas:
+                while (await client.get(f"{url}/v1/models", headers=headers)).status_code != 401:
+                    assert time.monotonic() - started < 1.0, url
+                    await asyncio.sleep(0.02)
+    finally:
+        await ns.client.aclose()  # type: ignore[attr-defined]
