@@ -53,7 +53,7 @@ def config_file(tmp_path: Path, redis_url: str, upstream: str) -> Path:
 @pytest.fixture
 def replicas(config_file: Path, tmp_path: Path) -> Iterator[list[str]]:
     ports = [free_port() for _ in range(3)]
-    logs = [open(tmp_path / f"replica-{port}.log", "wb") for port in ports]  # noqa: SIM115
+    logs = [open(tmp_path / f"replica-{port}.log", "wb") for port in ports]
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--config", str(config_file),
