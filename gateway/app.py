@@ -121,10 +121,17 @@ class FastPath:
         return self.app.state
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.paths:
-            await self.chat(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
+        if scope["type"] == "http":
+            path = scope["path"]
+            if scope["method"] == "POST" and path in self.paths:
+                await self.chat(scope, receive, send)
+                return
+            if path.startswith("/admin/") or path == "/admin":
+                admin = scope["state"]["gateway"].components.get("admin")
+                if admin is not None:
+                    await admin(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
@@ -163,6 +170,13 @@ async def assemble(
         message_ids=parts.message_ids,
     )
     stack.push_async_callback(pipeline.drain)
+    if config.server.admin_key and config.server.admin_key.get_secret_value():
+        from gateway.admin import admin_routes
+
+        parts.extra["admin"] = Starlette(
+            routes=admin_routes(config, parts.extra["key_store"], parts.extra["authority"]),
+            exception_handlers={HTTPException: _http_error, Exception: _server_error},
+        )
     log.info("gateway_ready", models=len(routes), backends=len(backends),
              store="redis" if config.redis_url else "memory")
     return GatewayState(

@@ -58,7 +58,8 @@ async def build_components(
 
     limit_store = make_limit_store(config, ns)
     fallback = make_limit_store(config, None) if ns is not None else None
-    limiter = Limiter(config, limit_store, fallback)
+    limiter = Limiter(config, limit_store, fallback,
+                      on_unavailable=metrics.store_unavailable.labels("limits").inc)
 
     cache = Cache(config, make_cache_store(config, ns))
 
