@@ -17,6 +17,7 @@ from gateway.testing.server import run_server
 
 CLIENT_KEY = "sk-test-client-key"
 OTHER_KEY = "sk-test-other-team"
+LIMITED_KEY = "sk-test-limited"
 UPSTREAM_KEY = "upstream-secret-do-not-leak"
 
 
@@ -60,6 +61,7 @@ def gateway_config(
           static:
             - {{id: test, team: alpha, sha256: "{sha(CLIENT_KEY)}"}}
             - {{id: other, team: beta, sha256: "{sha(OTHER_KEY)}", models: [qa]}}
+            - {{id: limited, team: gamma, sha256: "{sha(LIMITED_KEY)}", rpm: 2}}
     """) + textwrap.dedent(extra)
     return parse_config(text, base_dir=base_dir, env=env or {})
 

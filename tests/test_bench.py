@@ -20,7 +20,7 @@ from bench.wrk import WrkResult, combine, parse_summary
 from gateway.config import parse_config
 from gateway.ndjson import NdjsonDecoder
 
-UP = Upstream(url="http://127.0.0.1:1", pid=0, sink_log=Path("/nonexistent"))
+UP = Upstream(url="http://127.0.0.1:1", pid=0, logs=Path("/nonexistent"))
 
 
 def result(rps: float, p50: float = 1.0, errors: int = 0) -> WrkResult:

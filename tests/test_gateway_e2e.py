@@ -14,6 +14,7 @@ from gateway.testing.fake_inkeep import answer_text, create_fake_inkeep_app
 from gateway.testing.server import run_server
 from tests.gateway_fixtures import (
     CLIENT_KEY,
+    LIMITED_KEY,
     OTHER_KEY,
     UPSTREAM_KEY,
     async_client,
@@ -260,3 +261,19 @@ async def test_first_chunk_is_not_buffered(gateway: str) -> None:
                 first = loop.time() - started
         total = loop.time() - started
     assert first is not None and first < 0.5 and total > 0.9
+
+
+async def test_rate_limit_headers_and_sdk_retry(gateway: str) -> None:
+    async with async_client(gateway, key=LIMITED_KEY) as client:
+        first = await client.chat.completions.with_raw_response.create(model="qa", messages=USER)
+        assert first.headers["x-ratelimit-limit-requests"] == "2"
+        assert first.headers["x-ratelimit-remaining-requests"] == "1"
+        await client.chat.completions.create(model="qa", messages=USER)
+        with pytest.raises(openai.RateLimitError) as limited:
+            await client.chat.completions.create(model="qa", messages=USER)
+    error = limited.value
+    assert error.code == "rate_limit_exceeded" and "requests per minute" in error.message
+    retry_ms = int(error.response.headers["retry-after-ms"])
+    assert 0 < retry_ms <= 30_000 and int(error.response.headers["retry-after"]) >= 1
+    # GCRA: one request is admitted again after one emission interval (30 s at 2 rpm), and the
+    # SDK's own retry honours retry-after-ms; we check the header rather than waiting 30 s.
