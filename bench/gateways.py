@@ -3,7 +3,7 @@ subprocess (one worker) on a free port.
 
 Every config routes the same models to the fake upstream: ``bench-json`` (whole answers),
 ``bench-sse`` (streams), ``bench-nuclia`` (Nuclia ``/ask`` ndjson), plus ``bench-cached``
-(the JSON upstream with the response cache on) when the variant enables the cache.
+(the JSON body on a logged path, with the response cache on) when the variant enables the cache.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def render_config(spec: GatewaySpec, upstream: Upstream, *, redis_url: str | Non
     """The gateway config (as a mapping) for one variant."""
     backends: dict[str, Any] = {
         "json": {"kind": "openai", "base_url": upstream.json_base, "requires_key": False},
+        "cached": {"kind": "openai", "base_url": upstream.cached_base, "requires_key": False},
         "sse": {"kind": "openai", "base_url": upstream.sse_base, "requires_key": False},
         "nuclia": {"kind": "nuclia", "base_url": upstream.nuclia_base, "kbid": KBID,
                    "requires_key": False},
@@ -59,7 +60,7 @@ def render_config(spec: GatewaySpec, upstream: Upstream, *, redis_url: str | Non
         "bench-nuclia": {"backend": "nuclia"},
     }
     if spec.cache:
-        models["bench-cached"] = {"backend": "json", "upstream_model": "bench-upstream",
+        models["bench-cached"] = {"backend": "cached", "upstream_model": "bench-upstream",
                                   "cache": {"enabled": True, "ttl": 3600}}
     key: dict[str, Any] = {"id": "bench", "team": TEAM,
                            "sha256": hashlib.sha256(CLIENT_KEY.encode()).hexdigest()}

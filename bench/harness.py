@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from bench.cpu import CpuSample, cpu_window
 from bench.gateways import CLIENT_KEY, GatewaySpec, RunningGateway, gateway_process
 from bench.probe import Probe, probe
 from bench.processes import BenchProcessError
@@ -21,6 +22,7 @@ from bench.upstream import Upstream
 from bench.wrk import Load, WrkResult, combine, run_wrk
 
 AUTH = f"Bearer {CLIENT_KEY}"
+BUSY_CORES = 0.25  # other processes' load above which a row is flagged as disturbed
 _RAISED = re.compile(r"^[A-Za-z_.]*(Error|Exception|Exit)\b.*:")
 
 
@@ -53,6 +55,7 @@ class Target:
     label: str
     url: str
     body: bytes
+    server_pid: int  # the process doing the work (gateway, or nginx for direct rows)
     unique: bool = False
     notes: str = ""
     authorization: str = AUTH
@@ -101,10 +104,14 @@ class Bench:
 
     # -- measurements ----------------------------------------------------------------------
 
-    def _load(self, target: Target, connections: int, seconds: int) -> WrkResult:
-        return run_wrk(Load(url=target.url, body=target.body,
-                            authorization=target.authorization,
-                            connections=connections, seconds=seconds, unique=target.unique))
+    def _load(self, target: Target, connections: int,
+              seconds: int) -> tuple[WrkResult, CpuSample]:
+        load = Load(url=target.url, body=target.body, authorization=target.authorization,
+                    connections=connections, seconds=seconds, unique=target.unique)
+        with cpu_window(target.server_pid) as window:
+            result = run_wrk(load)
+        assert window.sample is not None
+        return result, window.sample
 
     def check(self, target: Target) -> Probe:
         return probe(target.url, target.body, target.authorization)
@@ -113,8 +120,8 @@ class Bench:
         seen = self.check(target)
         if self.timing.warmup:
             self._load(target, connections, self.timing.warmup)
-        result = self._load(target, connections, self.timing.seconds)
-        self._record(target, connections, result, seen)
+        result, cpu = self._load(target, connections, self.timing.seconds)
+        self._record(target, connections, result, cpu, seen)
 
     def paired(self, base: Target, variant: Target, connections: int) -> None:
         """Alternate A, B, A, B (`timing.rounds` times) so drift on a shared machine hits
@@ -123,27 +130,36 @@ class Bench:
         if self.timing.warmup:
             for target in (base, variant):
                 self._load(target, connections, self.timing.warmup)
-        runs: dict[str, list[WrkResult]] = {base.row_id: [], variant.row_id: []}
+        runs: dict[str, list[tuple[WrkResult, CpuSample]]] = {base.row_id: [],
+                                                               variant.row_id: []}
         for _ in range(self.timing.rounds):
             for target in (base, variant):
                 runs[target.row_id].append(
                     self._load(target, connections, self.timing.round_seconds))
         for target in (base, variant):
-            self._record(target, connections, combine(runs[target.row_id]),
+            done = runs[target.row_id]
+            cpu = done[0][1]
+            for _, more in done[1:]:
+                cpu = cpu + more
+            self._record(target, connections, combine([r for r, _ in done]), cpu,
                          seen[target.row_id], paired=True)
 
-    def _record(self, target: Target, connections: int, result: WrkResult, seen: Probe,
-                *, paired: bool = False) -> None:
-        notes = [f"@{connections}"]
+    def _record(self, target: Target, connections: int, result: WrkResult, cpu: CpuSample,
+                seen: Probe, *, paired: bool = False) -> None:
+        notes = [f"@{connections}", f"{cpu.us_per_request(result.requests):,.0f} µs CPU/req"]
+        if cpu.other_cores > BUSY_CORES:
+            notes.append(f"BUSY MACHINE: other load {cpu.other_cores:.2f} cores")
         if target.notes:
             notes.append(target.notes)
         if seen.note:
             notes.append(seen.note)
         if paired:
             notes.append(f"paired, {self.timing.rounds}x{self.timing.round_seconds}s")
-        self.results.add(Row(target.row_id, target.label, connections, result, "; ".join(notes)))
+        self.results.add(Row(target.row_id, target.label, connections, result,
+                             "; ".join(notes), cpu=cpu))
         print(f"  {target.label:<34} @{connections:<3} {result.rps:>9,.0f} req/s  "
-              f"p50 {result.p50_ms:.2f} ms  p99 {result.p99_ms:.2f} ms"
+              f"p50 {result.p50_ms:.2f} ms  p99 {result.p99_ms:.2f} ms  "
+              f"server {cpu.server_cores:.2f} cores, other {cpu.other_cores:.2f}"
               + (f"  ERRORS {result.errors}" if result.error_count else ""), flush=True)
 
     def annotate(self, row_id: str, note: str) -> None:
@@ -151,6 +167,11 @@ class Bench:
         if row is not None:
             notes = f"{row.notes}; {note}" if row.notes else note
             self.results.add(replace(row, notes=notes))
+
+    def requests(self, row_id: str) -> int:
+        """Requests completed in the measured runs of a row (0 if it did not run)."""
+        row = self.results.rows.get(row_id)
+        return row.result.requests if row is not None and row.result is not None else 0
 
     def invalidate(self, row_id: str, reason: str) -> None:
         row = self.results.rows.get(row_id)

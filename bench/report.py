@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from bench.cpu import CpuSample
 from bench.wrk import WrkResult
 
 
@@ -26,6 +27,7 @@ class Row:
     notes: str = ""
     skipped: str | None = None
     invalid: str | None = None  # it ran, but did not measure what it claims
+    cpu: CpuSample | None = None
 
     @property
     def ok(self) -> bool:
@@ -35,7 +37,10 @@ class Row:
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "label": self.label, "connections": self.connections,
                 "notes": self.notes, "skipped": self.skipped, "invalid": self.invalid,
-                "result": self.result.as_dict() if self.result else None}
+                "result": self.result.as_dict() if self.result else None,
+                "cpu": self.cpu.as_dict() if self.cpu else None,
+                "server_cpu_us_per_request": round(self.cpu.us_per_request(
+                    self.result.requests), 1) if self.cpu and self.result else None}
 
 
 @dataclass

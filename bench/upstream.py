@@ -3,7 +3,8 @@
 Paths (all ``POST``): ``/json/v1/chat/completions`` (one ``chat.completion``),
 ``/sse/v1/chat/completions`` (10 ``chat.completion.chunk`` events + ``[DONE]``),
 ``/api/v1/kb/bench/ask`` (Nuclia ndjson: 10 answer items, retrieval, status, metadata),
-``/hook`` and ``*/conversations`` (analytics sinks: 200 ``{}``).
+``/hook`` and ``*/conversations`` (analytics sinks: 200 ``{}``), and
+``/cached/v1/chat/completions`` (the JSON body again, logged: the calls a cache let through).
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class Upstream:
 
     url: str  # http://127.0.0.1:PORT
     pid: int
-    sink_log: Path
+    logs: Path  # the folder of the sink and cached-model access logs
 
     @property
     def json_base(self) -> str:
@@ -113,13 +114,25 @@ class Upstream:
     def hook(self) -> str:
         return f"{self.url}/hook"
 
+    @property
+    def cached_base(self) -> str:
+        return f"{self.url}/cached/v1"
+
     def sink_posts(self) -> int:
-        """How many POSTs the sink endpoints received (nginx flushes its log every second)."""
-        try:
-            with self.sink_log.open("rb") as log:
-                return sum(1 for _ in log)
-        except FileNotFoundError:
-            return 0
+        """How many POSTs the sink endpoints received (nginx flushes its logs every second)."""
+        return _lines(self.logs / "sink.log")
+
+    def cached_calls(self) -> int:
+        """How many calls for the cached model reached the upstream."""
+        return _lines(self.logs / "cached.log")
+
+
+def _lines(path: Path) -> int:
+    try:
+        with path.open("rb") as log:
+            return sum(1 for _ in log)
+    except FileNotFoundError:
+        return 0
 
 
 def render_conf(prefix: Path, port: int) -> str:
@@ -156,6 +169,6 @@ def nginx_upstream(workdir: Path) -> Iterator[Upstream]:
             wait_http(f"{url}/json/v1/chat/completions", proc, log, timeout=10)
         except BenchProcessError as exc:
             raise BenchProcessError(f"nginx: {exc}\n{tail(prefix / 'error.log')}") from exc
-        yield Upstream(url=url, pid=proc.pid, sink_log=prefix / "sink.log")
+        yield Upstream(url=url, pid=proc.pid, logs=prefix)
     finally:
         stop(proc)

@@ -7,6 +7,7 @@ alternating A/B pairs; absolute targets are single measurements at 50 connection
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from bench.gateways import GatewaySpec
 from bench.harness import Bench, Target, chat_body, guarded
@@ -23,12 +24,13 @@ def run_core(bench: Bench) -> None:
         body = chat_body(model, stream=stream)
         for connections in (1, 50):
             direct = Target(f"direct-{tag}-{connections}", f"nginx direct, {kind}",
-                            base + CHAT, body)
+                            base + CHAT, body, server_pid=up.pid)
             with guarded(bench, [(direct.row_id, direct.label, connections)]):
                 bench.measure(direct, connections)
             row = (f"core-{tag}-{connections}", f"core, {kind}", connections)
             with guarded(bench, [row]):
-                target = Target(row[0], row[1], bench.core().chat_url, body)
+                core = bench.core()
+                target = Target(row[0], row[1], core.chat_url, body, server_pid=core.pid)
                 bench.measure(target, connections)
     with guarded(bench, [("core-json-1", "core, non-stream", 1)]):
         bench.results.rss_mb["after_load"] = round(bench.core().rss_mib() * 1.048576, 1)
@@ -42,8 +44,10 @@ def run_limits_memory(bench: Bench) -> None:
         core = bench.core()
         spec = GatewaySpec("limits-memory", limits=True, created_key=True)
         with bench.gateway(spec) as gateway:
-            bench.paired(Target(rows[0][0], rows[0][1], core.chat_url, body),
+            bench.paired(Target(rows[0][0], rows[0][1], core.chat_url, body,
+                                server_pid=core.pid),
                          Target(rows[1][0], rows[1][1], gateway.chat_url, body,
+                                server_pid=gateway.pid,
                                 notes="created key; key+team+model rpm/tpm, never reached",
                                 authorization=gateway.authorization), 50)
 
@@ -54,7 +58,7 @@ def run_limits_redis(bench: Bench) -> None:
         spec = GatewaySpec("limits-redis", limits=True, redis=True, created_key=True)
         with bench.gateway(spec) as gateway:
             target = Target(row[0], row[1], gateway.chat_url, chat_body("bench-json"),
-                            notes="key created in redis; limits on redis",
+                            server_pid=gateway.pid, notes="key created in redis; limits on redis",
                             authorization=gateway.authorization)
             bench.measure(target, 50)
             keys = redis_keys(bench.redis_url())
@@ -76,11 +80,16 @@ def run_cache_hit(bench: Bench) -> None:
     with guarded(bench, [row]):
         with bench.gateway(GatewaySpec("cache-hit", cache=True)) as gateway:
             target = Target(row[0], row[1], gateway.chat_url, chat_body("bench-cached"),
-                            notes="one body: all hits after the first")
+                            server_pid=gateway.pid, notes="one body: all hits after the first")
+            before = bench.upstream.cached_calls()
             bench.measure(target, 50)
             seen = bench.check(target)
             if seen.cache:
                 bench.annotate(row[0], seen.cache)
+            calls = settled(bench.upstream.cached_calls) - before
+            bench.annotate(row[0], f"{calls:,} upstream calls")
+            if calls > max(10, bench.requests(row[0]) // 100):
+                bench.invalidate(row[0], "the cache let requests through to the upstream")
 
 
 def run_cache_miss(bench: Bench) -> None:
@@ -90,11 +99,16 @@ def run_cache_miss(bench: Bench) -> None:
         with bench.gateway(GatewaySpec("cache-miss", cache=True)) as gateway:
             bench.paired(
                 Target(rows[0][0], rows[0][1], gateway.chat_url,
-                       chat_body("bench-json", unique=True), unique=True,
+                       chat_body("bench-json", unique=True), server_pid=gateway.pid, unique=True,
                        notes="model without cache"),
                 Target(rows[1][0], rows[1][1], gateway.chat_url,
-                       chat_body("bench-cached", unique=True), unique=True,
+                       chat_body("bench-cached", unique=True), server_pid=gateway.pid,
+                       unique=True,
                        notes="lookup + store every answer"), 50)
+            calls = settled(bench.upstream.cached_calls)
+            bench.annotate(rows[1][0], f"{calls:,} upstream calls (incl. warm-up)")
+            if calls < bench.requests(rows[1][0]) * 0.99:
+                bench.invalidate(rows[1][0], "some requests were cache hits")
 
 
 def run_sink(bench: Bench) -> None:
@@ -104,32 +118,35 @@ def run_sink(bench: Bench) -> None:
         core = bench.core()
         with bench.gateway(GatewaySpec("sink", sink=True)) as gateway:
             before = bench.upstream.sink_posts()
-            bench.paired(Target(rows[0][0], rows[0][1], core.chat_url, body),
+            bench.paired(Target(rows[0][0], rows[0][1], core.chat_url, body,
+                                server_pid=core.pid),
                          Target(rows[1][0], rows[1][1], gateway.chat_url, body,
-                                notes="outbox + delivery to nginx"), 50)
-            posts = settled_posts(bench) - before
+                                server_pid=gateway.pid, notes="outbox + delivery to nginx"), 50)
+            posts = settled(bench.upstream.sink_posts) - before
             bench.annotate(rows[1][0], f"{posts:,} sink POSTs (incl. warm-up)")
             if posts == 0:
                 bench.invalidate(rows[1][0], "the sink received nothing")
 
 
-def settled_posts(bench: Bench, timeout: float = 6.0) -> int:
-    """The sink POST count once it stops growing (nginx flushes its log every second)."""
+def settled(count: Callable[[], int], timeout: float = 8.0) -> int:
+    """A logged count once it stops growing (nginx flushes its logs every second, and the
+    outbox may still be delivering)."""
     deadline = time.monotonic() + timeout
     last = -1
     while time.monotonic() < deadline:
         time.sleep(1.2)
-        now = bench.upstream.sink_posts()
+        now = count()
         if now == last:
             break
         last = now
-    return bench.upstream.sink_posts()
+    return count()
 
 
 def run_nuclia(bench: Bench) -> None:
     row = ("nuclia-stream", "nuclia stream (ndjson -> SSE)", 50)
     with guarded(bench, [row]):
-        target = Target(row[0], row[1], bench.core().chat_url,
-                        chat_body("bench-nuclia", stream=True),
+        core = bench.core()
+        target = Target(row[0], row[1], core.chat_url, chat_body("bench-nuclia", stream=True),
+                        server_pid=core.pid,
                         notes="10 answer items; req/s = answers/s")
         bench.measure(target, 50)

@@ -127,6 +127,7 @@ def test_nginx_serves_the_fixed_bodies(tmp_path: Path) -> None:
         body = chat_body("x")
         assert probe(f"{up.json_base}/chat/completions", body, auth).note == ""
         assert probe(f"{up.sse_base}/chat/completions", body, auth).note == "10 chunks/answer"
+        assert probe(f"{up.cached_base}/chat/completions", body, auth).note == ""
         request = urllib.request.Request(f"{up.nuclia_base}/kb/bench/ask", data=body,
                                          method="POST")
         with urllib.request.urlopen(request, timeout=5) as reply:
@@ -137,3 +138,18 @@ def test_nginx_serves_the_fixed_bodies(tmp_path: Path) -> None:
             with urllib.request.urlopen(request, timeout=5) as reply:
                 assert reply.read() == b"{}"
     assert not (tmp_path / "nginx" / "nginx.pid").exists()  # stopped
+
+
+def test_cpu_window_accounts_the_server_process() -> None:
+    import os
+
+    from bench.cpu import CpuSample, cpu_window
+
+    with cpu_window(os.getpid()) as window:
+        deadline = sum(range(300_000))  # burn a little CPU in "the server" (this process)
+    assert deadline > 0 and window.sample is not None
+    sample = window.sample
+    assert sample.server_s > 0 and sample.wall_s > 0
+    both = sample + CpuSample(1.0, 0.5, 0.1, 0.2)
+    assert both.wall_s == sample.wall_s + 1.0
+    assert both.us_per_request(1) == both.server_s * 1e6
