@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
+    # also when started with SIGINT ignored (`cmd &` in a script): Ctrl-C must clean up
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     timing = QUICK if args.quick else FULL
     selected = [v for v in VARIANTS if not args.only or v in args.only]
     stamp = time.strftime("%Y%m%d-%H%M%S")
