@@ -1,0 +1,230 @@
+"""The response cache: which requests may be answered from it, under which key, and single
+flight so that concurrent identical requests wait for the first instead of each calling the
+upstream (across replicas when the store is Redis).
+
+The key is a SHA-256 of everything that changes the answer: the backend and upstream model
+after routing, the model's Nuclia defaults, and the request body minus a deny-list of fields
+that do not (``stream``, ``stream_options``, ``user``, ``metadata``, ...). A deny-list rather
+than an allow-list: a new OpenAI parameter we do not know yet changes the key, which is the
+safe way to be wrong. Scope is per team by default (``cache.scope: global`` shares entries).
+
+The cache never fails a request: a store error is logged, counted and treated as a miss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import structlog
+
+from gateway.answer import Answer
+from gateway.backends.base import Route
+from gateway.config import CachePolicy, GatewayConfig
+from gateway.errors import GatewayError
+from gateway.stores.cache import CacheStore
+from gateway.wire import ChatRequest
+
+log = structlog.get_logger("gateway.cache")
+
+# Request fields that do not change the answer.
+IRRELEVANT = frozenset({
+    "model", "stream", "stream_options", "user", "metadata", "store", "service_tier",
+    "request_id", "prompt_cache_key", "safety_identifier",
+})
+_VERSION = 1
+_REPLAY_PIECE = 48  # characters per replayed chunk when the answer came in one piece
+
+
+@dataclass(slots=True)
+class CacheDecision:
+    key: str | None
+    read: bool
+    write: bool
+    ttl: float = 0.0
+    leader: bool = False  # set by `acquire`: this request holds the single-flight lock
+
+
+BYPASS = CacheDecision(None, False, False)
+
+
+@dataclass(frozen=True, slots=True)
+class CachedAnswer:
+    answer: Answer
+    created: float
+    age: float
+
+
+def cache_control(header: str | None) -> tuple[bool, bool]:
+    """(may read, may write) from the request's ``Cache-Control``."""
+    if not header:
+        return True, True
+    directives = {part.strip().split("=", 1)[0].lower() for part in header.split(",")}
+    if "no-store" in directives:
+        return False, False
+    if "no-cache" in directives:
+        return False, True
+    return True, True
+
+
+def cache_key(route: Route, body: dict[str, Any], scope: str) -> str:
+    relevant = {k: v for k, v in body.items() if k not in IRRELEVANT}
+    material = orjson.dumps(
+        {"v": _VERSION, "scope": scope, "backend": route.backend,
+         "upstream_model": route.upstream_model, "options": route.options, "body": relevant},
+        option=orjson.OPT_SORT_KEYS,
+    )
+    return hashlib.sha256(material).hexdigest()
+
+
+def encode_answer(answer: Answer, created: float) -> bytes:
+    return orjson.dumps({
+        "v": _VERSION, "created": created, "content": answer.content,
+        "reasoning": answer.reasoning,
+        "tool_calls": [answer.tool_calls[i] for i in sorted(answer.tool_calls)],
+        "finish_reason": answer.finish_reason, "usage": answer.usage,
+        "extensions": answer.extensions,
+    })
+
+
+def decode_answer(data: bytes) -> tuple[Answer, float] | None:
+    try:
+        raw = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(raw, dict) or raw.get("v") != _VERSION:
+        return None
+    content = list(raw.get("content") or [])
+    if len(content) == 1 and len(content[0]) > _REPLAY_PIECE:
+        content = split_text(content[0])  # made by a whole answer: replay as a real stream
+    answer = Answer(
+        content=content,
+        reasoning=list(raw.get("reasoning") or []),
+        tool_calls=dict(enumerate(raw.get("tool_calls") or [])),
+        finish_reason=raw.get("finish_reason"),
+        usage=raw.get("usage"),
+        extensions=dict(raw.get("extensions") or {}),
+    )
+    return answer, float(raw.get("created") or 0.0)
+
+
+def split_text(text: str, size: int = _REPLAY_PIECE) -> list[str]:
+    """Pieces of about `size` characters, cut after a space where one is near."""
+    pieces: list[str] = []
+    start = 0
+    while start < len(text):
+        end = min(start + size, len(text))
+        if end < len(text):
+            space = text.rfind(" ", start + size // 2, end)
+            if space != -1:
+                end = space + 1
+        pieces.append(text[start:end])
+        start = end
+    return pieces
+
+
+@dataclass(frozen=True, slots=True)
+class CacheHooks:
+    """Metric callbacks (the defaults count nothing)."""
+
+    stored_bytes: Callable[[int], None] = lambda n: None
+    store_error: Callable[[], None] = lambda: None
+
+
+class ResponseCache:
+    def __init__(self, config: GatewayConfig, store: CacheStore,
+                 hooks: CacheHooks | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.hooks = hooks or CacheHooks()
+        self._policies: dict[str, CachePolicy] = {
+            name: model.cache or config.cache.default for name, model in config.models.items()
+        }
+
+    def decide(self, route: Route, chat: ChatRequest, body: dict[str, Any], team: str,
+               cache_control_header: str | None) -> CacheDecision:
+        policy = self._policies.get(route.model, self.config.cache.default)
+        if not policy.enabled:
+            return BYPASS
+        if policy.deterministic_only and chat.temperature not in (None, 0):
+            return BYPASS
+        if (chat.n or 1) > 1:
+            return BYPASS
+        read, write = cache_control(cache_control_header)
+        if not (read or write):
+            return BYPASS
+        scope = "global" if self.config.cache.scope == "global" else f"team:{team}"
+        return CacheDecision(cache_key(route, body, scope), read, write, policy.ttl)
+
+    async def get(self, decision: CacheDecision) -> CachedAnswer | None:
+        if decision.key is None:
+            return None
+        try:
+            data = await self.store.get(decision.key)
+        except GatewayError as exc:
+            self._failed("get", exc)
+            return None
+        return self._cached(data)
+
+    def _cached(self, data: bytes | None) -> CachedAnswer | None:
+        if data is None:
+            return None
+        decoded = decode_answer(data)
+        if decoded is None:
+            return None
+        answer, created = decoded
+        return CachedAnswer(answer, created, max(0.0, time.time() - created))
+
+    async def acquire(self, decision: CacheDecision) -> CachedAnswer | None:
+        """Lead (lock, return None) or wait for the leader's answer (returned). A leader that
+        gives up wakes its waiters, and one of them leads next; after `lock_seconds` without
+        an answer the caller goes to the upstream itself (None)."""
+        if decision.key is None:
+            return None
+        lock_seconds = self.config.cache.lock_seconds
+        deadline = time.monotonic() + lock_seconds
+        try:
+            while True:
+                if await self.store.lock(decision.key, lock_seconds):
+                    decision.leader = True
+                    return None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                found = self._cached(await self.store.wait(decision.key, remaining))
+                if found is not None:
+                    return found
+        except GatewayError as exc:
+            self._failed("acquire", exc)
+            return None
+
+    async def put(self, decision: CacheDecision, answer: Answer) -> bool:
+        """Store a complete, successful answer (never an errored or truncated one)."""
+        if decision.key is None or not decision.write or not answer.finish_reason:
+            return False
+        data = encode_answer(answer, time.time())
+        try:
+            stored = await self.store.set(decision.key, data, decision.ttl)
+        except GatewayError as exc:
+            self._failed("put", exc)
+            return False
+        if stored:
+            self.hooks.stored_bytes(len(data))
+        return stored
+
+    async def release(self, decision: CacheDecision) -> None:
+        if decision.key is None or not decision.leader:
+            return
+        decision.leader = False
+        try:
+            await self.store.unlock(decision.key)
+        except GatewayError as exc:
+            self._failed("release", exc)
+
+    def _failed(self, operation: str, exc: GatewayError) -> None:
+        log.warning("cache_store_unavailable", operation=operation, error=exc.message)
+        self.hooks.store_error()

@@ -1,0 +1,184 @@
+"""Response cache storage: entries with a TTL, and short locks for single-flight requests.
+
+`MemoryCacheStore` (the embedded default) is an LRU bounded by total bytes whose waiters wake
+the moment a leader releases its lock; `RedisCacheStore` shares entries and locks across
+replicas (``SET PX`` / ``SET NX PX``), and waiters poll with a short backoff: a coalesced wait
+is rare and brief, and polling needs no subscription connection per waiter.
+Entry and lock of one key share a hash tag, so they live in one cluster slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Protocol
+
+import redis.exceptions
+
+from gateway.config import GatewayConfig
+from gateway.stores.redis_base import RedisNamespace, unavailable
+
+
+class CacheStore(Protocol):
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def set(self, key: str, value: bytes, ttl: float) -> bool:
+        """Store unless the value is over the entry bound; True when stored."""
+        ...
+
+    async def lock(self, key: str, ttl: float) -> bool:
+        """Become the one request computing `key` (single flight); False when taken."""
+        ...
+
+    async def unlock(self, key: str) -> None: ...
+
+    async def wait(self, key: str, within: float) -> bytes | None:
+        """Wait until the lock holder stores the entry (returned) or gives up (None)."""
+        ...
+
+
+class MemoryCacheStore:
+    def __init__(
+        self,
+        max_bytes: int,
+        max_entry_bytes: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        on_size: Callable[[int], None] | None = None,
+    ) -> None:
+        self.max_bytes = max_bytes
+        self.max_entry_bytes = max_entry_bytes
+        self.size = 0
+        self._clock = clock
+        self._on_size = on_size
+        self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        self._locks: dict[str, tuple[asyncio.Event, float]] = {}
+
+    async def get(self, key: str) -> bytes | None:
+        found = self._entries.get(key)
+        if found is None:
+            return None
+        value, expires = found
+        if expires <= self._clock():
+            self._drop(key)
+            return None
+        self._entries.move_to_end(key)
+        return value
+
+    async def set(self, key: str, value: bytes, ttl: float) -> bool:
+        if len(value) > self.max_entry_bytes or len(value) > self.max_bytes:
+            return False
+        if key in self._entries:
+            self._drop(key)
+        self._entries[key] = (value, self._clock() + ttl)
+        self.size += len(value)
+        while self.size > self.max_bytes:
+            oldest = next(iter(self._entries))
+            self._drop(oldest)
+        self._report()
+        return True
+
+    def _drop(self, key: str) -> None:
+        value, _ = self._entries.pop(key)
+        self.size -= len(value)
+        self._report()
+
+    def _report(self) -> None:
+        if self._on_size is not None:
+            self._on_size(self.size)
+
+    async def lock(self, key: str, ttl: float) -> bool:
+        held = self._locks.get(key)
+        if held is not None and held[1] > self._clock():
+            return False
+        self._locks[key] = (asyncio.Event(), self._clock() + ttl)
+        return True
+
+    async def unlock(self, key: str) -> None:
+        held = self._locks.pop(key, None)
+        if held is not None:
+            held[0].set()
+
+    async def wait(self, key: str, within: float) -> bytes | None:
+        held = self._locks.get(key)
+        if held is not None:
+            event, expires = held
+            remaining = min(within, expires - self._clock())
+            if remaining > 0:
+                try:
+                    await asyncio.wait_for(event.wait(), remaining)
+                except TimeoutError:
+                    return None
+        return await self.get(key)
+
+
+class RedisCacheStore:
+    def __init__(self, ns: RedisNamespace, max_entry_bytes: int) -> None:
+        self.ns = ns
+        self.max_entry_bytes = max_entry_bytes
+
+    def _keys(self, key: str) -> tuple[str, str]:
+        return self.ns.key(f"c:{key}", "v"), self.ns.key(f"c:{key}", "lock")
+
+    async def get(self, key: str) -> bytes | None:
+        try:
+            value = await self.ns.client.get(self._keys(key)[0])
+        except redis.exceptions.RedisError as exc:
+            raise unavailable(exc) from exc
+        return value if isinstance(value, bytes) else None
+
+    async def set(self, key: str, value: bytes, ttl: float) -> bool:
+        if len(value) > self.max_entry_bytes:
+            return False
+        try:
+            await self.ns.client.set(self._keys(key)[0], value, px=max(1, int(ttl * 1000)))
+        except redis.exceptions.RedisError as exc:
+            raise unavailable(exc) from exc
+        return True
+
+    async def lock(self, key: str, ttl: float) -> bool:
+        try:
+            taken = await self.ns.client.set(
+                self._keys(key)[1], b"1", nx=True, px=max(1, int(ttl * 1000)))
+        except redis.exceptions.RedisError as exc:
+            raise unavailable(exc) from exc
+        return bool(taken)
+
+    async def unlock(self, key: str) -> None:
+        try:
+            await self.ns.client.delete(self._keys(key)[1])
+        except redis.exceptions.RedisError as exc:
+            raise unavailable(exc) from exc
+
+    async def wait(self, key: str, within: float) -> bytes | None:
+        value_key, lock_key = self._keys(key)
+        deadline = time.monotonic() + within
+        delay = 0.005
+        while True:
+            try:
+                async with self.ns.client.pipeline(transaction=False) as pipe:
+                    pipe.get(value_key)
+                    pipe.exists(lock_key)
+                    value, locked = await pipe.execute()
+            except redis.exceptions.RedisError as exc:
+                raise unavailable(exc) from exc
+            if isinstance(value, bytes):
+                return value
+            remaining = deadline - time.monotonic()
+            if not locked or remaining <= 0:
+                return None
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.1)
+
+
+def make_cache_store(
+    config: GatewayConfig,
+    ns: RedisNamespace | None,
+    on_size: Callable[[int], None] | None = None,
+) -> CacheStore:
+    if ns is not None:
+        return RedisCacheStore(ns, config.cache.max_entry_bytes)
+    return MemoryCacheStore(config.cache.memory_max_bytes, config.cache.max_entry_bytes,
+                            on_size=on_size)
