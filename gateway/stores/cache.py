@@ -10,15 +10,27 @@ Entry and lock of one key share a hash tag, so they live in one cluster slot.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import redis.exceptions
 
 from gateway.config import GatewayConfig
 from gateway.stores.redis_base import RedisNamespace, unavailable
+
+POLL_MAX = 0.025  # longest pause between two polls of a waiter on Redis (see module docstring)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    entries: int | None  # None where the store cannot tell cheaply (Redis)
+    bytes: int | None
+    evictions: int = 0
+    refused: int = 0  # entries over `max_entry_bytes`
 
 
 class CacheStore(Protocol):
@@ -51,6 +63,8 @@ class MemoryCacheStore:
         self.max_bytes = max_bytes
         self.max_entry_bytes = max_entry_bytes
         self.size = 0
+        self.evictions = 0
+        self.refused = 0
         self._clock = clock
         self._on_size = on_size
         self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
@@ -69,6 +83,7 @@ class MemoryCacheStore:
 
     async def set(self, key: str, value: bytes, ttl: float) -> bool:
         if len(value) > self.max_entry_bytes or len(value) > self.max_bytes:
+            self.refused += 1
             return False
         if key in self._entries:
             self._drop(key)
@@ -77,6 +92,7 @@ class MemoryCacheStore:
         while self.size > self.max_bytes:
             oldest = next(iter(self._entries))
             self._drop(oldest)
+            self.evictions += 1
         self._report()
         return True
 
@@ -113,11 +129,16 @@ class MemoryCacheStore:
                     return None
         return await self.get(key)
 
+    def stats(self) -> CacheStats:
+        return CacheStats(len(self._entries), self.size, self.evictions, self.refused)
+
 
 class RedisCacheStore:
     def __init__(self, ns: RedisNamespace, max_entry_bytes: int) -> None:
         self.ns = ns
         self.max_entry_bytes = max_entry_bytes
+        self.refused = 0
+        self._token = os.urandom(8).hex()  # this process's locks, so it frees only its own
 
     def _keys(self, key: str) -> tuple[str, str]:
         return self.ns.key(f"c:{key}", "v"), self.ns.key(f"c:{key}", "lock")
@@ -131,6 +152,7 @@ class RedisCacheStore:
 
     async def set(self, key: str, value: bytes, ttl: float) -> bool:
         if len(value) > self.max_entry_bytes:
+            self.refused += 1
             return False
         try:
             await self.ns.client.set(self._keys(key)[0], value, px=max(1, int(ttl * 1000)))
@@ -141,14 +163,14 @@ class RedisCacheStore:
     async def lock(self, key: str, ttl: float) -> bool:
         try:
             taken = await self.ns.client.set(
-                self._keys(key)[1], b"1", nx=True, px=max(1, int(ttl * 1000)))
+                self._keys(key)[1], self._token, nx=True, px=max(1, int(ttl * 1000)))
         except redis.exceptions.RedisError as exc:
             raise unavailable(exc) from exc
         return bool(taken)
 
     async def unlock(self, key: str) -> None:
         try:
-            await self.ns.client.delete(self._keys(key)[1])
+            await self.ns.script("cache_unlock")(keys=[self._keys(key)[1]], args=[self._token])
         except redis.exceptions.RedisError as exc:
             raise unavailable(exc) from exc
 
@@ -170,7 +192,10 @@ class RedisCacheStore:
             if not locked or remaining <= 0:
                 return None
             await asyncio.sleep(min(delay, remaining))
-            delay = min(delay * 2, 0.1)
+            delay = min(delay * 2, POLL_MAX)
+
+    def stats(self) -> CacheStats:
+        return CacheStats(None, None, 0, self.refused)
 
 
 def make_cache_store(

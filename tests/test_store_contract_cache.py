@@ -1,0 +1,167 @@
+"""One contract suite for `CacheStore`, run against the in-process and the Redis store."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from gateway.errors import ServiceUnavailable
+from gateway.stores.cache import CacheStore, MemoryCacheStore, RedisCacheStore
+from gateway.stores.redis_base import connect
+
+MAX_ENTRY = 1000
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[CacheStore]:
+    if request.param == "memory":
+        yield MemoryCacheStore(100_000, MAX_ENTRY)
+        return
+    url = request.getfixturevalue("redis_proc").url
+    ns = connect(url, "test")
+    await ns.client.flushall()
+    try:
+        yield RedisCacheStore(ns, MAX_ENTRY)
+    finally:
+        await ns.client.aclose()
+
+
+async def test_get_set_and_overwrite(store: CacheStore) -> None:
+    assert await store.get("a") is None
+    assert await store.set("a", b"one", 10)
+    assert await store.get("a") == b"one"
+    assert await store.set("a", b"two", 10)
+    assert await store.get("a") == b"two"
+
+
+async def test_entries_expire_after_their_ttl(store: CacheStore) -> None:
+    assert await store.set("short", b"x", 0.05)
+    assert await store.set("long", b"y", 10)
+    await asyncio.sleep(0.1)
+    assert await store.get("short") is None
+    assert await store.get("long") == b"y"
+
+
+async def test_oversize_entries_are_refused(store: CacheStore) -> None:
+    assert not await store.set("big", b"x" * (MAX_ENTRY + 1), 10)
+    assert await store.get("big") is None
+    assert await store.set("fits", b"x" * MAX_ENTRY, 10)
+    assert store.stats().refused == 1
+
+
+async def test_lock_is_exclusive_until_unlocked_or_expired(store: CacheStore) -> None:
+    assert await store.lock("k", 10)
+    assert not await store.lock("k", 10)
+    await store.unlock("k")
+    assert await store.lock("k", 0.05)
+    await asyncio.sleep(0.1)
+    assert await store.lock("k", 10)  # the first holder's lock expired
+
+
+async def test_unlock_without_a_lock_is_harmless(store: CacheStore) -> None:
+    await store.unlock("nobody")
+    assert await store.lock("nobody", 10)
+
+
+async def test_wait_without_a_lock_returns_at_once(store: CacheStore) -> None:
+    started = time.monotonic()
+    assert await store.wait("k", 5) is None
+    await store.set("k", b"v", 10)
+    assert await store.wait("k", 5) == b"v"
+    assert time.monotonic() - started < 0.5
+
+
+async def test_waiter_wakes_when_the_leader_stores(store: CacheStore) -> None:
+    assert await store.lock("k", 10)
+
+    async def leader() -> None:
+        await asyncio.sleep(0.1)
+        await store.set("k", b"answer", 10)
+        await store.unlock("k")
+
+    started = time.monotonic()
+    task = asyncio.create_task(leader())
+    assert await store.wait("k", 5) == b"answer"
+    assert time.monotonic() - started < 0.3
+    await task
+
+
+async def test_waiter_wakes_when_the_leader_gives_up(store: CacheStore) -> None:
+    assert await store.lock("k", 10)
+
+    async def leader() -> None:
+        await asyncio.sleep(0.1)
+        await store.unlock("k")
+
+    started = time.monotonic()
+    task = asyncio.create_task(leader())
+    assert await store.wait("k", 5) is None
+    assert time.monotonic() - started < 0.3
+    await task
+    assert await store.lock("k", 10)  # and one waiter can lead next
+
+
+async def test_wait_is_bounded_by_the_timeout_and_the_lock_ttl(store: CacheStore) -> None:
+    assert await store.lock("k", 10)
+    started = time.monotonic()
+    assert await store.wait("k", 0.1) is None
+    assert 0.09 <= time.monotonic() - started < 0.4
+    assert await store.lock("other", 0.1)
+    started = time.monotonic()
+    assert await store.wait("other", 5) is None  # the leader died: its lock expires
+    assert time.monotonic() - started < 0.5
+
+
+def test_memory_store_evicts_least_recently_used_by_bytes() -> None:
+    async def scenario() -> None:
+        sizes: list[int] = []
+        store = MemoryCacheStore(300, 200, on_size=sizes.append)
+        await store.set("a", b"a" * 100, 10)
+        await store.set("b", b"b" * 100, 10)
+        await store.set("c", b"c" * 100, 10)
+        assert await store.get("a") is not None  # a is now the most recently used
+        await store.set("d", b"d" * 150, 10)  # 450 bytes: b then c must go
+        assert await store.get("b") is None
+        assert await store.get("c") is None
+        assert await store.get("a") is not None
+        assert await store.get("d") is not None
+        stats = store.stats()
+        assert (stats.entries, stats.bytes, stats.evictions) == (2, 250, 2)
+        assert sizes[-1] == 250
+        await store.set("a", b"A" * 10, 10)  # overwrite counts the new size only
+        assert store.stats().bytes == 160
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.redis
+async def test_redis_store_frees_only_its_own_lock(redis_url: str) -> None:
+    one, two = connect(redis_url, "test"), connect(redis_url, "test")
+    try:
+        first, second = RedisCacheStore(one, MAX_ENTRY), RedisCacheStore(two, MAX_ENTRY)
+        assert await first.lock("k", 0.05)
+        await asyncio.sleep(0.1)  # first's lock expired; the second replica leads now
+        assert await second.lock("k", 10)
+        await first.unlock("k")  # a late release must not free the second's lock
+        assert not await first.lock("k", 10)
+        await second.unlock("k")
+        assert await first.lock("k", 10)
+    finally:
+        await one.client.aclose()
+        await two.client.aclose()
+
+
+@pytest.mark.redis
+async def test_redis_errors_are_translated(redis_url: str) -> None:
+    ns = connect("redis://127.0.0.1:1/0", "test")
+    store = RedisCacheStore(ns, MAX_ENTRY)
+    try:
+        for call in (store.get("k"), store.set("k", b"v", 1), store.lock("k", 1),
+                     store.unlock("k"), store.wait("k", 1)):
+            with pytest.raises(ServiceUnavailable):
+                await call
+    finally:
+        await ns.client.aclose()
