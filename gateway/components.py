@@ -34,6 +34,7 @@ async def build_components(
     config: GatewayConfig, stack: AsyncExitStack, metrics: Metrics
 ) -> Components:
     from gateway.auth import KeyAuthority
+    from gateway.cache import CacheHooks
     from gateway.cache import ResponseCache as Cache
     from gateway.limits import Limiter
     from gateway.stores.cache import make_cache_store
@@ -61,7 +62,12 @@ async def build_components(
     limiter = Limiter(config, limit_store, fallback,
                       on_unavailable=metrics.store_unavailable.labels("limits").inc)
 
-    cache = Cache(config, make_cache_store(config, ns))
+    cache = Cache(
+        config,
+        make_cache_store(config, ns, on_size=metrics.cache_bytes.set),
+        CacheHooks(stored_bytes=metrics.cache_stored.inc,
+                   store_error=metrics.store_unavailable.labels("cache").inc),
+    )
 
     extra: dict[str, Any] = {"redis": ns, "key_store": key_store, "authority": authority,
                              "limit_store": limit_store}

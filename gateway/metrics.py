@@ -54,6 +54,8 @@ class Metrics:
         self.cache_bytes = Gauge(
             "gateway_cache_bytes", "Bytes held by the in-process response cache", registry=r,
             multiprocess_mode="livesum")
+        self.cache_stored = Counter(
+            "gateway_cache_stored_bytes", "Bytes written to the response cache", registry=r)
         self.outbox_depth = Gauge(
             "gateway_outbox_depth", "Records waiting in the analytics outbox", ["sink"], registry=r,
             multiprocess_mode="max")

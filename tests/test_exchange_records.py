@@ -13,8 +13,13 @@ import pytest
 from gateway.exchange import ExchangeRecord
 from gateway.testing.fake_inkeep import answer_text, create_fake_inkeep_app
 from gateway.testing.server import run_server
-from tests.gateway_fixtures import CLIENT_KEY, UPSTREAM_KEY, async_client, gateway_config, \
-    serve_gateway
+from tests.gateway_fixtures import (
+    CLIENT_KEY,
+    UPSTREAM_KEY,
+    async_client,
+    gateway_config,
+    serve_gateway,
+)
 
 
 class Recorder:

@@ -50,6 +50,8 @@ class CacheStore(Protocol):
         """Wait until the lock holder stores the entry (returned) or gives up (None)."""
         ...
 
+    def stats(self) -> CacheStats: ...
+
 
 class MemoryCacheStore:
     def __init__(
