@@ -1,160 +1,279 @@
-"""Cache keys, policy decisions and single flight (memory and across Redis clients)."""
+"""ResponseCache: canonical keys, policy decisions, serialisation and single flight."""
 
 from __future__ import annotations
 
 import asyncio
-import textwrap
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
+from structlog.testing import capture_logs
 
 from gateway.answer import Answer
 from gateway.backends.base import Route
-from gateway.cache import ResponseCache, cache_control, decode_answer, encode_answer, split_text
-from gateway.config import GatewayConfig, parse_config
-from gateway.stores.cache import MemoryCacheStore, RedisCacheStore
-from gateway.stores.redis_base import RedisNamespace
+from gateway.cache import CacheHooks, ResponseCache, decode_answer, encode_answer
+from gateway.config import GatewayConfig
+from gateway.stores.cache import CacheStore, MemoryCacheStore, RedisCacheStore
+from gateway.stores.redis_base import RedisNamespace, connect
 from gateway.wire import ChatRequest
 
-ROUTE = Route("docs", "inkeep", "inkeep-qa")
-MESSAGES = [{"role": "user", "content": "How do I rotate a key?"}]
+ROUTE = Route("docs", "inkeep", "inkeep-qa", {})
 
 
-def config(extra: str = "") -> GatewayConfig:
-    return parse_config(textwrap.dedent("""
-        backends:
-          inkeep: {kind: inkeep, base_url: "http://127.0.0.1:1/v1", requires_key: false}
-        models:
-          docs: {backend: inkeep, upstream_model: inkeep-qa, cache: {enabled: true, ttl: 60}}
-          plain: {backend: inkeep}
-        cache: {lock_seconds: 2}
-    """) + textwrap.dedent(extra), env={})
+def make_config(**cache: Any) -> GatewayConfig:
+    return GatewayConfig.model_validate({
+        "backends": {"inkeep": {"kind": "inkeep", "base_url": "http://upstream"}},
+        "models": {
+            "docs": {"backend": "inkeep", "cache": {"enabled": True, "ttl": 60}},
+            "chat": {"backend": "inkeep"},
+            "free": {"backend": "inkeep",
+                     "cache": {"enabled": True, "deterministic_only": False}},
+        },
+        "cache": {"lock_seconds": 2.0, **cache},
+    })
 
 
-def decide(cache: ResponseCache, body: dict[str, Any], team: str = "a",
+def body(**extra: Any) -> dict[str, Any]:
+    return {"model": "docs", "messages": [{"role": "user", "content": "How?"}], **extra}
+
+
+def decide(cache: ResponseCache, raw: dict[str, Any], *, team: str = "t1",
            header: str | None = None, route: Route = ROUTE) -> Any:
-    return cache.decide(route, ChatRequest.model_validate(body), body, team, header)
+    return cache.decide(route, ChatRequest.model_validate(raw), raw, team, header)
 
 
-def answer(text: str = "The answer.") -> Answer:
-    result = Answer(content=[text[:4], text[4:]], finish_reason="stop",
-                    usage={"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7})
-    return result
+def answer(text: str = "Hello there, world") -> Answer:
+    return Answer(content=[text[:5], text[5:]], finish_reason="stop",
+                  usage={"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7})
 
 
-def test_key_ignores_what_does_not_change_the_answer() -> None:
-    cache = ResponseCache(config(), MemoryCacheStore(1 << 20, 1 << 16))
-    base = {"model": "docs", "messages": MESSAGES}
-    key = decide(cache, base).key
-    assert key is not None
-    assert decide(cache, {**base, "stream": True, "user": "u",
-                          "stream_options": {"include_usage": True}}).key == key
-    assert decide(cache, {"messages": MESSAGES, "model": "docs"}).key == key  # order
-    assert decide(cache, {**base, "max_tokens": 10}).key != key
-    assert decide(cache, {**base, "tools": [{"type": "function"}]}).key != key
-    assert decide(cache, {**base, "nuclia": {"top_k": 3}}).key != key
-    assert decide(cache, {**base, "a_new_openai_param": 1}).key != key
-    assert decide(cache, base, team="b").key != key
+@pytest.fixture
+def cache() -> ResponseCache:
+    config = make_config()
+    return ResponseCache(config, MemoryCacheStore(10_000, 5_000))
 
 
-def test_global_scope_shares_between_teams() -> None:
-    cache = ResponseCache(config("cache: {scope: global}"), MemoryCacheStore(1 << 20, 1 << 16))
-    body = {"model": "docs", "messages": MESSAGES}
-    assert decide(cache, body, team="a").key == decide(cache, body, team="b").key
+# -- keys -------------------------------------------------------------------------------------
+
+def test_key_ignores_field_order_stream_user_and_metadata(cache: ResponseCache) -> None:
+    base = decide(cache, body(temperature=0, max_tokens=50)).key
+    reordered = {"max_tokens": 50, "temperature": 0, **body()}
+    assert decide(cache, reordered).key == base
+    noise = body(temperature=0, max_tokens=50, stream=True, user="u-42",
+                 stream_options={"include_usage": True}, metadata={"req": "1"})
+    assert decide(cache, noise).key == base
 
 
-def test_policy_decisions() -> None:
-    cache = ResponseCache(config(), MemoryCacheStore(1 << 20, 1 << 16))
-    body = {"model": "docs", "messages": MESSAGES}
-    hit = decide(cache, body)
-    assert (hit.read, hit.write) == (True, True)
-    assert decide(cache, {**body, "temperature": 0}).key is not None
-    assert decide(cache, {**body, "temperature": 0.7}).key is None  # not deterministic
-    assert decide(cache, {**body, "n": 2}).key is None
-    refresh = decide(cache, body, header="no-cache")
-    assert (refresh.read, refresh.write) == (False, True) and refresh.key == hit.key
-    assert decide(cache, body, header="no-store").key is None
-    plain = Route("plain", "inkeep", "plain")
-    assert decide(cache, {"model": "plain", "messages": MESSAGES}, route=plain).key is None
-    assert cache_control("max-age=0, No-Store") == (False, False)
+@pytest.mark.parametrize("change", [
+    {"temperature": 0.0, "max_tokens": 51},
+    {"seed": 7},
+    {"tools": [{"type": "function", "function": {"name": "f"}}]},
+    {"response_format": {"type": "json_object"}},
+    {"nuclia": {"rag_strategies": [{"name": "hierarchy"}]}},
+    {"a_parameter_openai_adds_next_year": True},
+    {"messages": [{"role": "user", "content": "Why?"}]},
+])
+def test_key_changes_with_what_changes_the_answer(cache: ResponseCache,
+                                                  change: dict[str, Any]) -> None:
+    assert decide(cache, body(**change)).key != decide(cache, body()).key
 
 
-def test_answer_round_trip_and_replay_pieces() -> None:
-    original = answer()
-    original.extensions["nuclia"] = {"status": "success"}
-    decoded = decode_answer(encode_answer(original, 123.0))
+def test_key_changes_with_temperature_route_and_options() -> None:
+    cache = ResponseCache(make_config(), MemoryCacheStore(10_000, 5_000))
+    free = Route("free", "inkeep", "inkeep-qa", {})
+    assert decide(cache, body(temperature=0.2), route=free).key != \
+        decide(cache, body(temperature=0.7), route=free).key
+    other_upstream = Route("docs", "inkeep", "inkeep-rag", {})
+    assert decide(cache, body(), route=other_upstream).key != decide(cache, body()).key
+    with_options = Route("docs", "inkeep", "inkeep-qa", {"generative_model": "x"})
+    assert decide(cache, body(), route=with_options).key != decide(cache, body()).key
+
+
+def test_scope_team_by_default_global_when_configured() -> None:
+    team = ResponseCache(make_config(), MemoryCacheStore(10_000, 5_000))
+    assert decide(team, body(), team="a").key != decide(team, body(), team="b").key
+    shared = ResponseCache(make_config(scope="global"), MemoryCacheStore(10_000, 5_000))
+    assert decide(shared, body(), team="a").key == decide(shared, body(), team="b").key
+
+
+# -- policy -----------------------------------------------------------------------------------
+
+def test_policy_decisions(cache: ResponseCache) -> None:
+    plain = decide(cache, body())
+    assert (plain.read, plain.write, plain.ttl) == (True, True, 60)
+    refresh = decide(cache, body(), header="no-cache")
+    assert (refresh.read, refresh.write) == (False, True) and refresh.key == plain.key
+    no_store = decide(cache, body(), header="max-age=0, No-Store")
+    assert (no_store.key, no_store.read, no_store.write) == (None, False, False)
+    assert decide(cache, body(temperature=0.5)).key is None  # not deterministic
+    assert decide(cache, body(temperature=0)).read
+    assert decide(cache, body(n=2)).key is None
+    disabled = decide(cache, body(model="chat"), route=Route("chat", "inkeep", "x"))
+    assert disabled.key is None  # no per-model policy and the default is off
+    free = decide(cache, body(temperature=0.9), route=Route("free", "inkeep", "x"))
+    assert free.read and free.write
+
+
+def test_default_policy_applies_to_models_without_one() -> None:
+    config = make_config(default={"enabled": True, "ttl": 5})
+    cache = ResponseCache(config, MemoryCacheStore(10_000, 5_000))
+    decision = decide(cache, body(model="chat"), route=Route("chat", "inkeep", "x"))
+    assert decision.read and decision.ttl == 5
+
+
+# -- entries ----------------------------------------------------------------------------------
+
+def test_answers_round_trip_with_their_chunk_boundaries() -> None:
+    original = Answer(content=["Hel", "lo", " world"], reasoning=["think"],
+                      tool_calls={0: {"id": "c1", "type": "function",
+                                      "function": {"name": "f", "arguments": "{}"}}},
+                      finish_reason="tool_calls", usage={"total_tokens": 9},
+                      extensions={"citations": [{"id": 1}]})
+    decoded = decode_answer(encode_answer(original, 1000.0))
     assert decoded is not None
     restored, created = decoded
-    assert created == 123.0 and restored.content == original.content
-    assert restored.usage == original.usage and restored.extensions == original.extensions
-    long = " ".join(["word"] * 100)
-    whole = decode_answer(encode_answer(Answer(content=[long], finish_reason="stop"), 1.0))
-    assert whole is not None and len(whole[0].content) > 5
-    assert "".join(whole[0].content) == long
-    assert "".join(split_text(long, 10)) == long
+    assert created == 1000.0
+    assert restored.content == original.content
+    assert (restored.reasoning, restored.tool_calls, restored.finish_reason, restored.usage,
+            restored.extensions) == (original.reasoning, original.tool_calls, "tool_calls",
+                                     original.usage, original.extensions)
+    assert decode_answer(b"not json") is None
 
 
-async def test_put_refuses_unfinished_answers() -> None:
-    cache = ResponseCache(config(), MemoryCacheStore(1 << 20, 1 << 16))
-    decision = decide(cache, {"model": "docs", "messages": MESSAGES})
-    assert not await cache.put(decision, Answer(content=["cut"]))
+def test_a_whole_answer_replays_as_several_chunks() -> None:
+    text = "A long answer made in one piece by a non-streamed request. " * 4
+    decoded = decode_answer(encode_answer(Answer(content=[text], finish_reason="stop"), 1.0))
+    assert decoded is not None
+    pieces = decoded[0].content
+    assert len(pieces) > 3 and "".join(pieces) == text
+    chunks = decoded[0].replay_chunks("id", "docs", 1, include_usage=False, pieces=None)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == text
+
+
+async def test_put_get_hit_with_age(cache: ResponseCache) -> None:
+    stored: list[int] = []
+    cache.hooks = CacheHooks(stored_bytes=stored.append)
+    decision = decide(cache, body())
     assert await cache.get(decision) is None
     assert await cache.put(decision, answer())
     hit = await cache.get(decision)
-    assert hit is not None and hit.answer.text == "The answer." and hit.age < 5
+    assert hit is not None
+    assert hit.answer.content == ["Hello", " there, world"]
+    assert 0 <= hit.age < 1 and abs(hit.created - time.time()) < 1
+    assert stored and stored[0] > 0
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def test_put_refuses_unfinished_oversize_and_unwritable(cache: ResponseCache) -> None:
+    decision = decide(cache, body())
+    assert not await cache.put(decision, Answer(content=["cut"]))  # no finish_reason
+    assert not await cache.put(decision, answer("x" * 6_000))  # over max_entry_bytes
+    assert not await cache.put(decide(cache, body(), header="no-store"), answer())
+    assert await cache.get(decision) is None
+
+
+# -- single flight ----------------------------------------------------------------------------
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis),
+                        pytest.param("two-replicas", marks=pytest.mark.redis)])
 async def caches(request: pytest.FixtureRequest) -> AsyncIterator[list[ResponseCache]]:
-    """Two caches on one store: two replicas when it is Redis (separate clients)."""
-    cfg = config()
+    config = make_config()
     if request.param == "memory":
-        store = MemoryCacheStore(1 << 20, 1 << 16)
-        yield [ResponseCache(cfg, store), ResponseCache(cfg, store)]
+        store = MemoryCacheStore(100_000, 50_000)
+        yield [ResponseCache(config, store)]
         return
-    url = request.getfixturevalue("redis_proc").url  # async fixtures cannot be requested here
-    clients = [aioredis.Redis.from_url(url) for _ in range(2)]
-    await clients[0].flushall()
-    yield [ResponseCache(cfg, RedisCacheStore(RedisNamespace(c, "t"), 1 << 16))
-           for c in clients]
-    for client in clients:
-        await client.aclose()
+    url = request.getfixturevalue("redis_proc").url
+    namespaces: list[RedisNamespace] = [connect(url, "test")]
+    await namespaces[0].client.flushall()
+    if request.param == "two-replicas":
+        namespaces.append(connect(url, "test"))
+    stores: list[CacheStore] = [RedisCacheStore(ns, 50_000) for ns in namespaces]
+    try:
+        yield [ResponseCache(config, store) for store in stores]
+    finally:
+        for ns in namespaces:
+            await ns.client.aclose()
 
 
-async def test_single_flight_one_leader_nineteen_coalesced(caches: list[ResponseCache]) -> None:
-    body = {"model": "docs", "messages": MESSAGES}
+async def test_twenty_identical_requests_make_one_leader(caches: list[ResponseCache]) -> None:
     upstream_calls = 0
 
-    async def request(cache: ResponseCache) -> str:
+    async def request(i: int) -> str:
         nonlocal upstream_calls
-        decision = decide(cache, body)
+        cache = caches[i % len(caches)]
+        decision = decide(cache, body())
         hit = await cache.acquire(decision)
         if hit is not None:
-            return hit.answer.text
+            return "coalesced:" + hit.answer.text
         upstream_calls += 1
-        await asyncio.sleep(0.1)  # the upstream takes a while
-        await cache.put(decision, answer())
-        await cache.release(decision)
-        return "The answer."
+        try:
+            await asyncio.sleep(0.15)
+            await cache.put(decision, answer())
+        finally:
+            await cache.release(decision)
+        return "leader"
 
-    results = await asyncio.gather(*(request(caches[i % 2]) for i in range(20)))
-    assert results == ["The answer."] * 20
+    results = await asyncio.gather(*(request(i) for i in range(20)))
     assert upstream_calls == 1
+    assert results.count("leader") == 1
+    assert results.count("coalesced:Hello there, world") == 19
 
 
-async def test_failed_leader_hands_over_quickly(caches: list[ResponseCache]) -> None:
-    body = {"model": "docs", "messages": MESSAGES}
-    first = decide(caches[0], body)
-    assert await caches[0].acquire(first) is None and first.leader
-    second = decide(caches[1], body)
-    waiter = asyncio.create_task(caches[1].acquire(second))
-    await asyncio.sleep(0.05)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    await caches[0].release(first)  # the leader failed: nothing stored
-    assert await waiter is None
-    assert second.leader  # the waiter leads now
-    assert loop.time() - started < 0.5
-    await caches[1].release(second)
+async def test_failed_leader_wakes_waiters_quickly(caches: list[ResponseCache]) -> None:
+    leaders = 0
+
+    async def request(i: int) -> str:
+        nonlocal leaders
+        cache = caches[i % len(caches)]
+        decision = decide(cache, body())
+        hit = await cache.acquire(decision)
+        if hit is not None:
+            return "coalesced"
+        leaders += 1
+        first = leaders == 1
+        try:
+            await asyncio.sleep(0.1)
+            if not first:  # the first leader fails (no put); the next one succeeds
+                await cache.put(decision, answer())
+        finally:
+            await cache.release(decision)
+        return "leader"
+
+    started = time.monotonic()
+    results = await asyncio.gather(*(request(i) for i in range(10)))
+    elapsed = time.monotonic() - started
+    assert results.count("leader") == 2 and results.count("coalesced") == 8
+    assert elapsed < 1.0  # far below lock_seconds (2 s)
+
+
+async def test_waiters_fall_back_to_upstream_after_lock_seconds() -> None:
+    config = make_config(lock_seconds=0.2)
+    cache = ResponseCache(config, MemoryCacheStore(10_000, 5_000))
+    stuck = decide(cache, body())
+    assert await cache.acquire(stuck) is None  # a leader that never finishes nor releases
+    started = time.monotonic()
+    follower = decide(cache, body())
+    assert await cache.acquire(follower) is None  # took over once the lock expired
+    assert 0.15 < time.monotonic() - started < 1.0
+
+
+# -- the cache never fails a request ----------------------------------------------------------
+
+async def test_store_errors_become_misses_and_are_logged() -> None:
+    errors: list[int] = []
+    ns = connect("redis://127.0.0.1:1/0", "test")
+    cache = ResponseCache(make_config(), RedisCacheStore(ns, 5_000),
+                          CacheHooks(store_error=lambda: errors.append(1)))
+    try:
+        decision = decide(cache, body())
+        with capture_logs() as logs:
+            assert await cache.get(decision) is None
+            assert await cache.acquire(decision) is None
+            assert not await cache.put(decision, answer())
+            await cache.release(decision)
+        events = [entry["event"] for entry in logs]
+        assert events.count("cache_store_unavailable") >= 3
+        assert len(errors) == len(events)
+        assert all("127.0.0.1" not in str(entry) for entry in logs)
+    finally:
+        await ns.client.aclose()
