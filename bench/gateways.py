@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from bench.processes import BenchProcessError, free_port, read_rss_mib, spawn, stop, wait_http
+from bench.processes import BenchProcessError, free_port, read_rss_mb, spawn, stop, wait_http
 from bench.upstream import KBID, Upstream
 
 REPO = Path(__file__).resolve().parent.parent
@@ -101,8 +101,8 @@ class RunningGateway:
     def chat_url(self) -> str:
         return f"{self.url}/v1/chat/completions"
 
-    def rss_mib(self) -> float:
-        return read_rss_mib(self.pid)
+    def rss_mb(self) -> float:
+        return read_rss_mb(self.pid)
 
 
 def gateway_env() -> dict[str, str]:

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from bench.cpu import CpuSample, cpu_window
 from bench.gateways import CLIENT_KEY, GatewaySpec, RunningGateway, gateway_process
@@ -87,8 +86,6 @@ class Bench:
             except BenchProcessError as exc:
                 self._core_error = exc
                 raise
-            time.sleep(0.5)  # let start-up garbage settle before reading idle RSS
-            self.results.rss_mb["idle"] = round(self._core.rss_mib() * 1.048576, 1)
         return self._core
 
     def redis_url(self) -> str:
@@ -98,9 +95,15 @@ class Bench:
             self._redis_url = self.stack.enter_context(redis_server()).url
         return self._redis_url
 
-    def gateway(self, spec: GatewaySpec) -> Any:
+    @contextmanager
+    def gateway(self, spec: GatewaySpec) -> Iterator[RunningGateway]:
+        """One variant's gateway; its idle RSS is recorded once /healthz answers."""
         redis_url = self.redis_url() if spec.redis else None
-        return gateway_process(spec, self.upstream, redis_url=redis_url, workdir=self.workdir)
+        with gateway_process(spec, self.upstream, redis_url=redis_url,
+                             workdir=self.workdir) as running:
+            time.sleep(0.5)  # let start-up settle before reading idle RSS
+            self.results.rss_mb[f"{spec.name} idle"] = round(running.rss_mb(), 1)
+            yield running
 
     # -- measurements ----------------------------------------------------------------------
 

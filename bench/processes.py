@@ -15,7 +15,7 @@ from pathlib import Path
 
 from gateway.testing.redis_server import free_port
 
-__all__ = ["BenchProcessError", "free_port", "read_rss_mib", "spawn", "stop", "tail",
+__all__ = ["BenchProcessError", "free_port", "read_rss_mb", "spawn", "stop", "tail",
            "wait_http"]
 
 
@@ -76,9 +76,9 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float
     raise BenchProcessError(f"no answer from {url} within {timeout:.0f} s:\n{tail(log)}")
 
 
-def read_rss_mib(pid: int) -> float:
-    """Resident memory (VmRSS) of one process, in MiB."""
+def read_rss_mb(pid: int) -> float:
+    """Resident memory (VmRSS) of one process, in MB (10^6 bytes)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024.0
+            return int(line.split()[1]) * 1024 / 1e6
     raise BenchProcessError(f"no VmRSS for pid {pid}")

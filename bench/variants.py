@@ -33,7 +33,7 @@ def run_core(bench: Bench) -> None:
                 target = Target(row[0], row[1], core.chat_url, body, server_pid=core.pid)
                 bench.measure(target, connections)
     with guarded(bench, [("core-json-1", "core, non-stream", 1)]):
-        bench.results.rss_mb["after_load"] = round(bench.core().rss_mib() * 1.048576, 1)
+        bench.results.rss_mb["core after load"] = round(bench.core().rss_mb(), 1)
 
 
 def run_limits_memory(bench: Bench) -> None:

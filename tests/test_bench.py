@@ -97,7 +97,7 @@ def test_verdicts_pass_fail_and_missing() -> None:
     res.add(Row("sink", "sink", 50, result(2000, errors=3)))
     res.add(Row("no-sink", "no sink", 50, result(2000)))
     res.add(Row("cache-hit", "hit", 50, skipped="ModuleNotFoundError: gateway.cache"))
-    res.rss_mb["idle"] = 70.0
+    res.rss_mb["core idle"] = 70.0
     by_name = {v.name.split(" >=")[0].split(" <=")[0]: v for v in verdicts(res)}
     assert by_name["core non-stream @50"].passed is True
     assert by_name["stream (10 chunks) @50"].passed is False
