@@ -40,7 +40,7 @@ import orjson
 
 from gateway.answer import Answer
 from gateway.backends.base import UpstreamCall
-from gateway.backends.nuclia_stream import completion_from_sync, translate_ask_stream
+from gateway.backends.nuclia_stream import AskTranslator, completion_from_sync
 from gateway.config import BackendConfig
 from gateway.errors import (
     GatewayError,
@@ -52,7 +52,7 @@ from gateway.errors import (
     UpstreamProtocolError,
     UpstreamRateLimited,
 )
-from gateway.ndjson import NdjsonDecoder, iter_lines
+from gateway.ndjson import NdjsonDecoder
 from gateway.upstream import UpstreamClient, UpstreamResponse
 from gateway.wire import completion_id
 
@@ -273,19 +273,50 @@ class NucliaChunkStream:
         self._response = response
         learning_id = response.headers.get("nuclia-learning-id")
         self.meta: dict[str, str] = {"learning_id": learning_id} if learning_id else {}
-        self._chunks = translate_ask_stream(
-            iter_lines(response.iter_bytes()), backend=backend, cid=completion_id(),
-            model=model, created=int(time.time()), learning_id=learning_id,
-        )
+        self._translator = AskTranslator(backend=backend, cid=completion_id(), model=model,
+                                         created=int(time.time()), learning_id=learning_id)
 
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
-        return self._chunks
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[dict[str, Any]]:
+        async for batch, _ in self.batches():
+            for item in batch:
+                yield item
+
+    async def batches(self) -> AsyncIterator[tuple[list[dict[str, Any]], bool]]:
+        """(the chunks translated from one upstream read, is it the end): the pipeline sends
+        each batch in one write, at once. A failure is raised after what came before it."""
+        decoder = NdjsonDecoder()
+        pending = [self._translator.start()]
+        async for data in self._response.iter_bytes():
+            batch, failure = self._translate(decoder.feed(data), pending)
+            pending = []
+            if batch:
+                yield batch, False
+            if failure is not None:
+                raise failure
+        batch, failure = self._translate(decoder.flush(), pending)
+        if batch:
+            yield batch, False
+        if failure is not None:
+            raise failure
+        yield [self._translator.finish()], True
+
+    def _translate(
+        self, lines: list[bytes], batch: list[dict[str, Any]]
+    ) -> tuple[list[dict[str, Any]], GatewayError | None]:
+        for line in lines:
+            try:
+                translated = self._translator.line(line)
+            except GatewayError as exc:
+                return batch, exc
+            if translated is not None:
+                batch.append(translated)
+        return batch, None
 
     async def aclose(self) -> None:
-        try:
-            await self._chunks.aclose()
-        finally:
-            await self._response.aclose()
+        await self._response.aclose()
 
 
 class NucliaBackend:
@@ -351,19 +382,18 @@ class NucliaBackend:
                 ) from None
             return completion_from_sync(data, backend=self.name, cid=cid, model=model,
                                         created=created, learning_id=learning_id)
+        translator = AskTranslator(backend=self.name, cid=cid, model=model, created=created,
+                                   learning_id=learning_id)
         answer = Answer()
+        answer.add_chunk(translator.start())
         decoder = NdjsonDecoder()
-        async for data in translate_ask_stream(
-            _lines(decoder.feed(raw) + decoder.flush()), backend=self.name, cid=cid,
-            model=model, created=created, learning_id=learning_id,
-        ):
-            answer.add_chunk(data)
+        for line in decoder.feed(raw) + decoder.flush():
+            translated = translator.line(line)
+            if translated is not None:
+                answer.add_chunk(translated)
+        answer.add_chunk(translator.finish())
         return answer.to_completion(cid, model, created)
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
-
-async def _lines(lines: list[bytes]) -> AsyncIterator[bytes]:
-    for line in lines:
-        yield line

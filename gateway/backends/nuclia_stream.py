@@ -181,29 +181,35 @@ def _text(item: dict[str, Any], field: str, backend: str) -> str:
     return text
 
 
-async def translate_ask_stream(
-    lines: AsyncIterable[bytes],
-    *,
-    backend: str,
-    cid: str,
-    model: str,
-    created: int,
-    learning_id: str | None = None,
-) -> AsyncGenerator[dict[str, Any], None]:
-    """Nuclia ndjson lines -> OpenAI chunks (see the module docstring for the mapping)."""
-    state = AskState(learning_id)
-    yield chunk(cid, model, created, {"role": "assistant", "content": ""})
-    async for line in lines:
+class AskTranslator:
+    """The translation as a small state machine: `start`, then `line` per ndjson line, then
+    `finish` at the end of the body. `translate_ask_stream` drives it over an async iterator;
+    the backend drives it per upstream read, so chunks of one read leave in one write."""
+
+    def __init__(self, *, backend: str, cid: str, model: str, created: int,
+                 learning_id: str | None = None) -> None:
+        self.backend = backend
+        self.cid = cid
+        self.model = model
+        self.created = created
+        self.state = AskState(learning_id)
+
+    def start(self) -> dict[str, Any]:
+        return chunk(self.cid, self.model, self.created, {"role": "assistant", "content": ""})
+
+    def line(self, line: bytes) -> dict[str, Any] | None:
+        """One line -> the chunk to send at once, if any; raises on a failure item."""
+        backend, state = self.backend, self.state
         kind, item = _decode(line, backend)
         if kind == "answer":
             text = _text(item, "text", backend)
             if text:
                 state.text_seen = True
-                yield chunk(cid, model, created, {"content": text})
+                return chunk(self.cid, self.model, self.created, {"content": text})
         elif kind == "reasoning":
             text = _text(item, "text", backend)
             if text:
-                yield chunk(cid, model, created, {"reasoning_content": text})
+                return chunk(self.cid, self.model, self.created, {"reasoning_content": text})
         elif kind == "status":
             state.set_status(item.get("code"), item.get("status"), item.get("details"))
             if state.learning_id is None and isinstance(item.get("learning_id"), str):
@@ -220,8 +226,8 @@ async def translate_ask_stream(
             state.answer_json = item.get("object")
             if not state.text_seen and state.answer_json is not None:
                 state.text_seen = True
-                yield chunk(cid, model, created,
-                            {"content": orjson.dumps(state.answer_json).decode()})
+                return chunk(self.cid, self.model, self.created,
+                             {"content": orjson.dumps(state.answer_json).decode()})
         elif kind == "error":
             detail = str(item.get("error") or "no detail given")[:_MAX_DETAIL]
             raise UpstreamError(
@@ -229,23 +235,49 @@ async def translate_ask_stream(
             )
         elif kind not in IGNORED_ITEMS:
             log.debug("nuclia_item_skipped", backend=backend, item_type=kind[:64])
-    if state.status is None:
-        raise UpstreamProtocolError(
-            f"The upstream '{backend}' closed its answer stream before the answer finished.",
-            backend=backend,
-        )
-    if state.failed:
-        raise UpstreamError(
-            f"The upstream '{backend}' could not generate the answer: "
-            f"{state.details or 'no detail given'}",
-            backend=backend,
-        )
-    final = chunk(cid, model, created, {}, "stop")
-    final["nuclia"] = state.extension()
-    usage = state.usage()
-    if usage is not None:
-        final["usage"] = usage
-    yield final
+        return None
+
+    def finish(self) -> dict[str, Any]:
+        """The end of the body: the finish chunk, or the failure it ended on."""
+        backend, state = self.backend, self.state
+        if state.status is None:
+            raise UpstreamProtocolError(
+                f"The upstream '{backend}' closed its answer stream before the answer "
+                "finished.",
+                backend=backend,
+            )
+        if state.failed:
+            raise UpstreamError(
+                f"The upstream '{backend}' could not generate the answer: "
+                f"{state.details or 'no detail given'}",
+                backend=backend,
+            )
+        final = chunk(self.cid, self.model, self.created, {}, "stop")
+        final["nuclia"] = state.extension()
+        usage = state.usage()
+        if usage is not None:
+            final["usage"] = usage
+        return final
+
+
+async def translate_ask_stream(
+    lines: AsyncIterable[bytes],
+    *,
+    backend: str,
+    cid: str,
+    model: str,
+    created: int,
+    learning_id: str | None = None,
+) -> AsyncGenerator[dict[str, Any], None]:
+    """Nuclia ndjson lines -> OpenAI chunks (see the module docstring for the mapping)."""
+    translator = AskTranslator(backend=backend, cid=cid, model=model, created=created,
+                               learning_id=learning_id)
+    yield translator.start()
+    async for line in lines:
+        translated = translator.line(line)
+        if translated is not None:
+            yield translated
+    yield translator.finish()
 
 
 def completion_from_sync(
