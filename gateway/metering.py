@@ -1,0 +1,148 @@
+"""Usage metering: an `ExchangeObserver` that sums finished exchanges per (day, team, key,
+model) in memory and flushes the sums to the `UsageStore` in the background.
+
+`exchange_finished` only adds to a dict and bumps Prometheus counters (bounded labels: team,
+model, backend, status, cached — never key ids). A background task writes the pending sums
+every `flush_interval` seconds, or sooner once `max_pending` records are waiting, with one
+`UsageStore.add` call (one Redis pipeline). A failed write keeps the sums for the next flush;
+`stop()` makes a final flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from datetime import date
+
+import structlog
+from prometheus_client import Counter
+
+from gateway.exchange import ExchangeRecord
+from gateway.stores.usage import UsageDelta, UsageStore, day_of
+
+log = structlog.get_logger("gateway.metering")
+
+Cell = tuple[date, str, str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class MeterCounters:
+    """The Prometheus counters the meter feeds (the lead's `Metrics.tokens` and
+    `Metrics.team_requests`); either may be None."""
+
+    tokens: Counter | None = None  # labels: team, model, backend, kind (prompt|completion)
+    requests: Counter | None = None  # labels: team, model, backend, status, cached
+
+
+def delta_of(record: ExchangeRecord) -> UsageDelta:
+    """The usage increments one finished exchange contributes."""
+    return UsageDelta(
+        day=day_of(record.time),
+        team=record.team,
+        key_id=record.key_id,
+        model=record.model,
+        requests=1,
+        prompt_tokens=record.prompt_tokens,
+        completion_tokens=record.completion_tokens,
+        errors=1 if record.outcome == "error" else 0,
+        cached=1 if record.cached else 0,
+        estimated=1 if record.estimated else 0,
+    )
+
+
+class Meter:
+    def __init__(
+        self,
+        store: UsageStore,
+        counters: MeterCounters | None = None,
+        *,
+        flush_interval: float = 1.0,
+        max_pending: int = 1000,
+    ) -> None:
+        self.store = store
+        self.counters = counters or MeterCounters()
+        self.flush_interval = flush_interval
+        self.max_pending = max_pending
+        self._pending: dict[Cell, UsageDelta] = {}
+        self._records = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self.flushes = 0  # successful store writes (tests, debugging)
+
+    # -- the observer ------------------------------------------------------------------------
+
+    def exchange_finished(self, record: ExchangeRecord) -> None:
+        try:
+            delta = delta_of(record)
+            found = self._pending.get(delta.cell)
+            self._pending[delta.cell] = delta if found is None else found.plus(delta)
+            self._records += 1
+            if self._records >= self.max_pending:
+                self._wake.set()
+            self._count(record)
+        except Exception:  # an observer must never raise into the pipeline
+            log.exception("meter_record_failed", request_id=record.request_id)
+
+    def _count(self, record: ExchangeRecord) -> None:
+        tokens, requests = self.counters.tokens, self.counters.requests
+        if requests is not None:
+            requests.labels(record.team, record.model, record.backend, str(record.status),
+                            "true" if record.cached else "false").inc()
+        if tokens is not None:
+            if record.prompt_tokens:
+                tokens.labels(record.team, record.model, record.backend, "prompt").inc(
+                    record.prompt_tokens)
+            if record.completion_tokens:
+                tokens.labels(record.team, record.model, record.backend, "completion").inc(
+                    record.completion_tokens)
+
+    # -- flushing ----------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Records summed in memory and not yet written."""
+        return self._records
+
+    async def flush(self) -> None:
+        """Write what is pending with one store call; on failure keep it for the next try."""
+        async with self._lock:
+            if not self._pending:
+                return
+            batch, count = self._pending, self._records
+            self._pending, self._records = {}, 0
+            try:
+                await self.store.add(list(batch.values()))
+            except BaseException as exc:  # store down or cancelled: keep the sums for later
+                for cell, delta in batch.items():
+                    found = self._pending.get(cell)
+                    self._pending[cell] = delta if found is None else delta.plus(found)
+                self._records += count
+                if isinstance(exc, Exception):
+                    log.warning("usage_flush_failed", records=count, error=type(exc).__name__)
+                raise
+            self.flushes += 1
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.flush_interval)
+            self._wake.clear()
+            with contextlib.suppress(Exception):  # logged in flush(); retried next round
+                await self.flush()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="usage-meter")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        try:
+            await self.flush()
+        except Exception:  # already logged; shutdown goes on
+            log.error("usage_final_flush_failed", records=self._records)

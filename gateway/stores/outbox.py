@@ -1,0 +1,293 @@
+"""The analytics outbox: finished-exchange records waiting for delivery, per sink.
+
+Every record `put` into the outbox is delivered to every sink once (at least once, with the
+record's idempotency key so receivers can drop repeats). Delivery state is per sink: each sink
+has its own queue (spool) or stream (Redis), so a slow sink never holds up another.
+
+    put / put_many ─► [sink A queue] ─ claim ─► worker A ─ ack ───────────► gone
+                      [sink B queue] ─ claim ─► worker B ─ nack (retry) ─► still claimed
+                                                          └ dead_letter ─► dead letters
+                                                                  replay_dead ─┘ (back in A/B)
+
+Implementations: `gateway.stores.spool.SpoolOutbox` (in-process, an append-only file under
+``analytics.outbox.spool_dir``) and `RedisOutbox` here (one stream + consumer group per sink,
+XAUTOCLAIM of entries a crashed replica left pending for ``claim_idle_seconds``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import redis.exceptions
+
+from gateway.config import GatewayConfig
+from gateway.stores.redis_base import RedisNamespace, unavailable
+
+GROUP = "delivery"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    """One record claimed for one sink. `attempts` counts failed deliveries so far."""
+
+    id: str
+    sink: str
+    key: str  # the idempotency key
+    data: bytes  # the serialised ExchangeRecord (orjson)
+    attempts: int = 0
+    first_failure: float | None = None  # unix time of the first failed delivery
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    id: str  # pass to replay_dead
+    sink: str
+    key: str
+    data: bytes
+    reason: str
+    time: float
+    attempts: int
+
+
+class Outbox(Protocol):
+    sinks: tuple[str, ...]
+
+    async def put_many(self, entries: list[tuple[bytes, str]]) -> None:
+        """Add records (data, idempotency key) for every sink; durable when this returns."""
+        ...
+
+    async def claim(self, sink: str, n: int, consumer: str) -> list[OutboxItem]:
+        """Up to `n` records for `sink`, oldest first, including records another consumer
+        claimed and abandoned (Redis: idle longer than ``claim_idle_seconds``)."""
+        ...
+
+    async def ack(self, item: OutboxItem) -> None:
+        """Delivered: forget the record for this sink."""
+        ...
+
+    async def nack(self, item: OutboxItem, now: float | None = None) -> OutboxItem:
+        """A failed attempt: returns the item with attempts + 1 and the first failure time
+        recorded (durably, so another consumer continues the dead-letter clock). The item
+        stays claimed by the caller, who retries it after its backoff."""
+        ...
+
+    async def touch(self, items: list[OutboxItem], consumer: str) -> None:
+        """Keep claims alive while the caller holds them (Redis: resets their idle time)."""
+        ...
+
+    async def release(self, items: list[OutboxItem]) -> None:
+        """Give claimed records back undelivered (shutdown); they are claimed again later."""
+        ...
+
+    async def dead_letter(self, item: OutboxItem, reason: str) -> None:
+        ...
+
+    async def list_dead(self) -> list[DeadLetter]:
+        ...
+
+    async def replay_dead(self, ids: list[str] | None = None) -> int:
+        """Put dead letters (all when `ids` is None) back in their sink's queue; the count."""
+        ...
+
+    async def depth(self) -> dict[str, int]:
+        """Records not yet delivered (nor dead-lettered), per sink."""
+        ...
+
+    async def close(self) -> None:
+        ...
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class RedisOutbox:
+    """One Redis stream per sink with a consumer group; dead letters in one more stream.
+
+    Keys: ``{prefix}:{outbox:<sink>}:stream`` (fields ``k`` idempotency key, ``d`` data),
+    ``{prefix}:{outbox:<sink>}:failures`` (hash: entry id -> ``attempts first_failure``),
+    ``{prefix}:{outbox}:dead`` (fields ``s`` sink, ``k``, ``d``, ``r`` reason, ``t``, ``a``).
+    Acked entries are XDELeted, so XLEN is the depth.
+    """
+
+    def __init__(self, ns: RedisNamespace, sinks: list[str], *,
+                 claim_idle_seconds: float = 30.0) -> None:
+        self.ns = ns
+        self.sinks = tuple(sinks)
+        self.claim_idle_ms = max(1, int(claim_idle_seconds * 1000))
+        self._ready: set[str] = set()
+        self._last_autoclaim: dict[str, float] = {}
+        self._dead = ns.key("outbox", "dead")
+
+    def _stream(self, sink: str) -> str:
+        return self.ns.key(f"outbox:{sink}", "stream")
+
+    def _failures(self, sink: str) -> str:
+        return self.ns.key(f"outbox:{sink}", "failures")
+
+    async def _ensure(self, sink: str) -> None:
+        if sink in self._ready:
+            return
+        try:
+            await self.ns.client.xgroup_create(self._stream(sink), GROUP, id="0", mkstream=True)
+        except redis.exceptions.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise unavailable(exc) from exc
+        except redis.exceptions.RedisError as exc:
+            raise unavailable(exc) from exc
+        self._ready.add(sink)
+
+    async def put_many(self, entries: list[tuple[bytes, str]]) -> None:
+        if not entries or not self.sinks:
+            return
+        for sink in self.sinks:
+            await self._ensure(sink)
+        pipe = self.ns.client.pipeline(transaction=False)
+        for data, key in entries:
+            for sink in self.sinks:
+                pipe.xadd(self._stream(sink), {"k": key, "d": data})
+        try:
+            await pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            raise unavailable(exc) from exc
+
+    async def put(self, data: bytes, key: str) -> None:
+        await self.put_many([(data, key)])
+
+    async def claim(self, sink: str, n: int, consumer: str,
+                    block_ms: int | None = None) -> list[OutboxItem]:
+        await self._ensure(sink)
+        client, stream = self.ns.client, self._stream(sink)
+        found: list[tuple[Any, dict[Any, Any]]] = []
+        try:
+            now = time.monotonic()
+            if now - self._last_autoclaim.get(sink, 0.0) >= self.claim_idle_ms / 2000:
+                self._last_autoclaim[sink] = now
+                reply = await client.xautoclaim(stream, GROUP, consumer, self.claim_idle_ms,
+                                                "0-0", count=n)
+                found.extend(e for e in reply[1] if e[1])
+            if len(found) < n:
+                read: Any = await client.xreadgroup(GROUP, consumer, {stream: ">"},
+                                                    count=n - len(found), block=block_ms)
+                for _name, entries in read or []:
+                    found.extend(entries)
+            if not found:
+                return []
+            ids = [_text(entry_id) for entry_id, _ in found]
+            failures = await client.hmget(self._failures(sink), ids)
+        except redis.exceptions.RedisError as exc:
+            raise unavailable(exc) from exc
+        items = []
+        for (entry_id, fields), failure in zip(found, failures, strict=True):
+            attempts, first = 0, None
+            if failure:
+                a, f = _text(failure).split(" ")
+                attempts, first = int(a), float(f)
+            items.append(OutboxItem(_text(entry_id), sink, _text(fields[b"k"]),
+                                    bytes(fields[b"d"]), attempts, first))
+        return items
+
+    async def ack(self, item: OutboxItem) -> None:
+        stream = self._stream(item.sink)
+        pipe = self.ns.client.pipeline(transaction=False)
+        pipe.xack(stream, GROUP, item.id)
+        pipe.xdel(stream, item.id)
+        if item.attempts:
+            pipe.hdel(self._failures(item.sink), item.id)
+        try:
+            await pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            raise unavailable(exc) from exc
+
+    async def nack(self, item: OutboxItem, now: float | None = None) -> OutboxItem:
+        first = item.first_failure or (time.time() if now is None else now)
+        failed = OutboxItem(item.id, item.sink, item.key, item.data, item.attempts + 1, first)
+        try:
+            await self.ns.client.hset(self._failures(item.sink), item.id,
+                                      f"{failed.attempts} {first}")
+        except redis.exceptions.RedisError as exc:
+            raise unavailable(exc) from exc
+        return failed
+
+    async def touch(self, items: list[OutboxItem], consumer: str) -> None:
+        by_sink: dict[str, list[Any]] = {}
+        for item in items:
+            by_sink.setdefault(item.sink, []).append(item.id)
+        if not by_sink:
+            return
+        pipe = self.ns.client.pipeline(transaction=False)
+        for sink, ids in by_sink.items():
+            pipe.xclaim(self._stream(sink), GROUP, consumer, 0, ids, justid=True)
+        try:
+            await pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            raise unavailable(exc) from exc
+
+    async def release(self, items: list[OutboxItem]) -> None:
+        # Left pending: another consumer (or this one restarted) claims them once idle.
+        return None
+
+    async def dead_letter(self, item: OutboxItem, reason: str) -> None:
+        stream = self._stream(item.sink)
+        pipe = self.ns.client.pipeline(transaction=False)
+        pipe.xadd(self._dead, {"s": item.sink, "k": item.key, "d": item.data, "r": reason,
+                               "t": repr(time.time()), "a": str(item.attempts)})
+        pipe.xack(stream, GROUP, item.id)
+        pipe.xdel(stream, item.id)
+        pipe.hdel(self._failures(item.sink), item.id)
+        try:
+            await pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            raise unavailable(exc) from exc
+
+    async def list_dead(self) -> list[DeadLetter]:
+        try:
+            entries: Any = await self.ns.client.xrange(self._dead)
+        except redis.exceptions.RedisError as exc:
+            raise unavailable(exc) from exc
+        return [DeadLetter(_text(entry_id), _text(f[b"s"]), _text(f[b"k"]), bytes(f[b"d"]),
+                           _text(f[b"r"]), float(f[b"t"]), int(f[b"a"]))
+                for entry_id, f in entries]
+
+    async def replay_dead(self, ids: list[str] | None = None) -> int:
+        dead = await self.list_dead()
+        chosen = [d for d in dead if ids is None or d.id in ids]
+        if not chosen:
+            return 0
+        for sink in {d.sink for d in chosen}:
+            await self._ensure(sink)
+        pipe = self.ns.client.pipeline(transaction=False)
+        for d in chosen:
+            pipe.xadd(self._stream(d.sink), {"k": d.key, "d": d.data})
+            pipe.xdel(self._dead, d.id)
+        try:
+            await pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            raise unavailable(exc) from exc
+        return len(chosen)
+
+    async def depth(self) -> dict[str, int]:
+        pipe = self.ns.client.pipeline(transaction=False)
+        for sink in self.sinks:
+            pipe.xlen(self._stream(sink))
+        try:
+            counts = await pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            raise unavailable(exc) from exc
+        return {sink: int(n) for sink, n in zip(self.sinks, counts, strict=True)}
+
+    async def close(self) -> None:
+        return None
+
+
+def make_outbox(config: GatewayConfig, ns: RedisNamespace | None) -> Outbox:
+    """Redis streams when the config names a Redis store, else the spool under spool_dir."""
+    sinks = [s.name for s in config.analytics.sinks]
+    box = config.analytics.outbox
+    if ns is not None:
+        return RedisOutbox(ns, sinks, claim_idle_seconds=box.claim_idle_seconds)
+    from gateway.stores.spool import SpoolOutbox
+
+    return SpoolOutbox(config.resolve(box.spool_dir), sinks, max_resident=box.max_queue)

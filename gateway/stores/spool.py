@@ -1,0 +1,354 @@
+"""The in-process outbox: per-sink queues in memory, made durable by an append-only spool file.
+
+File format (``<spool_dir>/outbox-<n>.log``): one JSON object per line, applied in order on
+open to rebuild the queues:
+
+    {"op":"put","id":7,"key":"<idempotency key>","sinks":["a","b"],"data":"<record JSON>"}
+    {"op":"ack","id":7,"sink":"a"}
+    {"op":"fail","id":7,"sink":"b","attempts":3,"first":1763860000.5}
+    {"op":"dead","id":7,"sink":"b","reason":"...","time":1763863600.0}
+    {"op":"replay","id":7,"sink":"b"}
+
+A record is gone once every sink acked it. When the file has grown past ``compact_bytes`` and
+most of its records are gone it is rewritten (temp file + rename) with only the live ones.
+A torn last line (a crash mid-write) is ignored. Each process takes the first file it can
+lock (``flock``), so several workers never share a file and a restarted one adopts the
+records its predecessor left. Appends are buffered and written by a background task off the
+event loop; `flush()` (and `close()`) wait for them. Record data beyond ``max_resident``
+records is dropped from memory and read back from the file when claimed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from gateway.stores.outbox import DeadLetter, OutboxItem
+
+
+@dataclass
+class _Entry:
+    id: int
+    key: str
+    data: bytes | None
+    offset: int = -1  # of its put line in the file (-1: not written yet)
+    length: int = 0
+    live: set[str] = field(default_factory=set)  # sinks still owed (pending, claimed, dead)
+
+
+@dataclass
+class _Dead:
+    reason: str
+    time: float
+    attempts: int
+
+
+def _lock_first_free(directory: Path) -> tuple[Path, int]:
+    directory.mkdir(parents=True, exist_ok=True)
+    n = 0
+    while True:
+        path = directory / f"outbox-{n}.log"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            n += 1
+            continue
+        return path, fd
+
+
+def spool_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("outbox-*.log"))
+
+
+class SpoolOutbox:
+    def __init__(self, directory: Path, sinks: list[str], *, max_resident: int = 10_000,
+                 compact_bytes: int = 4 * 1024 * 1024, path: Path | None = None) -> None:
+        self.sinks = tuple(sinks)
+        self.max_resident = max_resident
+        self.compact_bytes = compact_bytes
+        if path is None:
+            self.path, self._fd = _lock_first_free(directory)
+        else:  # a given file (the CLI): must not be in use
+            self.path = path
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self._fd)
+                raise
+        self._entries: dict[int, _Entry] = {}
+        self._pending: dict[str, OrderedDict[int, None]] = {s: OrderedDict() for s in sinks}
+        self._claimed: dict[str, set[int]] = {s: set() for s in sinks}
+        self._failures: dict[tuple[str, int], tuple[int, float]] = {}
+        self._dead: dict[tuple[str, int], _Dead] = {}
+        self._next_id = 1
+        self._resident = 0
+        self._buffer: list[tuple[bytes, _Entry | None]] = []
+        self._size = 0
+        self._lines = 0
+        self._io = asyncio.Lock()
+        self._load()
+
+    # -- the file ----------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        raw = os.pread(self._fd, os.fstat(self._fd).st_size, 0)
+        offset = 0
+        for line in raw.split(b"\n"):
+            start, offset = offset, offset + len(line) + 1
+            if not line:
+                continue
+            try:
+                op = orjson.loads(line)
+                self._apply(op, start, len(line))
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue
+        self._size = len(raw)
+        self._lines = raw.count(b"\n")
+        if raw and not raw.endswith(b"\n"):  # a torn last line: start the next one cleanly
+            os.write(self._fd, b"\n")
+            self._size += 1
+
+    def _apply(self, op: dict[str, Any], offset: int, length: int) -> None:
+        kind, rid = op["op"], int(op["id"])
+        if kind == "put":
+            sinks = [s for s in op["sinks"] if s in self._pending]
+            data = op["data"].encode()
+            resident = self._resident < self.max_resident
+            entry = _Entry(rid, op["key"], data if resident else None, offset, length,
+                           set(sinks))
+            self._resident += resident
+            if sinks:
+                self._entries[rid] = entry
+                for sink in sinks:
+                    self._pending[sink][rid] = None
+            else:
+                self._resident -= resident
+            self._next_id = max(self._next_id, rid + 1)
+            return
+        sink = op["sink"]
+        if rid not in self._entries or sink not in self._pending:
+            return
+        if kind == "ack":
+            self._pending[sink].pop(rid, None)
+            self._forget(sink, rid)
+        elif kind == "fail":
+            self._failures[(sink, rid)] = (int(op["attempts"]), float(op["first"]))
+        elif kind == "dead":
+            self._pending[sink].pop(rid, None)
+            self._dead[(sink, rid)] = _Dead(op["reason"], float(op["time"]),
+                                            self._failures.pop((sink, rid), (0, 0.0))[0])
+        elif kind == "replay":
+            if self._dead.pop((sink, rid), None) is not None:
+                self._pending[sink][rid] = None
+
+    def _forget(self, sink: str, rid: int) -> None:
+        self._failures.pop((sink, rid), None)
+        entry = self._entries.get(rid)
+        if entry is None:
+            return
+        entry.live.discard(sink)
+        if not entry.live:
+            del self._entries[rid]
+            if entry.data is not None:
+                self._resident -= 1
+
+    def _log(self, op: dict[str, Any], entry: _Entry | None = None) -> None:
+        self._buffer.append((orjson.dumps(op) + b"\n", entry))
+
+    def _write(self, batch: list[tuple[bytes, _Entry | None]]) -> None:
+        """(thread) Append a batch with one write, then note where each put landed."""
+        payload = b"".join(line for line, _ in batch)
+        os.write(self._fd, payload)
+        offset = self._size
+        for line, entry in batch:
+            if entry is not None:
+                entry.offset, entry.length = offset, len(line) - 1
+            offset += len(line)
+        self._size = offset
+        self._lines += len(batch)
+
+    async def flush(self) -> None:
+        """Write buffered operations to the file (off the event loop)."""
+        async with self._io:
+            if self._buffer:
+                batch, self._buffer = self._buffer, []
+                await asyncio.to_thread(self._write, batch)
+            self._spill()
+            if self._size > self.compact_bytes and len(self._entries) * 4 < self._lines:
+                snap = self._snapshot()
+                live = [sorted(entry.live) for entry, _ in snap]
+                await asyncio.to_thread(self._compact, snap, live)
+
+    def _spill(self) -> None:
+        if self._resident <= self.max_resident:
+            return
+        for entry in reversed(self._entries.values()):
+            if self._resident <= self.max_resident:
+                break
+            if entry.data is not None and entry.offset >= 0:
+                entry.data = None
+                self._resident -= 1
+
+    def _read_data(self, entry: _Entry) -> bytes:
+        line = os.pread(self._fd, entry.length, entry.offset)
+        data: str = orjson.loads(line)["data"]
+        return data.encode()
+
+    def _snapshot(self) -> list[tuple[_Entry, list[bytes]]]:
+        """(event loop) The live records already in the file, with their fail/dead lines."""
+        snap = []
+        for entry in self._entries.values():
+            if entry.offset < 0:
+                continue  # its put line is still in the buffer: it is written after
+            extra = []
+            for sink in sorted(entry.live):
+                fail = self._failures.get((sink, entry.id))
+                if fail:
+                    extra.append(orjson.dumps({"op": "fail", "id": entry.id, "sink": sink,
+                                               "attempts": fail[0], "first": fail[1]}) + b"\n")
+                dead = self._dead.get((sink, entry.id))
+                if dead:
+                    extra.append(orjson.dumps({"op": "dead", "id": entry.id, "sink": sink,
+                                               "reason": dead.reason, "time": dead.time})
+                                 + b"\n")
+            snap.append((entry, extra))
+        return snap
+
+    def _compact(self, snap: list[tuple[_Entry, list[bytes]]], sinks: list[list[str]]) -> None:
+        """(thread, under the io lock) Rewrite the file with only the live records."""
+        tmp = self.path.with_suffix(".tmp")
+        lines: list[tuple[bytes, _Entry | None]] = []
+        for (entry, extra), live in zip(snap, sinks, strict=True):
+            data = entry.data if entry.data is not None else self._read_data(entry)
+            put = {"op": "put", "id": entry.id, "key": entry.key, "sinks": live,
+                   "data": data.decode()}
+            lines.append((orjson.dumps(put) + b"\n", entry))
+            lines.extend((line, None) for line in extra)
+        with open(tmp, "wb") as out:
+            out.write(b"".join(line for line, _ in lines))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, self.path)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(self._fd)
+        self._fd, self._size, self._lines = fd, 0, 0
+        self._write(lines)
+
+    # -- the Outbox protocol -----------------------------------------------------------------
+
+    async def put_many(self, entries: list[tuple[bytes, str]]) -> None:
+        self.put_nowait(entries)
+        await self.flush()
+
+    async def put(self, data: bytes, key: str) -> None:
+        await self.put_many([(data, key)])
+
+    def put_nowait(self, entries: list[tuple[bytes, str]]) -> None:
+        """Queue records in memory and buffer their put lines; `flush()` makes them durable."""
+        if not self.sinks:
+            return
+        for data, key in entries:
+            rid, self._next_id = self._next_id, self._next_id + 1
+            entry = _Entry(rid, key, data, live=set(self.sinks))
+            self._entries[rid] = entry
+            self._resident += 1
+            for sink in self.sinks:
+                self._pending[sink][rid] = None
+            self._log({"op": "put", "id": rid, "key": key, "sinks": list(self.sinks),
+                       "data": data.decode()}, entry)
+
+    async def claim(self, sink: str, n: int, consumer: str,
+                    block_ms: int | None = None) -> list[OutboxItem]:
+        pending, claimed = self._pending[sink], self._claimed[sink]
+        items: list[OutboxItem] = []
+        for rid in pending:
+            if len(items) >= n:
+                break
+            if rid in claimed:
+                continue
+            entry = self._entries[rid]
+            data = entry.data
+            if data is None:
+                async with self._io:
+                    data = await asyncio.to_thread(self._read_data, entry)
+            attempts, first = self._failures.get((sink, rid), (0, None))
+            items.append(OutboxItem(str(rid), sink, entry.key, data, attempts, first))
+            claimed.add(rid)
+        return items
+
+    async def ack(self, item: OutboxItem) -> None:
+        rid = int(item.id)
+        self._claimed[item.sink].discard(rid)
+        if self._pending[item.sink].pop(rid, 1) is None:
+            self._forget(item.sink, rid)
+            self._log({"op": "ack", "id": rid, "sink": item.sink})
+
+    async def nack(self, item: OutboxItem, now: float | None = None) -> OutboxItem:
+        first = item.first_failure or (time.time() if now is None else now)
+        failed = OutboxItem(item.id, item.sink, item.key, item.data, item.attempts + 1, first)
+        self._failures[(item.sink, int(item.id))] = (failed.attempts, first)
+        self._log({"op": "fail", "id": int(item.id), "sink": item.sink,
+                   "attempts": failed.attempts, "first": first})
+        return failed
+
+    async def touch(self, items: list[OutboxItem], consumer: str) -> None:
+        return None
+
+    async def release(self, items: list[OutboxItem]) -> None:
+        for item in items:
+            self._claimed[item.sink].discard(int(item.id))
+
+    async def dead_letter(self, item: OutboxItem, reason: str) -> None:
+        rid = int(item.id)
+        self._claimed[item.sink].discard(rid)
+        if self._pending[item.sink].pop(rid, 1) is None:
+            self._failures.pop((item.sink, rid), None)
+            self._dead[(item.sink, rid)] = _Dead(reason, time.time(), item.attempts)
+            self._log({"op": "dead", "id": rid, "sink": item.sink, "reason": reason,
+                       "time": time.time()})
+        await self.flush()
+
+    async def list_dead(self) -> list[DeadLetter]:
+        found = []
+        for (sink, rid), dead in sorted(self._dead.items(), key=lambda kv: kv[0][1]):
+            entry = self._entries[rid]
+            data = entry.data
+            if data is None:
+                async with self._io:
+                    data = await asyncio.to_thread(self._read_data, entry)
+            found.append(DeadLetter(f"{sink}:{rid}", sink, entry.key, data, dead.reason,
+                                    dead.time, dead.attempts))
+        return found
+
+    async def replay_dead(self, ids: list[str] | None = None) -> int:
+        count = 0
+        for sink, rid in sorted(self._dead, key=lambda k: k[1]):
+            if ids is not None and f"{sink}:{rid}" not in ids:
+                continue
+            del self._dead[(sink, rid)]
+            self._pending[sink][rid] = None
+            self._log({"op": "replay", "id": rid, "sink": sink})
+            count += 1
+        await self.flush()
+        return count
+
+    async def depth(self) -> dict[str, int]:
+        return {sink: len(self._pending[sink]) for sink in self.sinks}
+
+    async def close(self) -> None:
+        await self.flush()
+        if self._fd >= 0:
+            os.close(self._fd)  # also drops the lock
+            self._fd = -1
