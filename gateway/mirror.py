@@ -1,0 +1,330 @@
+"""Analytics mirroring: every finished exchange goes to the outbox, then to every sink.
+
+`Mirror.exchange_finished` serialises the record and appends it to an in-memory list; a
+writer task moves that list into the outbox (spool append off the event loop, or one
+pipelined XADD). One delivery worker per sink claims records from the outbox and delivers
+them, at most one at a time per conversation (turn 2 never overtakes turn 1), retrying 429,
+5xx and timeouts with exponential backoff and full jitter, dead-lettering a record that has
+kept failing for ``dead_letter_after`` seconds (or that a sink refused outright).
+`stop()` moves every accepted record into the outbox, delivers what it can within
+``shutdown_grace`` and leaves the rest in the outbox for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import secrets
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import structlog
+
+from gateway.config import GatewayConfig
+from gateway.errors import UpstreamError
+from gateway.exchange import ExchangeRecord
+from gateway.metrics import Metrics
+from gateway.sinks import Sink, retryable
+from gateway.stores.outbox import Outbox, OutboxItem
+
+log = structlog.get_logger("gateway.mirror")
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff with full jitter: uniform(0, min(cap, initial * factor**n))."""
+
+    initial: float = 0.1
+    factor: float = 2.0
+    cap: float = 30.0
+
+    def delay(self, attempts: int, retry_after: float | None = None) -> float:
+        ceiling = min(self.cap, self.initial * self.factor ** max(0, attempts - 1))
+        wait = random.uniform(0, ceiling)
+        if retry_after:
+            wait = max(wait, min(retry_after, self.cap))
+        return wait
+
+
+def idempotency_key(record: ExchangeRecord) -> str:
+    """One key per record (the request id is unique per exchange)."""
+    return f"gw-{record.request_id}"
+
+
+def default_consumer() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class _Held:
+    item: OutboxItem
+    record: ExchangeRecord | None  # None: undecodable data (dead-lettered)
+    due: float = 0.0  # monotonic time of the next attempt
+
+
+@dataclass
+class _SinkWorker:
+    sink: Sink
+    convs: dict[str, deque[_Held]] = field(default_factory=dict)
+    busy: set[str] = field(default_factory=set)
+    ids: set[str] = field(default_factory=set)
+    task: asyncio.Task[None] | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def held(self) -> int:
+        return len(self.ids)
+
+
+class Mirror:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        outbox: Outbox,
+        sinks: list[Sink],
+        metrics: Metrics | None = None,
+        *,
+        consumer: str | None = None,
+        backoff: Backoff | None = None,
+        batch: int = 64,
+        concurrency: int = 16,
+        poll_interval: float = 0.2,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        box = config.analytics.outbox
+        self.outbox = outbox
+        self.sinks = list(sinks)
+        self.metrics = metrics
+        self.consumer = consumer or default_consumer()
+        self.backoff = backoff or Backoff()
+        self.batch = batch
+        self.concurrency = concurrency
+        self.poll_interval = poll_interval
+        self.dead_letter_after = box.dead_letter_after
+        self.shutdown_grace = box.shutdown_grace
+        self.max_queue = box.max_queue
+        self.touch_every = box.claim_idle_seconds / 3
+        self.clock = clock
+        self._accepted: list[tuple[bytes, str]] = []
+        self._put_wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._workers = {s.name: _SinkWorker(s) for s in self.sinks}
+        self._stopping = False
+
+    # -- accepting ---------------------------------------------------------------------------
+
+    def exchange_finished(self, record: ExchangeRecord) -> None:
+        if not self.sinks:
+            return
+        try:
+            self._accepted.append((orjson.dumps(record.to_dict()), idempotency_key(record)))
+            if len(self._accepted) == self.max_queue:
+                log.warning("outbox_backlog", accepted=len(self._accepted))
+            self._put_wake.set()
+        except Exception:  # an observer must never raise into the pipeline
+            log.exception("mirror_accept_failed", request_id=record.request_id)
+
+    async def _write_accepted(self) -> None:
+        """Move accepted records into the outbox; on failure keep them and retry."""
+        if not self._accepted:
+            return
+        batch, self._accepted = self._accepted, []
+        try:
+            await self.outbox.put_many(batch)
+        except BaseException:
+            self._accepted[:0] = batch
+            raise
+        for worker in self._workers.values():
+            worker.wake.set()
+
+    async def _writer_loop(self) -> None:
+        while True:
+            await self._put_wake.wait()
+            self._put_wake.clear()
+            try:
+                await self._write_accepted()
+            except Exception:  # the store may be down: keep the records, try again soon
+                log.warning("outbox_put_failed", waiting=len(self._accepted), exc_info=True)
+                await asyncio.sleep(0.5)
+                self._put_wake.set()
+
+    # -- delivering --------------------------------------------------------------------------
+
+    def _count(self, sink: str, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.outbox_events.labels(sink, result).inc()
+
+    async def _claim(self, worker: _SinkWorker) -> None:
+        room = self.batch - worker.held
+        if room <= 0:
+            return
+        items = await self.outbox.claim(worker.sink.name, room, self.consumer)
+        for item in items:
+            if item.id in worker.ids:
+                continue
+            record: ExchangeRecord | None
+            try:
+                record = ExchangeRecord.from_dict(orjson.loads(item.data))
+                conv = record.conversation_id or record.request_id
+            except (orjson.JSONDecodeError, TypeError, ValueError):
+                record, conv = None, f"bad-{item.id}"
+            worker.ids.add(item.id)
+            worker.convs.setdefault(conv, deque()).append(_Held(item, record))
+
+    async def _deliver(self, worker: _SinkWorker, conv: str, held: _Held) -> None:
+        name, item = worker.sink.name, held.item
+        try:
+            if held.record is None:
+                await self._dead(worker, conv, held, "undecodable record")
+                return
+            try:
+                await worker.sink.deliver(held.record, item.key)
+            except UpstreamError as exc:
+                if not retryable(exc):
+                    await self._dead(worker, conv, held, exc.message)
+                    return
+                failed = await self.outbox.nack(item, self.clock())
+                first = failed.first_failure or self.clock()
+                if self.clock() - first >= self.dead_letter_after:
+                    await self._dead(worker, conv, held, f"kept failing: {exc.message}")
+                    return
+                retry_after = exc.headers.get("retry-after")
+                wait = self.backoff.delay(failed.attempts,
+                                          float(retry_after) if retry_after else None)
+                held.item, held.due = failed, time.monotonic() + wait
+                self._count(name, "retried")
+                log.info("sink_retry", sink=name, attempts=failed.attempts,
+                         wait=round(wait, 3), error=exc.code)
+                return
+            await self.outbox.ack(item)
+            self._count(name, "delivered")
+            self._pop(worker, conv)
+        except Exception:  # the outbox may be down: the record stays claimed, try later
+            log.warning("sink_delivery_failed", sink=name, exc_info=True)
+            held.due = time.monotonic() + 1.0
+        finally:
+            worker.busy.discard(conv)
+            worker.wake.set()
+
+    async def _dead(self, worker: _SinkWorker, conv: str, held: _Held, reason: str) -> None:
+        await self.outbox.dead_letter(held.item, reason)
+        self._count(worker.sink.name, "dead_lettered")
+        log.warning("sink_dead_letter", sink=worker.sink.name, reason=reason,
+                    attempts=held.item.attempts)
+        self._pop(worker, conv)
+
+    def _pop(self, worker: _SinkWorker, conv: str) -> None:
+        queue = worker.convs[conv]
+        worker.ids.discard(queue.popleft().item.id)
+        if not queue:
+            del worker.convs[conv]
+
+    async def _work(self, worker: _SinkWorker) -> None:
+        tasks: set[asyncio.Task[None]] = set()
+        last_touch = last_depth = time.monotonic()
+        try:
+            while True:
+                worker.wake.clear()
+                now = time.monotonic()
+                try:
+                    if not self._stopping:
+                        await self._claim(worker)
+                    if now - last_touch >= self.touch_every and worker.held:
+                        last_touch = now
+                        await self.outbox.touch([h.item for q in worker.convs.values()
+                                                 for h in q], self.consumer)
+                    if self.metrics is not None and now - last_depth >= 1.0:
+                        last_depth = now
+                        depth = await self.outbox.depth()
+                        self.metrics.outbox_depth.labels(worker.sink.name).set(
+                            depth.get(worker.sink.name, 0))
+                except Exception:  # the outbox may be down: the worker must go on
+                    log.warning("outbox_claim_failed", sink=worker.sink.name, exc_info=True)
+                next_due = now + self.poll_interval
+                for conv, queue in list(worker.convs.items()):
+                    if conv in worker.busy:
+                        continue
+                    head = queue[0]
+                    if head.due > now:
+                        next_due = min(next_due, head.due)
+                        continue
+                    if len(worker.busy) >= self.concurrency:
+                        break
+                    worker.busy.add(conv)
+                    task = asyncio.create_task(self._deliver(worker, conv, head))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(worker.wake.wait(), max(0.0, next_due - now))
+        finally:
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for sink in self.sinks:
+            await sink.start()
+        self._writer = asyncio.create_task(self._writer_loop(), name="outbox-writer")
+        for worker in self._workers.values():
+            worker.task = asyncio.create_task(self._work(worker), name=f"sink-{worker.sink.name}")
+
+    async def _idle(self) -> bool:
+        if self._accepted or any(w.held for w in self._workers.values()):
+            return False
+        return not any((await self.outbox.depth()).values())
+
+    async def stop(self) -> None:
+        """Accepted records into the outbox, deliver within the grace, the rest stays."""
+        deadline = time.monotonic() + self.shutdown_grace
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+            self._writer = None
+        for attempt in range(3):
+            try:
+                await self._write_accepted()
+                break
+            except Exception:
+                log.error("outbox_put_failed_at_shutdown", waiting=len(self._accepted),
+                          attempt=attempt, exc_info=True)
+                await asyncio.sleep(0.2)
+        with contextlib.suppress(Exception):
+            # polls a count that may live in Redis: there is no event to wait on
+            while time.monotonic() < deadline and not await self._idle():  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        self._stopping = True
+        held: list[OutboxItem] = []
+        for worker in self._workers.values():
+            if worker.task is not None:
+                worker.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await worker.task
+                worker.task = None
+            held.extend(h.item for q in worker.convs.values() for h in q)
+            worker.convs.clear()
+            worker.ids.clear()
+            worker.busy.clear()
+        with contextlib.suppress(Exception):
+            await self.outbox.release(held)
+        left = {}
+        with contextlib.suppress(Exception):
+            left = await self.outbox.depth()
+        log.info("mirror_stopped", left_in_outbox=left)
+        await self.outbox.close()
+        for sink in self.sinks:
+            await sink.aclose()
+
+    def stats(self) -> dict[str, Any]:
+        return {"accepted_waiting": len(self._accepted),
+                "held": {n: w.held for n, w in self._workers.items()}}
