@@ -42,11 +42,19 @@ _REPLAY_PIECE = 48  # characters per replayed chunk when the answer came in one 
 
 @dataclass(slots=True)
 class CacheDecision:
+    """What the cache may do for one request. Not frozen: `acquire` marks the leader, so that
+    `release` frees the single-flight lock only for the request that holds it."""
+
     key: str | None
     read: bool
     write: bool
     ttl: float = 0.0
-    leader: bool = False  # set by `acquire`: this request holds the single-flight lock
+    leader: bool = False
+
+    @property
+    def status(self) -> str:
+        """``bypass`` or ``miss`` before a lookup (a found entry makes it a ``hit``)."""
+        return "bypass" if self.key is None else "miss"
 
 
 BYPASS = CacheDecision(None, False, False)

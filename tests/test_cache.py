@@ -246,6 +246,20 @@ async def test_failed_leader_wakes_waiters_quickly(caches: list[ResponseCache]) 
     assert elapsed < 1.0  # far below lock_seconds (2 s)
 
 
+async def test_a_waiter_takes_over_from_a_failed_leader(caches: list[ResponseCache]) -> None:
+    first = decide(caches[0], body())
+    assert await caches[0].acquire(first) is None and first.leader
+    second = decide(caches[-1], body())
+    waiter = asyncio.create_task(caches[-1].acquire(second))
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    await caches[0].release(first)  # the leader failed: nothing stored
+    assert await waiter is None
+    assert second.leader  # the waiter leads now
+    assert time.monotonic() - started < 0.5
+    await caches[-1].release(second)
+
+
 async def test_waiters_fall_back_to_upstream_after_lock_seconds() -> None:
     config = make_config(lock_seconds=0.2)
     cache = ResponseCache(config, MemoryCacheStore(10_000, 5_000))
@@ -277,3 +291,8 @@ async def test_store_errors_become_misses_and_are_logged() -> None:
         assert all("127.0.0.1" not in str(entry) for entry in logs)
     finally:
         await ns.client.aclose()
+
+
+def test_decision_status_before_lookup(cache: ResponseCache) -> None:
+    assert decide(cache, body()).status == "miss"
+    assert decide(cache, body(), header="no-store").status == "bypass"
