@@ -72,13 +72,18 @@ def spool_files(directory: Path) -> list[Path]:
 
 class SpoolOutbox:
     def __init__(self, directory: Path, sinks: list[str], *, max_resident: int = 10_000,
-                 compact_bytes: int = 4 * 1024 * 1024, path: Path | None = None) -> None:
+                 compact_bytes: int = 4 * 1024 * 1024, path: Path | None = None,
+                 readonly: bool = False) -> None:
         self.sinks = tuple(sinks)
         self.max_resident = max_resident
         self.compact_bytes = compact_bytes
+        self.readonly = readonly
         if path is None:
             self.path, self._fd = _lock_first_free(directory)
-        else:  # a given file (the CLI): must not be in use
+        elif readonly:  # inspect a file a running gateway may hold (the CLI)
+            self.path = path
+            self._fd = os.open(path, os.O_RDONLY)
+        else:  # a given file (the CLI): BlockingIOError when a running gateway holds it
             self.path = path
             self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
             try:
@@ -115,7 +120,8 @@ class SpoolOutbox:
                 continue
         self._size = len(raw)
         self._lines = raw.count(b"\n")
-        if raw and not raw.endswith(b"\n"):  # a torn last line: start the next one cleanly
+        # a torn last line: start the next one cleanly
+        if raw and not raw.endswith(b"\n") and not self.readonly:
             os.write(self._fd, b"\n")
             self._size += 1
 
@@ -180,6 +186,8 @@ class SpoolOutbox:
 
     async def flush(self) -> None:
         """Write buffered operations to the file (off the event loop)."""
+        if self.readonly:
+            return
         async with self._io:
             if self._buffer:
                 batch, self._buffer = self._buffer, []

@@ -1,0 +1,181 @@
+"""A real HTTP fake of the Inkeep Analytics API (and a webhook receiver) for tests and demos.
+
+``POST /conversations`` upserts (same ``id`` -> the stored conversation is replaced by the
+full history sent), ``POST /feedback`` and ``POST /events`` record and answer, ``POST /hook``
+is a webhook receiver. Everything accepted is recorded on ``app.state.analytics``
+(`AnalyticsState`), keyed by the ``idempotency-key`` header. Failure modes on
+``app.state.analytics.faults``: answer 500/429 (or hang past the client's timeout) for the
+next N requests or for a time window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+
+@dataclass
+class Faults:
+    """What the next requests get instead of a normal answer."""
+
+    status: int = 500
+    next_n: int = 0
+    until: float = 0.0  # monotonic deadline of a failure window
+    hang: float = 0.0  # > 0: sleep this long instead of answering with `status`
+    paths: tuple[str, ...] = ()  # empty: every path
+
+    def fail_next(self, n: int, status: int = 500, *, hang: float = 0.0) -> None:
+        self.next_n, self.status, self.hang = n, status, hang
+
+    def fail_for(self, seconds: float, status: int = 500, *, hang: float = 0.0) -> None:
+        self.until, self.status, self.hang = time.monotonic() + seconds, status, hang
+
+    def clear(self) -> None:
+        self.next_n, self.until, self.hang = 0, 0.0, 0.0
+
+    def take(self, path: str) -> bool:
+        if self.paths and path not in self.paths:
+            return False
+        if self.next_n > 0:
+            self.next_n -= 1
+            return True
+        return time.monotonic() < self.until
+
+
+@dataclass
+class Received:
+    path: str
+    key: str | None
+    body: dict[str, Any]
+    headers: dict[str, str]
+    raw: bytes
+
+
+@dataclass
+class AnalyticsState:
+    api_key: str | None = None
+    faults: Faults = field(default_factory=Faults)
+    accepted: list[Received] = field(default_factory=list)  # answered 2xx, in order
+    refused: int = 0  # answered with a fault
+    abandoned: int = 0  # hung until the client went away
+    conversations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def by_key(self, path: str | None = None) -> dict[str, list[Received]]:
+        found: dict[str, list[Received]] = {}
+        for r in self.accepted:
+            if r.key is not None and (path is None or r.path == path):
+                found.setdefault(r.key, []).append(r)
+        return found
+
+    def on(self, path: str) -> list[Received]:
+        return [r for r in self.accepted if r.path == path]
+
+
+def _problem(status: int, title: str) -> Response:
+    body = {"title": title, "status": status, "detail": title,
+            "error": {"code": str(status), "message": title}}
+    return Response(orjson.dumps(body), status, media_type="application/problem+json")
+
+
+def create_fake_analytics_app(api_key: str | None = None, *,
+                              state: AnalyticsState | None = None) -> Starlette:
+    st = state or AnalyticsState(api_key=api_key)
+
+    async def gate(request: Request, *, auth: bool) -> Response | None:
+        if st.faults.take(request.url.path):
+            if st.faults.hang:
+                await asyncio.sleep(st.faults.hang)
+                if await request.is_disconnected():
+                    st.abandoned += 1
+                    return Response(status_code=499)
+            st.refused += 1
+            headers = {"retry-after": "0"} if st.faults.status == 429 else None
+            resp = _problem(st.faults.status, "injected failure")
+            if headers:
+                resp.headers.update(headers)
+            return resp
+        if auth and st.api_key is not None:
+            if request.headers.get("authorization") != f"Bearer {st.api_key}":
+                return _problem(401, "Missing or invalid API key.")
+        return None
+
+    async def receive(request: Request, *, auth: bool = True) -> Received | Response:
+        refused = await gate(request, auth=auth)
+        if refused is not None:
+            return refused
+        raw = await request.body()
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return _problem(400, "Body is not JSON.")
+        if not isinstance(body, dict):
+            return _problem(400, "Body must be an object.")
+        return Received(request.url.path, request.headers.get("idempotency-key"), body,
+                        dict(request.headers), raw)
+
+    async def conversations(request: Request) -> Response:
+        got = await receive(request)
+        if isinstance(got, Response):
+            return got
+        body = got.body
+        if body.get("type") != "openai" or not isinstance(body.get("messages"), list):
+            return _problem(422, "type must be 'openai' and messages a list")
+        if any(m.get("role") not in ("system", "user", "assistant") for m in body["messages"]):
+            return _problem(422, "role must be system, user or assistant")
+        conv_id = body.get("id") or f"conv_{next(st.ids)}"
+        messages = [{"id": m.get("id") or f"msg_{next(st.ids)}", **m} for m in body["messages"]]
+        stored = {"id": conv_id, "type": "openai", "messages": messages,
+                  "properties": body.get("properties"),
+                  "userProperties": body.get("userProperties"),
+                  "createdAt": st.conversations.get(conv_id, {}).get("createdAt")
+                  or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        st.conversations[conv_id] = stored
+        st.accepted.append(got)
+        return Response(orjson.dumps(stored), 200, media_type="application/json")
+
+    async def feedback(request: Request) -> Response:
+        got = await receive(request)
+        if isinstance(got, Response):
+            return got
+        if got.body.get("type") not in ("positive", "negative") or not got.body.get("messageId"):
+            return _problem(422, "type and messageId are required")
+        st.accepted.append(got)
+        reply = {"id": f"fb_{next(st.ids)}", "type": got.body["type"],
+                 "messageId": got.body["messageId"]}
+        return Response(orjson.dumps(reply), 200, media_type="application/json")
+
+    async def events(request: Request) -> Response:
+        got = await receive(request)
+        if isinstance(got, Response):
+            return got
+        if not got.body.get("type"):
+            return _problem(422, "type is required")
+        st.accepted.append(got)
+        reply = {"id": f"ev_{next(st.ids)}", "type": got.body["type"]}
+        return Response(orjson.dumps(reply), 200, media_type="application/json")
+
+    async def hook(request: Request) -> Response:
+        got = await receive(request, auth=False)
+        if isinstance(got, Response):
+            return got
+        st.accepted.append(got)
+        return Response(b"", 204)
+
+    app = Starlette(routes=[
+        Route("/conversations", conversations, methods=["POST"]),
+        Route("/feedback", feedback, methods=["POST"]),
+        Route("/events", events, methods=["POST"]),
+        Route("/hook", hook, methods=["POST"]),
+    ])
+    app.state.analytics = st
+    return app
