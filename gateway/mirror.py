@@ -201,7 +201,7 @@ class Mirror:
                 held.item, held.due = failed, time.monotonic() + wait
                 self._count(name, "retried")
                 log.info("sink_retry", sink=name, attempts=failed.attempts,
-                         wait=round(wait, 3), error=exc.code)
+                         wait=round(wait, 3), error=exc.code, detail=exc.message)
                 return
             await self.outbox.ack(item)
             self._count(name, "delivered")

@@ -1,0 +1,236 @@
+"""Analytics mirroring against the fake Analytics API on a real uvicorn: faults then recovery,
+exactly once per idempotency key, in order per conversation, dead letters and replay, a spool
+that survives a restart, and records a dead Redis consumer left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry
+
+from gateway.config import GatewayConfig
+from gateway.metrics import Metrics
+from gateway.mirror import Backoff, Mirror, idempotency_key
+from gateway.sinks import Sink, make_sinks
+from gateway.stores.outbox import Outbox, RedisOutbox, make_outbox
+from gateway.stores.redis_base import RedisNamespace, connect
+from gateway.testing.fake_analytics import AnalyticsState, create_fake_analytics_app
+from gateway.testing.server import run_server
+from tests.analytics_records import record
+
+API_KEY = "analytics-key"
+FAST = Backoff(initial=0.01, factor=2.0, cap=0.1)
+
+
+@pytest.fixture
+async def analytics() -> AsyncIterator[tuple[str, AnalyticsState]]:
+    app = create_fake_analytics_app(API_KEY)
+    async with run_server(app) as url:
+        yield url, app.state.analytics
+
+
+def make_config(tmp_path: Path, url: str, *, store: str = "memory", key: str = API_KEY,
+                webhook: bool = False, **outbox: Any) -> GatewayConfig:
+    sinks: list[dict[str, Any]] = [{"name": "ink", "kind": "inkeep", "url": url,
+                                    "api_key": key, "timeout": 0.3}]
+    if webhook:
+        sinks.append({"name": "hook", "kind": "webhook", "url": url + "/hook",
+                      "secret": "s", "timeout": 0.3})
+    box = {"spool_dir": str(tmp_path / "outbox"), "shutdown_grace": 2.0,
+           "claim_idle_seconds": 0.3, **outbox}
+    return GatewayConfig.model_validate({"store": store, "base_dir": tmp_path,
+                                         "analytics": {"sinks": sinks, "outbox": box}})
+
+
+def build(config: GatewayConfig, ns: RedisNamespace | None = None,
+          metrics: Metrics | None = None, **kw: Any) -> Mirror:
+    outbox: Outbox = make_outbox(config, ns)
+    sinks: list[Sink] = make_sinks(config.analytics.sinks)
+    return Mirror(config, outbox, sinks, metrics, backoff=FAST, poll_interval=0.05, **kw)
+
+
+async def until(check: Callable[[], bool], within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.02)
+
+
+def conversation_turns(n_convs: int, turns: int) -> list[Any]:
+    """Records of `n_convs` conversations, turns interleaved, each turn's history growing."""
+    out = []
+    for t in range(turns):
+        for c in range(n_convs):
+            history: list[dict[str, Any]] = []
+            for prev in range(t):
+                history += [{"role": "user", "content": f"q{prev}"},
+                            {"role": "assistant", "content": f"a{prev}"}]
+            history.append({"role": "user", "content": f"q{t}"})
+            out.append(record(request_id=f"c{c}-t{t}", conversation_id=f"conv-{c}",
+                              messages=history, answer=f"a{t}"))
+    return out
+
+
+def check_exactly_once_in_order(state: AnalyticsState, records: list[Any], path: str) -> None:
+    by_key = state.by_key(path)
+    assert set(by_key) == {idempotency_key(r) for r in records}
+    assert all(len(got) == 1 for got in by_key.values()), "a record arrived twice"
+    seen: dict[str, list[str]] = {}
+    for got in state.on(path):
+        body = got.body
+        conv = body["id"] if path == "/conversations" else body["conversation_id"]
+        rid = body["properties"]["request_id"] if path == "/conversations" else body[
+            "request_id"]
+        seen.setdefault(conv, []).append(rid)
+    for conv, rids in seen.items():
+        assert rids == sorted(rids, key=lambda r: int(r.split("-t")[1])), conv
+
+
+@pytest.mark.parametrize("store", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def test_faults_then_recovery_deliver_everything_once_in_order(
+        store: str, analytics: tuple[str, AnalyticsState], tmp_path: Path,
+        request: pytest.FixtureRequest) -> None:
+    url, state = analytics
+    ns = None
+    if store == "redis":
+        ns = connect(request.getfixturevalue("redis_proc").url, "test")
+        await ns.client.flushall()
+    config = make_config(tmp_path, url, store="memory", webhook=True)
+    metrics = Metrics(CollectorRegistry())
+    mirror = build(config, ns, metrics)
+    await mirror.start()
+    records = conversation_turns(5, 6)
+    try:
+        state.faults.fail_for(0.5, 500)
+        for i, rec in enumerate(records):
+            mirror.exchange_finished(rec)
+            if i == 10:
+                await asyncio.sleep(0.6)
+                state.faults.fail_next(6, 500, hang=0.5)  # past the sink's 0.3 s timeout
+            if i == 20:
+                state.faults.fail_next(4, 429)
+        await until(lambda: len(state.by_key("/conversations")) == len(records)
+                    and len(state.by_key("/hook")) == len(records))
+    finally:
+        await mirror.stop()
+        if ns is not None:
+            await ns.client.aclose()
+    assert state.refused > 0
+    check_exactly_once_in_order(state, records, "/conversations")
+    check_exactly_once_in_order(state, records, "/hook")
+    # the last upsert of each conversation holds its full history plus the answer
+    last = state.conversations["conv-3"]["messages"]
+    assert [m["content"] for m in last][-3:] == ["a4", "q5", "a5"]
+    r = metrics.registry
+    assert r.get_sample_value("gateway_outbox_deliveries_total",
+                              {"sink": "ink", "result": "delivered"}) == len(records)
+    assert (r.get_sample_value("gateway_outbox_deliveries_total",
+                               {"sink": "ink", "result": "retried"}) or 0) > 0
+
+
+async def test_refused_and_expired_records_are_dead_lettered_then_replayed(
+        analytics: tuple[str, AnalyticsState], tmp_path: Path) -> None:
+    url, state = analytics
+    mirror = build(make_config(tmp_path, url, key="wrong-key"))
+    await mirror.start()
+    try:
+        mirror.exchange_finished(record(request_id="refused"))  # 401: dead at once
+        await until_dead(mirror.outbox, 1)
+    finally:
+        await mirror.stop()
+    mirror = build(make_config(tmp_path, url, dead_letter_after=0.3))
+    await mirror.start()
+    try:
+        [refused] = await mirror.outbox.list_dead()
+        assert refused.key == "gw-refused" and "401" in refused.reason
+        state.faults.fail_for(30, 503)
+        mirror.exchange_finished(record(request_id="expired"))  # 503 for longer than 0.3 s
+        await until_dead(mirror.outbox, 2)
+        reasons = {d.key: d.reason for d in await mirror.outbox.list_dead()}
+        assert reasons["gw-expired"].startswith("kept failing")
+        assert state.accepted == [] and await mirror.outbox.depth() == {"ink": 0}
+        state.faults.clear()
+        assert await mirror.outbox.replay_dead() == 2
+        await until(lambda: len(state.by_key("/conversations")) == 2)
+    finally:
+        await mirror.stop()
+    assert set(state.by_key("/conversations")) == {"gw-refused", "gw-expired"}
+
+
+async def until_dead(outbox: Outbox, n: int, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while len(await outbox.list_dead()) < n:
+        assert time.monotonic() < deadline, "timed out waiting for dead letters"
+        await asyncio.sleep(0.02)
+
+
+async def test_the_spool_survives_a_restart(
+        analytics: tuple[str, AnalyticsState], tmp_path: Path) -> None:
+    url, state = analytics
+    config = make_config(tmp_path, url, shutdown_grace=0.2)
+    state.faults.fail_for(60, 500)
+    first = build(config)
+    await first.start()
+    records = [record(request_id=f"s{i}") for i in range(20)]
+    for rec in records:
+        first.exchange_finished(rec)
+    await first.stop()  # nothing could be delivered: everything stays in the spool
+    assert state.accepted == []
+    state.faults.clear()
+    second = build(config)  # a new process on the same directory
+    await second.start()
+    try:
+        await until(lambda: len(state.by_key("/conversations")) == 20)
+    finally:
+        await second.stop()
+    assert all(len(v) == 1 for v in state.by_key("/conversations").values())
+    assert await build(config).outbox.depth() == {"ink": 0}
+
+
+async def test_accepting_never_waits_on_a_sink(
+        analytics: tuple[str, AnalyticsState], tmp_path: Path) -> None:
+    url, state = analytics
+    state.faults.fail_for(60, 500, hang=5)
+    mirror = build(make_config(tmp_path, url, shutdown_grace=0.1))
+    await mirror.start()
+    started = time.perf_counter()
+    for i in range(2000):
+        mirror.exchange_finished(record(request_id=f"n{i}"))
+    elapsed = time.perf_counter() - started
+    await mirror.stop()
+    assert elapsed < 0.5  # ~ tens of microseconds per record
+    again = build(make_config(tmp_path, url))
+    assert await again.outbox.depth() == {"ink": 2000}
+    await again.outbox.close()
+
+
+@pytest.mark.redis
+async def test_records_a_crashed_replica_claimed_are_delivered_by_another(
+        analytics: tuple[str, AnalyticsState], tmp_path: Path, redis_url: str) -> None:
+    url, state = analytics
+    config = make_config(tmp_path, url, claim_idle_seconds=0.3)
+    dead_ns, live_ns = connect(redis_url, "test"), connect(redis_url, "test")
+    try:
+        crashed = RedisOutbox(dead_ns, ["ink"], claim_idle_seconds=0.3)
+        records = [record(request_id=f"x{i}") for i in range(5)]
+        await crashed.put_many([(orjson.dumps(r.to_dict()), idempotency_key(r))
+                                for r in records])
+        assert len(await crashed.claim("ink", 10, "replica-that-died")) == 5  # never acked
+        survivor = build(config, live_ns)
+        await survivor.start()
+        try:
+            await asyncio.sleep(0.15)
+            assert state.accepted == []  # not idle long enough yet
+            await until(lambda: len(state.by_key("/conversations")) == 5)
+        finally:
+            await survivor.stop()
+        assert await RedisOutbox(live_ns, ["ink"]).depth() == {"ink": 0}
+    finally:
+        await dead_ns.client.aclose()
+        await live_ns.client.aclose()
