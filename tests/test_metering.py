@@ -9,7 +9,7 @@ from datetime import date
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.exchange import ExchangeRecord
+from gateway.exchange import ExchangeRecord, Outcome
 from gateway.metering import Meter, MeterCounters, delta_of
 from gateway.metrics import Metrics
 from gateway.stores.redis_base import connect
@@ -23,7 +23,8 @@ def mixed_run(n: int, seed: int = 7) -> list[ExchangeRecord]:
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        outcome = rng.choice(["completed", "completed", "error", "client_disconnected"])
+        outcomes: list[Outcome] = ["completed", "completed", "error", "client_disconnected"]
+        outcome = rng.choice(outcomes)
         out.append(record(team=rng.choice(["alpha", "beta"]), key_id=rng.choice(["k1", "k2"]),
                           model=rng.choice(["qa", "rag"]), prompt=rng.randint(0, 50),
                           completion=rng.randint(0, 80), cached=rng.random() < 0.2,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 import pytest
@@ -35,7 +36,7 @@ from gateway.testing.server import run_server
 from tests.analytics_records import record
 
 API_KEY = "ink-analytics-secret"
-TOOL_HISTORY = [
+TOOL_HISTORY: list[dict[str, Any]] = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": [{"type": "text", "text": "Weather"},
                                  {"type": "image_url", "image_url": {"url": "x"}},

@@ -107,7 +107,7 @@ async def test_redis_add_is_one_pipeline_round_trip(redis_url: str) -> None:
                 calls.append(len(pipe.command_stack))
                 return await execute(*a, **k)  # type: ignore[arg-type]
 
-            pipe.execute = run  # type: ignore[method-assign]
+            pipe.execute = run  # type: ignore[assignment,method-assign]
             return pipe
 
         ns.client.pipeline = counting  # type: ignore[assignment,method-assign]
