@@ -126,8 +126,9 @@ class Meter:
 
     async def _run(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.flush_interval)
+            with contextlib.suppress(TimeoutError):  # not wait_for: see mirror.wait_event
+                async with asyncio.timeout(self.flush_interval):
+                    await self._wake.wait()
             self._wake.clear()
             with contextlib.suppress(Exception):  # logged in flush(); retried next round
                 await self.flush()
@@ -139,8 +140,7 @@ class Meter:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task}, timeout=2.0)
             self._task = None
         try:
             await self.flush()

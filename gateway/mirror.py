@@ -53,6 +53,14 @@ class Backoff:
         return wait
 
 
+async def wait_event(event: asyncio.Event, seconds: float) -> None:
+    """Wait for `event` at most `seconds`. Not ``wait_for``: on Python 3.11 it can swallow a
+    cancellation that races with the event, and a worker would then never stop."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
+
+
 def idempotency_key(record: ExchangeRecord) -> str:
     """One key per record (the request id is unique per exchange)."""
     return f"gw-{record.request_id}"
@@ -117,6 +125,7 @@ class Mirror:
         self._writer: asyncio.Task[None] | None = None
         self._workers = {s.name: _SinkWorker(s) for s in self.sinks}
         self._stopping = False
+        self._writer_done = False
 
     # -- accepting ---------------------------------------------------------------------------
 
@@ -148,6 +157,8 @@ class Mirror:
         while True:
             await self._put_wake.wait()
             self._put_wake.clear()
+            if self._writer_done:
+                return
             try:
                 await self._write_accepted()
             except Exception:  # the store may be down: keep the records, try again soon
@@ -230,7 +241,7 @@ class Mirror:
         tasks: set[asyncio.Task[None]] = set()
         last_touch = last_depth = time.monotonic()
         try:
-            while True:
+            while not self._stopping:
                 worker.wake.clear()
                 now = time.monotonic()
                 try:
@@ -261,8 +272,7 @@ class Mirror:
                     task = asyncio.create_task(self._deliver(worker, conv, head))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(worker.wake.wait(), max(0.0, next_due - now))
+                await wait_event(worker.wake, max(0.0, next_due - now))
         finally:
             for task in tasks:
                 task.cancel()
@@ -287,9 +297,12 @@ class Mirror:
         """Accepted records into the outbox, deliver within the grace, the rest stays."""
         deadline = time.monotonic() + self.shutdown_grace
         if self._writer is not None:
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
+            # let a put in progress finish (cancelling it midway could write a record twice)
+            self._writer_done = True
+            self._put_wake.set()
+            done, _ = await asyncio.wait({self._writer}, timeout=max(1.0, self.shutdown_grace))
+            if not done:
+                self._writer.cancel()
             self._writer = None
         for attempt in range(3):
             try:
@@ -306,10 +319,12 @@ class Mirror:
         self._stopping = True
         held: list[OutboxItem] = []
         for worker in self._workers.values():
+            worker.wake.set()
             if worker.task is not None:
                 worker.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await worker.task
+                done, _ = await asyncio.wait({worker.task}, timeout=2.0)
+                if not done:
+                    log.error("sink_worker_did_not_stop", sink=worker.sink.name)
                 worker.task = None
             held.extend(h.item for q in worker.convs.values() for h in q)
             worker.convs.clear()

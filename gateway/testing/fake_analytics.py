@@ -66,7 +66,8 @@ class AnalyticsState:
     faults: Faults = field(default_factory=Faults)
     accepted: list[Received] = field(default_factory=list)  # answered 2xx, in order
     refused: int = 0  # answered with a fault
-    abandoned: int = 0  # hung until the client went away
+    hung: int = 0  # requests held for `faults.hang` seconds
+    abandoned: int = 0  # of those, the ones whose client had gone away by then
     conversations: dict[str, dict[str, Any]] = field(default_factory=dict)
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -94,6 +95,7 @@ def create_fake_analytics_app(api_key: str | None = None, *,
     async def gate(request: Request, *, auth: bool) -> Response | None:
         if st.faults.take(request.url.path):
             if st.faults.hang:
+                st.hung += 1
                 await asyncio.sleep(st.faults.hang)
                 if await request.is_disconnected():
                     st.abandoned += 1
