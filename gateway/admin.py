@@ -6,6 +6,8 @@ teams as JSON, the same operations as ``gateway keys`` / ``gateway teams``.
     GET    /admin/keys/{id}          one key
     DELETE /admin/keys/{id}          revoke
     GET    /admin/teams              list team limits set at run time
+    GET    /admin/usage[?team=T&since=YYYY-MM-DD&until=YYYY-MM-DD]
+                                     usage rows, as ``gateway usage --format json``
     PUT    /admin/teams[/{name}]     set a team's limits
 
 Every call needs ``Authorization: Bearer <admin key>`` (constant-time comparison); errors use
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
+from datetime import date
 from typing import Any
 
 import orjson
@@ -28,6 +31,7 @@ from gateway.auth import KeyAuthority, create_key, parse_duration
 from gateway.config import GatewayConfig, format_validation_error
 from gateway.errors import AuthenticationFailed, GatewayError, InvalidRequest, NotFound
 from gateway.stores.keys import KeyStore, ModelLimit, TeamRecord
+from gateway.stores.usage import UsageStore
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -76,8 +80,20 @@ async def _parse(request: Request, model: type[_Body]) -> Any:
         raise InvalidRequest(f"Invalid request body: {format_validation_error(exc)}") from None
 
 
+def _date_param(request: Request, name: str, default: date) -> date:
+    text = request.query_params.get(name)
+    if text is None:
+        return default
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise InvalidRequest(f"{name} must be a date, YYYY-MM-DD; got {text!r}.",
+                             param=name) from None
+
+
 def admin_routes(
-    config: GatewayConfig, store: KeyStore, authority: KeyAuthority | None = None
+    config: GatewayConfig, store: KeyStore, authority: KeyAuthority | None = None,
+    usage: UsageStore | None = None,
 ) -> list[Route]:
     """The admin routes, guarded by ``config.server.admin_key`` (none configured: every call
     is refused). `authority`, when given, drops its cached copy of a changed key at once."""
@@ -151,7 +167,22 @@ def admin_routes(
         changed("*")
         return _json(record.to_dict())
 
+    async def get_usage(request: Request) -> Response:
+        from gateway.cli_usage import default_range, usage_report
+
+        if usage is None:
+            raise NotFound("Usage metering is not enabled on this gateway.")
+        since, until = default_range()
+        since = _date_param(request, "since", since)
+        until = _date_param(request, "until", until)
+        if since > until:
+            raise InvalidRequest("since is after until.", param="since")
+        rows = await usage_report(usage, request.query_params.get("team"), since, until)
+        return _json({"object": "list", "since": since.isoformat(),
+                      "until": until.isoformat(), "data": rows})
+
     return [
+        Route("/admin/usage", guarded(get_usage), methods=["GET"]),
         Route("/admin/keys", guarded(list_keys), methods=["GET"]),
         Route("/admin/keys", guarded(post_key), methods=["POST"]),
         Route("/admin/keys/{key_id}", guarded(get_key), methods=["GET"]),

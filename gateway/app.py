@@ -91,6 +91,7 @@ def create_app(
         HTTPRoute("/v1/chat/completions", chat, methods=["POST"]),
         HTTPRoute("/chat/completions", chat, methods=["POST"]),
         HTTPRoute("/v1/models", endpoints.list_models, methods=["GET"]),
+        HTTPRoute("/v1/feedback", endpoints.feedback, methods=["POST"]),
         HTTPRoute("/healthz", endpoints.healthz, methods=["GET"]),
         HTTPRoute("/readyz", endpoints.readyz, methods=["GET"]),
         HTTPRoute("/metrics", endpoints.metrics, methods=["GET"]),
@@ -174,7 +175,8 @@ async def assemble(
         from gateway.admin import admin_routes
 
         parts.extra["admin"] = Starlette(
-            routes=admin_routes(config, parts.extra["key_store"], parts.extra["authority"]),
+            routes=admin_routes(config, parts.extra["key_store"], parts.extra["authority"],
+                                parts.extra["analytics"].usage_store),
             exception_handlers={HTTPException: _http_error, Exception: _server_error},
         )
     log.info("gateway_ready", models=len(routes), backends=len(backends),

@@ -33,6 +33,7 @@ async def _nothing() -> None:
 async def build_components(
     config: GatewayConfig, stack: AsyncExitStack, metrics: Metrics
 ) -> Components:
+    from gateway.analytics import build_analytics
     from gateway.auth import KeyAuthority
     from gateway.cache import CacheHooks
     from gateway.cache import ResponseCache as Cache
@@ -69,13 +70,16 @@ async def build_components(
                    store_error=metrics.store_unavailable.labels("cache").inc),
     )
 
+    analytics = await build_analytics(config, ns, metrics, stack)
+
     extra: dict[str, Any] = {"redis": ns, "key_store": key_store, "authority": authority,
-                             "limit_store": limit_store}
+                             "limit_store": limit_store, "analytics": analytics}
     return Components(
         authenticator=authority,
         admitter=limiter,
         cache=cache,
-        observers=[],
+        observers=analytics.observers,
         ping=ping,
+        message_ids=analytics.message_ids,
         extra=extra,
     )

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.errors import GatewayError, PayloadTooLarge
+from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge, ServiceUnavailable
 from gateway.pipeline import Piece
 from gateway.state import GatewayState
 
@@ -39,7 +39,7 @@ def error_response(exc: GatewayError) -> Response:
                     media_type="application/json")
 
 
-async def read_body(receive: Any, scope: dict[str, Any], limit: int) -> bytes:
+async def read_body(receive: Any, scope: Mapping[str, Any], limit: int) -> bytes:
     for name, value in scope["headers"]:
         if name == b"content-length":
             try:
@@ -165,6 +165,34 @@ async def list_models(request: Request) -> Response:
     ]
     return Response(orjson.dumps({"object": "list", "data": data}),
                     media_type="application/json")
+
+
+FEEDBACK_LIMIT = 64 * 1024
+
+
+async def feedback(request: Request) -> Response:
+    """``POST /v1/feedback``: thumbs up/down for an answer, by the id the chat response gave
+    in ``x-gateway-message-id``, forwarded to the Inkeep Analytics ``/feedback`` endpoint;
+    the reply is the Analytics API's feedback object."""
+    from gateway.feedback import forward_feedback
+
+    state: GatewayState = request.state.gateway
+    try:
+        await state.authenticator.authenticate(request.headers.get("authorization"))
+        analytics = state.components.get("analytics")
+        sink = analytics.inkeep if analytics is not None else None
+        if sink is None:
+            raise ServiceUnavailable(
+                "Feedback needs an `inkeep` sink under analytics.sinks in the gateway config.")
+        raw = await read_body(request.receive, request.scope, FEEDBACK_LIMIT)
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise InvalidRequest("The feedback body is not valid JSON.") from None
+        reply = await forward_feedback(sink, body)
+    except GatewayError as exc:
+        return error_response(exc)
+    return Response(orjson.dumps(reply), media_type="application/json")
 
 
 async def healthz(request: Request) -> Response:
