@@ -39,6 +39,7 @@ class GatewaySpec:
     redis: bool = False  # store on the throw-away redis-server instead of in-process
     cache: bool = False  # add the ``bench-cached`` model with the response cache on
     sink: bool = False  # one webhook analytics sink (nginx ``/hook``)
+    sink_batch: int = 1  # the sink's ``batch``: records per POST
     # the client uses a key made by ``gateway keys create`` in the variant's key store (the
     # key file, or Redis) instead of the static key of the config
     created_key: bool = False
@@ -85,7 +86,8 @@ def render_config(spec: GatewaySpec, upstream: Upstream, *, redis_url: str | Non
         config["limits"] = {"key_rpm": HUGE, "key_tpm": HUGE, "key_max_concurrent": 100_000}
     if spec.sink:
         config["analytics"]["sinks"] = [{"name": "hook", "kind": "webhook",
-                                         "url": upstream.hook, "timeout": 5}]
+                                         "url": upstream.hook, "timeout": 5,
+                                         "batch": spec.sink_batch}]
     return config
 
 

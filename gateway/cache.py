@@ -224,6 +224,17 @@ class ResponseCache:
             self.hooks.stored_bytes(len(data))
         return stored
 
+    def release_now(self, decision: CacheDecision) -> bool:
+        """Release without a task when the store is in-process; False: call `release`."""
+        if decision.key is None or not decision.leader:
+            return True
+        unlock_now = getattr(self.store, "unlock_now", None)
+        if unlock_now is None:
+            return False
+        decision.leader = False
+        unlock_now(decision.key)
+        return True
+
     async def release(self, decision: CacheDecision) -> None:
         if decision.key is None or not decision.leader:
             return

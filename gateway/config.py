@@ -141,6 +141,9 @@ class SinkConfig(_Strict):
     secret: SecretStr | None = None  # webhook: HMAC-SHA256 signing secret
     timeout: float = Field(default=10.0, gt=0)
     headers: dict[str, str] = Field(default_factory=dict)
+    # webhook: records per POST; above 1 the body is a JSON array of records (one POST for
+    # up to `batch` records that are ready together: far less CPU under load)
+    batch: int = Field(default=1, ge=1, le=1000)
 
     @field_validator("url")
     @classmethod
@@ -148,6 +151,13 @@ class SinkConfig(_Strict):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _batch_for_webhooks(self) -> SinkConfig:
+        if self.batch > 1 and self.kind != "webhook":
+            raise ValueError("batch: only webhook sinks take batches (the Inkeep Analytics "
+                             "API takes one conversation per call)")
+        return self
 
 
 class OutboxConfig(_Strict):

@@ -7,7 +7,7 @@ not block: they queue their work and return.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 Outcome = Literal["completed", "error", "client_disconnected"]
@@ -54,7 +54,8 @@ class ExchangeRecord:
         return bool(self.usage.get("estimated"))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """A shallow dict of the fields (``orjson.dumps(record)`` serialises it directly)."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExchangeRecord:

@@ -18,6 +18,7 @@ import itertools
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -86,6 +87,18 @@ class Admission:
         self._estimate = estimate
         self._settled = False
 
+    def settle_now(self, actual_tokens: int) -> bool:
+        """Settle without a task when the store works in-process (no I/O); False: call
+        `settle` instead."""
+        if self._settled or self._request is None:
+            return True
+        store = self._store
+        if not isinstance(store, MemoryLimitStore):
+            return False
+        self._settled = True
+        store.settle_now(self._request, actual_tokens - self._estimate)
+        return True
+
     async def settle(self, actual_tokens: int) -> None:
         if self._settled or self._store is None or self._request is None:
             return
@@ -131,6 +144,7 @@ class Limiter:
         defaults = config.limits
         self._key_rpm, self._key_tpm = defaults.key_rpm, defaults.key_tpm
         self._key_conc = defaults.key_max_concurrent
+        self._periods = _Periods.at(-1)
 
     def unavailable(self) -> None:
         if self.on_unavailable is not None:
@@ -167,11 +181,17 @@ class Limiter:
                     buckets.append(Bucket("model_tpm", f"m:{model}:tpm", "tokens",
                                           per_model.tpm, tokens))
             if team.daily_token_budget or team.monthly_token_budget:
-                now = datetime.fromtimestamp(self.clock(), UTC)
+                wall = self.clock()
+                periods = self._periods
+                if periods.second != int(wall):
+                    periods = self._periods = _Periods.at(int(wall))
                 if team.daily_token_budget:
-                    budgets.append(_daily(now, team.daily_token_budget, tokens))
+                    budgets.append(Budget("daily_budget", periods.day, team.daily_token_budget,
+                                          tokens, periods.day_end - wall))
                 if team.monthly_token_budget:
-                    budgets.append(_monthly(now, team.monthly_token_budget, tokens))
+                    budgets.append(Budget("monthly_budget", periods.month,
+                                          team.monthly_token_budget, tokens,
+                                          periods.month_end - wall))
         concurrency = Concurrency(f"c:{key_id}", conc, self.lease_seconds) if conc else None
         return AcquireRequest(principal.team, tuple(buckets), tuple(budgets), concurrency,
                               self._lease_prefix + str(next(self._leases)))
@@ -243,15 +263,23 @@ def _cost(request: AcquireRequest, name: str) -> int:
     return next((g.cost for g in request.budgets if g.name == name), 0)
 
 
-def _daily(now: datetime, limit: int, tokens: int) -> Budget:
-    start = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    ttl = 86400 - (now - start).total_seconds()
-    return Budget("daily_budget", f"b:d:{now:%Y%m%d}", limit, tokens, ttl)
+@dataclass(frozen=True, slots=True)
+class _Periods:
+    """The budget periods (UTC day and month) of one wall-clock second: their scopes and
+    when they end. Computed once per second, not per request."""
 
+    second: int
+    day: str
+    day_end: float
+    month: str
+    month_end: float
 
-def _monthly(now: datetime, limit: int, tokens: int) -> Budget:
-    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    following = start.replace(year=start.year + 1, month=1) if start.month == 12 else \
-        start.replace(month=start.month + 1)
-    ttl = (following - now).total_seconds()
-    return Budget("monthly_budget", f"b:m:{now:%Y%m}", limit, tokens, ttl)
+    @classmethod
+    def at(cls, second: int) -> _Periods:
+        now = datetime.fromtimestamp(second, UTC)
+        day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        month = day.replace(day=1)
+        following = month.replace(year=month.year + 1, month=1) if month.month == 12 else \
+            month.replace(month=month.month + 1)
+        return cls(second, f"b:d:{now:%Y%m%d}", day.timestamp() + 86400,
+                   f"b:m:{now:%Y%m}", following.timestamp())

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 from datetime import date
+from typing import Any
 
 import structlog
 from prometheus_client import Counter
@@ -69,6 +70,7 @@ class Meter:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._children: dict[tuple[str, str, str, int, bool], tuple[Any, Any, Any]] = {}
         self.flushes = 0  # successful store writes (tests, debugging)
 
     # -- the observer ------------------------------------------------------------------------
@@ -86,17 +88,29 @@ class Meter:
             log.exception("meter_record_failed", request_id=record.request_id)
 
     def _count(self, record: ExchangeRecord) -> None:
-        tokens, requests = self.counters.tokens, self.counters.requests
+        key = (record.team, record.model, record.backend, record.status, record.cached)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = self._labelled(record)
+        requests, prompt, completion = children
         if requests is not None:
-            requests.labels(record.team, record.model, record.backend, str(record.status),
-                            "true" if record.cached else "false").inc()
-        if tokens is not None:
+            requests.inc()
+        if prompt is not None:
             if record.prompt_tokens:
-                tokens.labels(record.team, record.model, record.backend, "prompt").inc(
-                    record.prompt_tokens)
+                prompt.inc(record.prompt_tokens)
             if record.completion_tokens:
-                tokens.labels(record.team, record.model, record.backend, "completion").inc(
-                    record.completion_tokens)
+                completion.inc(record.completion_tokens)
+
+    def _labelled(self, record: ExchangeRecord) -> tuple[Any, Any, Any]:
+        """The counters' children for one label set (`labels` is slow: looked up once)."""
+        tokens, requests = self.counters.tokens, self.counters.requests
+        cells = (record.team, record.model, record.backend)
+        return (
+            None if requests is None else requests.labels(
+                *cells, str(record.status), "true" if record.cached else "false"),
+            None if tokens is None else tokens.labels(*cells, "prompt"),
+            None if tokens is None else tokens.labels(*cells, "completion"),
+        )
 
     # -- flushing ----------------------------------------------------------------------------
 

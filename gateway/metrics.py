@@ -8,6 +8,7 @@ never key ids, user ids or anything a client can make up freely.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -65,6 +66,17 @@ class Metrics:
         self.in_flight = Gauge(
             "gateway_in_flight_requests", "Chat completion requests in progress", registry=r,
             multiprocess_mode="livesum")
+
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once per label set: `labels` takes a lock and
+        builds tuples, measurably slow on a path taken several times per request."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def render(self) -> tuple[bytes, str]:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -2,7 +2,8 @@
 
 `Mirror.exchange_finished` serialises the record and appends it to an in-memory list; a
 writer task moves that list into the outbox (spool append off the event loop, or one
-pipelined XADD). One delivery worker per sink claims records from the outbox and delivers
+pipelined XADD), at most once per ``write_interval`` (10 ms) so that a loaded gateway writes
+batches rather than one record per event-loop turn. One delivery worker per sink claims records from the outbox and delivers
 them, at most one at a time per conversation (turn 2 never overtakes turn 1), retrying 429,
 5xx and timeouts with exponential backoff and full jitter, dead-lettering a record that has
 kept failing for ``dead_letter_after`` seconds (or that a sink refused outright).
@@ -22,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import structlog
@@ -31,10 +32,11 @@ from gateway.config import GatewayConfig
 from gateway.errors import UpstreamError
 from gateway.exchange import ExchangeRecord
 from gateway.metrics import Metrics
-from gateway.sinks import Sink, retryable
+from gateway.sinks import BatchSink, Sink, retryable
 from gateway.stores.outbox import Outbox, OutboxItem
 
 log = structlog.get_logger("gateway.mirror")
+LOCAL_RECORDS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +84,7 @@ class _SinkWorker:
     sink: Sink
     convs: dict[str, deque[_Held]] = field(default_factory=dict)
     busy: set[str] = field(default_factory=set)
+    inflight: int = 0  # delivery tasks running (each one record or one batch)
     ids: set[str] = field(default_factory=set)
     task: asyncio.Task[None] | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -104,6 +107,7 @@ class Mirror:
         batch: int = 64,
         concurrency: int = 16,
         poll_interval: float = 0.2,
+        write_interval: float = 0.01,
         clock: Callable[[], float] = time.time,
     ) -> None:
         box = config.analytics.outbox
@@ -115,12 +119,16 @@ class Mirror:
         self.batch = batch
         self.concurrency = concurrency
         self.poll_interval = poll_interval
+        self.write_interval = write_interval
         self.dead_letter_after = box.dead_letter_after
         self.shutdown_grace = box.shutdown_grace
         self.max_queue = box.max_queue
         self.touch_every = box.claim_idle_seconds / 3
         self.clock = clock
         self._accepted: list[tuple[bytes, str]] = []
+        # records accepted here and not yet done with by every sink, by idempotency key:
+        # claimed back without decoding their JSON (bounded; a miss just decodes)
+        self._local: dict[str, list[Any]] = {}
         self._put_wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._workers = {s.name: _SinkWorker(s) for s in self.sinks}
@@ -133,7 +141,11 @@ class Mirror:
         if not self.sinks:
             return
         try:
-            self._accepted.append((orjson.dumps(record.to_dict()), idempotency_key(record)))
+            key = idempotency_key(record)
+            self._accepted.append((orjson.dumps(record), key))
+            self._local[key] = [record, len(self.sinks)]
+            if len(self._local) > LOCAL_RECORDS:
+                del self._local[next(iter(self._local))]
             if len(self._accepted) == self.max_queue:
                 log.warning("outbox_backlog", accepted=len(self._accepted))
             self._put_wake.set()
@@ -165,12 +177,17 @@ class Mirror:
                 log.warning("outbox_put_failed", waiting=len(self._accepted), exc_info=True)
                 await asyncio.sleep(0.5)
                 self._put_wake.set()
+                continue
+            if self.write_interval and not self._writer_done:
+                # let the next records gather: one write (a thread hop, or one Redis round
+                # trip) per interval instead of one per event-loop turn under load
+                await asyncio.sleep(self.write_interval)
 
     # -- delivering --------------------------------------------------------------------------
 
-    def _count(self, sink: str, result: str) -> None:
+    def _count(self, sink: str, result: str, n: int = 1) -> None:
         if self.metrics is not None:
-            self.metrics.outbox_events.labels(sink, result).inc()
+            self.metrics.child(self.metrics.outbox_events, sink, result).inc(n)
 
     async def _claim(self, worker: _SinkWorker) -> None:
         room = self.batch - worker.held
@@ -182,47 +199,73 @@ class Mirror:
                 continue
             record: ExchangeRecord | None
             try:
-                record = ExchangeRecord.from_dict(orjson.loads(item.data))
+                local = self._local.get(item.key)
+                record = (local[0] if local is not None
+                          else ExchangeRecord.from_dict(orjson.loads(item.data)))
                 conv = record.conversation_id or record.request_id
             except (orjson.JSONDecodeError, TypeError, ValueError):
                 record, conv = None, f"bad-{item.id}"
             worker.ids.add(item.id)
             worker.convs.setdefault(conv, deque()).append(_Held(item, record))
 
-    async def _deliver(self, worker: _SinkWorker, conv: str, held: _Held) -> None:
-        name, item = worker.sink.name, held.item
+    async def _deliver(self, worker: _SinkWorker, group: list[tuple[str, _Held]]) -> None:
+        """Deliver the heads of some conversations: one record, or one batch (a batch
+        succeeds or fails as a whole; each of its records is then retried on its own
+        schedule, so later turns of a conversation still wait for earlier ones)."""
+        name = worker.sink.name
         try:
-            if held.record is None:
-                await self._dead(worker, conv, held, "undecodable record")
+            ready: list[tuple[str, _Held]] = []
+            for conv, held in group:
+                if held.record is None:
+                    await self._dead(worker, conv, held, "undecodable record")
+                else:
+                    ready.append((conv, held))
+            if not ready:
                 return
             try:
-                await worker.sink.deliver(held.record, item.key)
+                if len(ready) == 1:
+                    held = ready[0][1]
+                    assert held.record is not None
+                    await worker.sink.deliver(held.record, held.item.key)
+                else:
+                    batch = cast(BatchSink, worker.sink)
+                    await batch.deliver_many([(h.record, h.item.key) for _, h in ready
+                                              if h.record is not None])
             except UpstreamError as exc:
-                if not retryable(exc):
-                    await self._dead(worker, conv, held, exc.message)
-                    return
-                failed = await self.outbox.nack(item, self.clock())
-                first = failed.first_failure or self.clock()
-                if self.clock() - first >= self.dead_letter_after:
-                    await self._dead(worker, conv, held, f"kept failing: {exc.message}")
-                    return
-                retry_after = exc.headers.get("retry-after")
-                wait = self.backoff.delay(failed.attempts,
-                                          float(retry_after) if retry_after else None)
-                held.item, held.due = failed, time.monotonic() + wait
-                self._count(name, "retried")
-                log.info("sink_retry", sink=name, attempts=failed.attempts,
-                         wait=round(wait, 3), error=exc.code, detail=exc.message)
+                for conv, held in ready:
+                    await self._failed(worker, conv, held, exc)
                 return
-            await self.outbox.ack(item)
-            self._count(name, "delivered")
-            self._pop(worker, conv)
-        except Exception:  # the outbox may be down: the record stays claimed, try later
+            for conv, held in ready:
+                await self.outbox.ack(held.item)
+                self._pop(worker, conv)
+            self._count(name, "delivered", len(ready))
+        except Exception:  # the outbox may be down: the records stay claimed, try later
             log.warning("sink_delivery_failed", sink=name, exc_info=True)
-            held.due = time.monotonic() + 1.0
+            for _, held in group:
+                held.due = time.monotonic() + 1.0
         finally:
-            worker.busy.discard(conv)
+            for conv, _ in group:
+                worker.busy.discard(conv)
+            worker.inflight -= 1
             worker.wake.set()
+
+    async def _failed(self, worker: _SinkWorker, conv: str, held: _Held,
+                      exc: UpstreamError) -> None:
+        name, item = worker.sink.name, held.item
+        if not retryable(exc):
+            await self._dead(worker, conv, held, exc.message)
+            return
+        failed = await self.outbox.nack(item, self.clock())
+        first = failed.first_failure or self.clock()
+        if self.clock() - first >= self.dead_letter_after:
+            await self._dead(worker, conv, held, f"kept failing: {exc.message}")
+            return
+        retry_after = exc.headers.get("retry-after")
+        wait = self.backoff.delay(failed.attempts, float(retry_after) if retry_after else None)
+        held.item, held.due = failed, time.monotonic() + wait
+        self._count(name, "retried")
+        log.info("sink_retry", sink=name, attempts=failed.attempts, wait=round(wait, 3),
+                 error=exc.code, detail=exc.message)
 
     async def _dead(self, worker: _SinkWorker, conv: str, held: _Held, reason: str) -> None:
         await self.outbox.dead_letter(held.item, reason)
@@ -233,7 +276,13 @@ class Mirror:
 
     def _pop(self, worker: _SinkWorker, conv: str) -> None:
         queue = worker.convs[conv]
-        worker.ids.discard(queue.popleft().item.id)
+        item = queue.popleft().item
+        worker.ids.discard(item.id)
+        local = self._local.get(item.key)
+        if local is not None:
+            local[1] -= 1
+            if local[1] <= 0:
+                del self._local[item.key]
         if not queue:
             del worker.convs[conv]
 
@@ -259,6 +308,8 @@ class Mirror:
                 except Exception:  # the outbox may be down: the worker must go on
                     log.warning("outbox_claim_failed", sink=worker.sink.name, exc_info=True)
                 next_due = now + self.poll_interval
+                size = getattr(worker.sink, "batch", 1)
+                group: list[tuple[str, _Held]] = []
                 for conv, queue in list(worker.convs.items()):
                     if conv in worker.busy:
                         continue
@@ -266,18 +317,28 @@ class Mirror:
                     if head.due > now:
                         next_due = min(next_due, head.due)
                         continue
-                    if len(worker.busy) >= self.concurrency:
+                    if worker.inflight >= self.concurrency:
                         break
                     worker.busy.add(conv)
-                    task = asyncio.create_task(self._deliver(worker, conv, head))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+                    group.append((conv, head))
+                    if len(group) >= size:
+                        self._start(tasks, worker, group)
+                        group = []
+                if group:
+                    self._start(tasks, worker, group)
                 await wait_event(worker.wake, max(0.0, next_due - now))
         finally:
             for task in tasks:
                 task.cancel()
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _start(self, tasks: set[asyncio.Task[None]], worker: _SinkWorker,
+               group: list[tuple[str, _Held]]) -> None:
+        worker.inflight += 1
+        task = asyncio.create_task(self._deliver(worker, group))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -330,6 +391,7 @@ class Mirror:
             worker.convs.clear()
             worker.ids.clear()
             worker.busy.clear()
+            worker.inflight = 0
         with contextlib.suppress(Exception):
             await self.outbox.release(held)
         left = {}

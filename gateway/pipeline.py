@@ -87,6 +87,8 @@ class ResponseCache(Protocol):
 
     async def release(self, decision: Any) -> None: ...
 
+    def release_now(self, decision: Any) -> bool: ...
+
 
 # A piece of a streamed body and whether it is the last one (sent with the end of the body).
 Piece = tuple[bytes, bool]
@@ -158,8 +160,6 @@ class Pipeline:
         self.user_header = user_header
         self.message_ids = message_ids
         self._background: set[asyncio.Task[None]] = set()
-        # labelled metric children, looked up once per (model, backend, status)
-        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
     # -- entry -------------------------------------------------------------------------------
 
@@ -254,11 +254,11 @@ class Pipeline:
                 ex.locked = True
                 hit = await self.cache.acquire(decision)
                 if hit is not None:
-                    self.metrics.cache_events.labels(ex.route.model, "coalesced").inc()
+                    self.metrics.child(self.metrics.cache_events, ex.route.model, "coalesced").inc()
                     status = "hit"
         elif decision.write:
             status = "miss"
-        self.metrics.cache_events.labels(ex.route.model, status).inc()
+        self.metrics.child(self.metrics.cache_events, ex.route.model, status).inc()
         ex.extra_headers["x-gateway-cache"] = status
         if hit is not None:
             ex.extra_headers["age"] = str(int(hit.age))
@@ -381,31 +381,32 @@ class Pipeline:
         ex.outcome = "error"
         ex.error = exc.body()
         if isinstance(exc, UpstreamError):
-            self.metrics.upstream_errors.labels(ex.route.backend, exc.code or "error").inc()
+            self.metrics.child(self.metrics.upstream_errors, ex.route.backend,
+                               exc.code or "error").inc()
 
     async def _finish(self, ex: Exchange) -> None:
         if ex.finished:
             return
         ex.finished = True
-        if ex.locked and self.cache is not None:
+        if ex.locked and self.cache is not None and not self.cache.release_now(ex.decision):
             self._spawn(self.cache.release(ex.decision))
         answer = ex.answer
         usage = answer.usage or self._usage(ex)
         answer.usage = usage
         total = int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
         if ex.admission is not None:
-            self._spawn(ex.admission.settle(0 if ex.cached else total))
+            actual = 0 if ex.cached else total
+            settle_now = getattr(ex.admission, "settle_now", None)
+            if settle_now is None or not settle_now(actual):
+                self._spawn(ex.admission.settle(actual))
         elapsed = time.perf_counter() - ex.started
         route = ex.route
-        labels = (route.model, route.backend, str(ex.status))
-        children = self._children.get(labels)
-        if children is None:
-            children = (self.metrics.requests.labels(*labels), self.metrics.latency.labels(*labels))
-            self._children[labels] = children
-        children[0].inc()
-        children[1].observe(elapsed)
+        status = str(ex.status)
+        self.metrics.child(self.metrics.requests, route.model, route.backend, status).inc()
+        self.metrics.child(self.metrics.latency, route.model, route.backend, status).observe(
+            elapsed)
         if ex.ttft is not None and not ex.cached:
-            self.metrics.ttft.labels(route.model, route.backend).observe(ex.ttft)
+            self.metrics.child(self.metrics.ttft, route.model, route.backend).observe(ex.ttft)
         record = ExchangeRecord(
             request_id=ex.request_id,
             time=ex.wall,

@@ -44,6 +44,16 @@ class Sink(Protocol):
         ...
 
 
+class BatchSink(Sink, Protocol):
+    """A sink that can take several records in one call (`batch` at most)."""
+
+    batch: int
+
+    async def deliver_many(self, records: list[tuple[ExchangeRecord, str]]) -> None:
+        """Deliver all or raise an `UpstreamError` for all."""
+        ...
+
+
 def retryable(exc: BaseException) -> bool:
     """Whether a failed delivery is worth another try (429, 5xx, timeouts, connections)."""
     return isinstance(exc, (UpstreamRateLimited, UpstreamTimeout, UpstreamUnavailable))
@@ -254,10 +264,23 @@ class InkeepAnalyticsSink(_HTTPSink):
 
 
 class WebhookSink(_HTTPSink):
+    """POSTs the exchange record as JSON, signed; with ``batch`` > 1, records that are ready
+    together go as one JSON array (``x-gateway-batch: <n>``; deduplicate by each record's
+    ``request_id``, whose idempotency key is ``gw-<request_id>``)."""
+
+    @property
+    def batch(self) -> int:
+        return self.config.batch
+
     async def deliver(self, record: ExchangeRecord, idempotency_key: str) -> None:
-        body = orjson.dumps(record.to_dict())
-        headers = {"idempotency-key": idempotency_key,
-                   "x-gateway-timestamp": str(int(time.time()))}
+        await self._send(orjson.dumps(record), {"idempotency-key": idempotency_key})
+
+    async def deliver_many(self, records: list[tuple[ExchangeRecord, str]]) -> None:
+        body = orjson.dumps([record for record, _ in records])
+        await self._send(body, {"x-gateway-batch": str(len(records))})
+
+    async def _send(self, body: bytes, headers: dict[str, str]) -> None:
+        headers["x-gateway-timestamp"] = str(int(time.time()))
         if self.config.secret is not None:
             headers["x-gateway-signature"] = sign(
                 self.config.secret.get_secret_value().encode(), body)

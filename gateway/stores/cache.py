@@ -77,7 +77,7 @@ class MemoryCacheStore:
         self._clock = clock
         self._on_size = on_size
         self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
-        self._locks: dict[str, tuple[asyncio.Event, float]] = {}
+        self._locks: dict[str, tuple[asyncio.Event | None, float]] = {}
 
     async def get(self, key: str) -> bytes | None:
         found = self._entries.get(key)
@@ -94,13 +94,13 @@ class MemoryCacheStore:
         if len(value) > self.max_entry_bytes or len(value) > self.max_bytes:
             self.refused += 1
             return False
-        if key in self._entries:
-            self._drop(key)
-        self._entries[key] = (value, self._clock() + ttl)
+        entries = self._entries
+        if key in entries:
+            self.size -= len(entries.pop(key)[0])
+        entries[key] = (value, self._clock() + ttl)
         self.size += len(value)
         while self.size > self.max_bytes:
-            oldest = next(iter(self._entries))
-            self._drop(oldest)
+            self.size -= len(entries.pop(next(iter(entries)))[0])
             self.evictions += 1
         self._report()
         return True
@@ -116,20 +116,29 @@ class MemoryCacheStore:
 
     async def lock(self, key: str, ttl: float) -> bool:
         held = self._locks.get(key)
-        if held is not None and held[1] > self._clock():
+        now = self._clock()
+        if held is not None and held[1] > now:
             return False
-        self._locks[key] = (asyncio.Event(), self._clock() + ttl)
+        # the event is made by the first waiter: most leaders have none
+        self._locks[key] = (None, now + ttl)
         return True
 
     async def unlock(self, key: str) -> None:
+        self.unlock_now(key)
+
+    def unlock_now(self, key: str) -> None:
+        """`unlock` without the coroutine (nothing here waits)."""
         held = self._locks.pop(key, None)
-        if held is not None:
+        if held is not None and held[0] is not None:
             held[0].set()
 
     async def wait(self, key: str, within: float) -> bytes | None:
         held = self._locks.get(key)
         if held is not None:
             event, expires = held
+            if event is None:
+                event = asyncio.Event()
+                self._locks[key] = (event, expires)
             remaining = min(within, expires - self._clock())
             if remaining > 0:
                 try:

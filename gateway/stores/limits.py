@@ -19,8 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 from redis.exceptions import RedisError
 
@@ -31,8 +30,7 @@ PERIOD = 60.0  # rpm / tpm: every bucket refills over one minute
 Kind = Literal["requests", "tokens"]
 
 
-@dataclass(frozen=True, slots=True)
-class Bucket:
+class Bucket(NamedTuple):
     """A GCRA bucket: `limit` units per minute (burst up to `limit`), this request costs `cost`.
     `name` says which limit it is (``key_rpm``, ``team_tpm``, ``model_rpm``, ...); `scope` is
     its storage name inside the team's tag."""
@@ -44,8 +42,7 @@ class Bucket:
     cost: int
 
 
-@dataclass(frozen=True, slots=True)
-class Budget:
+class Budget(NamedTuple):
     """A token budget for the current period (``daily_budget`` / ``monthly_budget``); `scope`
     names the period (``budget:d:20250131``), `ttl` is the seconds until it resets."""
 
@@ -56,15 +53,13 @@ class Budget:
     ttl: float
 
 
-@dataclass(frozen=True, slots=True)
-class Concurrency:
+class Concurrency(NamedTuple):
     scope: str
     limit: int
     lease_seconds: float
 
 
-@dataclass(frozen=True, slots=True)
-class AcquireRequest:
+class AcquireRequest(NamedTuple):
     tag: str  # the team: every scope below lives under it
     buckets: tuple[Bucket, ...] = ()
     budgets: tuple[Budget, ...] = ()
@@ -76,9 +71,10 @@ class AcquireRequest:
         return not self.buckets and not self.budgets and self.concurrency is None
 
 
-@dataclass(frozen=True, slots=True)
-class Figure:
-    """One limit's state after the decision: units left and seconds until fully reset."""
+class Figure(NamedTuple):
+    """One limit's state after the decision: units left and seconds until fully reset.
+    (The request types here are named tuples: several are made per request, at a third of
+    a frozen dataclass's cost.)"""
 
     name: str
     kind: Kind | Literal["budget"]
@@ -87,8 +83,7 @@ class Figure:
     reset: float
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     admitted: bool
     denied: str | None  # the `name` of the limit that refused, or "concurrency"
     retry_after: float
@@ -186,8 +181,11 @@ class MemoryLimitStore:
         leases: dict[str, float] = {}
         if conc is not None:
             key = request.tag + ":" + conc.scope
-            leases = {k: v for k, v in self._leases.get(key, {}).items() if v > now}
-            self._leases[key] = leases
+            leases = self._leases.setdefault(key, {})
+            if len(leases) >= conc.limit:
+                # at the cap: drop leases that expired (their requests never settled)
+                for lease in [k for k, v in leases.items() if v <= now]:
+                    del leases[lease]
             in_flight = len(leases)
             if in_flight >= conc.limit and not denied:
                 denied, retry = nb + len(request.budgets) + 1, 1000.0
@@ -205,6 +203,10 @@ class MemoryLimitStore:
                         _figures(request, flat), in_flight)
 
     async def settle(self, request: AcquireRequest, delta_tokens: int) -> None:
+        self.settle_now(request, delta_tokens)
+
+    def settle_now(self, request: AcquireRequest, delta_tokens: int) -> None:
+        """`settle` without the coroutine: nothing here waits."""
         now = self.clock() * 1000
         period = PERIOD * 1000
         if delta_tokens:
