@@ -112,20 +112,44 @@ def run_cache_miss(bench: Bench) -> None:
 
 
 def run_sink(bench: Bench) -> None:
-    rows = [("no-sink", "no sink (core)", 50), ("sink", "one webhook sink", 50)]
+    rows = [("no-sink", "no sink (core)", 50), ("sink", "one webhook sink, batch 64", 50),
+            ("sink-single", "one webhook sink, 1 record/POST", 50)]
     body = chat_body("bench-json")
     with guarded(bench, rows):
         core = bench.core()
-        with bench.gateway(GatewaySpec("sink", sink=True)) as gateway:
+        with bench.gateway(GatewaySpec("sink", sink=True, sink_batch=64)) as gateway:
             before = bench.upstream.sink_posts()
             bench.paired(Target(rows[0][0], rows[0][1], core.chat_url, body,
                                 server_pid=core.pid),
                          Target(rows[1][0], rows[1][1], gateway.chat_url, body,
                                 server_pid=gateway.pid, notes="outbox + delivery to nginx"), 50)
             posts = settled(bench.upstream.sink_posts) - before
-            bench.annotate(rows[1][0], f"{posts:,} sink POSTs (incl. warm-up)")
-            if posts == 0:
+            delivered = delivered_records(gateway.url)
+            bench.annotate(rows[1][0], f"{delivered:,} records in {posts:,} POSTs (incl. "
+                                       "warm-up)")
+            if posts == 0 or delivered == 0:
                 bench.invalidate(rows[1][0], "the sink received nothing")
+        with bench.gateway(GatewaySpec("sink-single", sink=True)) as gateway:
+            before = bench.upstream.sink_posts()
+            bench.measure(Target(rows[2][0], rows[2][1], gateway.chat_url, body,
+                                 server_pid=gateway.pid, notes="for comparison, not paired"), 50)
+            posts = settled(bench.upstream.sink_posts) - before
+            bench.annotate(rows[2][0], f"{posts:,} sink POSTs (incl. warm-up)")
+            if posts == 0:
+                bench.invalidate(rows[2][0], "the sink received nothing")
+
+
+def delivered_records(url: str) -> int:
+    """Records the gateway's mirror delivered (its /metrics), once the count settles."""
+    import httpx
+
+    def count() -> int:
+        text = httpx.get(f"{url}/metrics", timeout=5).text
+        return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+                   if line.startswith("gateway_outbox_deliveries_total{")
+                   and 'result="delivered"' in line)
+
+    return settled(count)
 
 
 def settled(count: Callable[[], int], timeout: float = 8.0) -> int:

@@ -223,7 +223,7 @@ class Mirror:
             if not ready:
                 return
             try:
-                if len(ready) == 1:
+                if getattr(worker.sink, "batch", 1) == 1:
                     held = ready[0][1]
                     assert held.record is not None
                     await worker.sink.deliver(held.record, held.item.key)

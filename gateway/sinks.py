@@ -264,9 +264,9 @@ class InkeepAnalyticsSink(_HTTPSink):
 
 
 class WebhookSink(_HTTPSink):
-    """POSTs the exchange record as JSON, signed; with ``batch`` > 1, records that are ready
-    together go as one JSON array (``x-gateway-batch: <n>``; deduplicate by each record's
-    ``request_id``, whose idempotency key is ``gw-<request_id>``)."""
+    """POSTs the exchange record as JSON, signed; with ``batch`` > 1, every POST is a JSON
+    array of up to ``batch`` records that were ready together (``x-gateway-batch: <n>``;
+    deduplicate by each record's ``request_id``: its idempotency key is ``gw-<request_id>``)."""
 
     @property
     def batch(self) -> int:

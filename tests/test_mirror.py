@@ -36,12 +36,12 @@ async def analytics() -> AsyncIterator[tuple[str, AnalyticsState]]:
 
 
 def make_config(tmp_path: Path, url: str, *, store: str = "memory", key: str = API_KEY,
-                webhook: bool = False, **outbox: Any) -> GatewayConfig:
+                webhook: bool = False, batch: int = 1, **outbox: Any) -> GatewayConfig:
     sinks: list[dict[str, Any]] = [{"name": "ink", "kind": "inkeep", "url": url,
                                     "api_key": key, "timeout": 1.0}]
     if webhook:
         sinks.append({"name": "hook", "kind": "webhook", "url": url + "/hook",
-                      "secret": "s", "timeout": 1.0})
+                      "secret": "s", "timeout": 1.0, "batch": batch})
     box = {"spool_dir": str(tmp_path / "outbox"), "shutdown_grace": 2.0,
            "claim_idle_seconds": 0.3, **outbox}
     return GatewayConfig.model_validate({"store": store, "base_dir": tmp_path,
@@ -90,6 +90,50 @@ def check_exactly_once_in_order(state: AnalyticsState, records: list[Any], path:
         seen.setdefault(conv, []).append(rid)
     for conv, rids in seen.items():
         assert rids == sorted(rids, key=lambda r: int(r.split("-t")[1])), conv
+
+
+async def test_batched_webhook_delivers_each_record_once_in_order_through_faults(
+        analytics: tuple[str, AnalyticsState], tmp_path: Path) -> None:
+    url, state = analytics
+    config = make_config(tmp_path, url, webhook=True, batch=8)
+    config = config.model_copy(update={"analytics": config.analytics.model_copy(
+        update={"sinks": config.analytics.sinks[1:]})})  # the webhook alone
+    mirror = build(config)
+    await mirror.start()
+    records = conversation_turns(12, 4)
+    try:
+        state.faults.fail_next(3, 500)
+        for rec in records:
+            mirror.exchange_finished(rec)
+        await until(lambda: len(state.by_key("/hook")) >= len(records))
+    finally:
+        await mirror.stop()
+    assert state.refused == 3
+    assert max(state.batches) > 1 and max(state.batches) <= 8
+    assert all(r.headers["x-gateway-batch"] == str(len(orjson.loads(r.raw)))
+               for r in state.on("/hook"))
+    check_exactly_once_in_order(state, records, "/hook")
+
+
+async def test_deliveries_do_not_stall_between_rounds(
+        analytics: tuple[str, AnalyticsState], tmp_path: Path) -> None:
+    """More records than the delivery concurrency: each finished delivery starts the next at
+    once (a worker that waited for its poll interval between rounds took seconds here)."""
+    url, state = analytics
+    config = make_config(tmp_path, url)
+    mirror = Mirror(config, make_outbox(config, None), make_sinks(config.analytics.sinks),
+                    backoff=FAST, poll_interval=1.0, concurrency=4)
+    await mirror.start()
+    records = [record(request_id=f"r{i}") for i in range(40)]
+    started = time.monotonic()
+    try:
+        for rec in records:
+            mirror.exchange_finished(rec)
+        await until(lambda: len(state.by_key("/conversations")) == len(records), within=20)
+    finally:
+        await mirror.stop()
+    # 10 rounds of 4: with a stall of one poll interval per round this takes over 9 s
+    assert time.monotonic() - started < 5.0
 
 
 @pytest.mark.parametrize("store", ["memory", pytest.param("redis", marks=pytest.mark.redis)])

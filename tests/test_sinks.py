@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 import pytest
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from gateway.config import SinkConfig
 from gateway.errors import (
@@ -200,6 +200,26 @@ async def test_webhook_is_signed(analytics: tuple[str, AnalyticsState]) -> None:
     assert got.headers["x-gateway-signature"] == f"sha256={expected}"
     assert got.headers["x-gateway-timestamp"].isdigit()
     assert "s3cret" not in got.raw.decode()
+
+
+async def test_webhook_batch_is_one_signed_array(analytics: tuple[str, AnalyticsState]) -> None:
+    url, state = analytics
+    sink = WebhookSink(SinkConfig(name="hook", kind="webhook", url=url + "/hook",
+                                  secret=SecretStr("s3cret"), batch=10))
+    await sink.deliver_many([(record(request_id="b1"), "gw-b1"),
+                             (record(request_id="b2"), "gw-b2")])
+    await sink.aclose()
+    first, second = state.on("/hook")
+    assert [first.body["request_id"], second.body["request_id"]] == ["b1", "b2"]
+    assert [first.key, second.key] == ["gw-b1", "gw-b2"]
+    assert first.headers["x-gateway-batch"] == "2" and state.batches == [2]
+    expected = hmac.new(b"s3cret", first.raw, hashlib.sha256).hexdigest()
+    assert first.headers["x-gateway-signature"] == f"sha256={expected}"
+
+
+def test_only_webhooks_take_batches() -> None:
+    with pytest.raises(ValidationError, match="only webhook sinks take batches"):
+        SinkConfig(name="ink", kind="inkeep", url="http://x", batch=5)
 
 
 async def test_feedback_is_validated_and_forwarded(

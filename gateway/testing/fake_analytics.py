@@ -69,6 +69,7 @@ class AnalyticsState:
     hung: int = 0  # requests held for `faults.hang` seconds
     abandoned: int = 0  # of those, the ones whose client had gone away by then
     conversations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    batches: list[int] = field(default_factory=list)  # sizes of the webhook batches received
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def by_key(self, path: str | None = None) -> dict[str, list[Received]]:
@@ -112,6 +113,15 @@ def create_fake_analytics_app(api_key: str | None = None, *,
         return None
 
     async def receive(request: Request, *, auth: bool = True) -> Received | Response:
+        got = await receive_any(request, auth=auth)
+        if isinstance(got, list):
+            return _problem(400, "Body must be an object.")
+        return got
+
+    async def receive_any(request: Request, *,
+                          auth: bool = True) -> Received | list[Received] | Response:
+        """One record, or a webhook batch: a JSON array of records, each recorded on its own
+        with the key the gateway documents for it (``gw-<request_id>``)."""
         refused = await gate(request, auth=auth)
         if refused is not None:
             return refused
@@ -120,10 +130,14 @@ def create_fake_analytics_app(api_key: str | None = None, *,
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             return _problem(400, "Body is not JSON.")
+        headers = dict(request.headers)
+        if isinstance(body, list) and all(isinstance(r, dict) for r in body):
+            return [Received(request.url.path, f"gw-{r.get('request_id')}", r, headers, raw)
+                    for r in body]
         if not isinstance(body, dict):
             return _problem(400, "Body must be an object.")
         return Received(request.url.path, request.headers.get("idempotency-key"), body,
-                        dict(request.headers), raw)
+                        headers, raw)
 
     async def conversations(request: Request) -> Response:
         got = await receive(request)
@@ -167,10 +181,14 @@ def create_fake_analytics_app(api_key: str | None = None, *,
         return Response(orjson.dumps(reply), 200, media_type="application/json")
 
     async def hook(request: Request) -> Response:
-        got = await receive(request, auth=False)
+        got = await receive_any(request, auth=False)
         if isinstance(got, Response):
             return got
-        st.accepted.append(got)
+        if isinstance(got, list):
+            st.accepted.extend(got)
+            st.batches.append(len(got))
+        else:
+            st.accepted.append(got)
         return Response(b"", 204)
 
     app = Starlette(routes=[
