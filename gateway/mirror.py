@@ -1,14 +1,15 @@
 """Analytics mirroring: every finished exchange goes to the outbox, then to every sink.
 
 `Mirror.exchange_finished` serialises the record and appends it to an in-memory list; a
-writer task moves that list into the outbox (spool append off the event loop, or one
-pipelined XADD), at most once per ``write_interval`` (10 ms) so that a loaded gateway writes
-batches rather than one record per event-loop turn. One delivery worker per sink claims records from the outbox and delivers
-them, at most one at a time per conversation (turn 2 never overtakes turn 1), retrying 429,
-5xx and timeouts with exponential backoff and full jitter, dead-lettering a record that has
-kept failing for ``dead_letter_after`` seconds (or that a sink refused outright).
-`stop()` moves every accepted record into the outbox, delivers what it can within
-``shutdown_grace`` and leaves the rest in the outbox for the next start.
+writer task moves that list into the outbox (spool append, or one pipelined XADD), at most
+once per ``write_interval`` (10 ms) so that a loaded gateway writes batches rather than one
+record per event-loop turn. One delivery worker per sink claims records from the outbox and
+delivers them, at most one at a time per conversation (turn 2 never overtakes turn 1); a sink
+with ``batch`` > 1 gets the heads of up to that many conversations in one call. Failures
+(429, 5xx, timeouts) are retried with exponential backoff and full jitter; a record that has
+kept failing for ``dead_letter_after`` seconds (or that a sink refused outright) is
+dead-lettered. `stop()` moves every accepted record into the outbox, delivers what it can
+within ``shutdown_grace`` and leaves the rest in the outbox for the next start.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ A record is gone once every sink acked it. When the file has grown past ``compac
 most of its records are gone it is rewritten (temp file + rename) with only the live ones.
 A torn last line (a crash mid-write) is ignored. Each process takes the first file it can
 lock (``flock``), so several workers never share a file and a restarted one adopts the
-records its predecessor left. Appends are buffered and written by a background task off the
-event loop; `flush()` (and `close()`) wait for them. Record data beyond ``max_resident``
+records its predecessor left. Appends are buffered; `flush()` (and `close()`) write them with
+one ``write()``: on the event loop for up to ``INLINE_LINES`` lines (a page-cache append, no
+fsync), in a thread for more, as are reads of spilled records and compaction. Record data beyond ``max_resident``
 records is dropped from memory and read back from the file when claimed.
 """
 
@@ -189,7 +190,7 @@ class SpoolOutbox:
         self._lines += len(batch)
 
     async def flush(self) -> None:
-        """Write buffered operations to the file (off the event loop)."""
+        """Write buffered operations to the file (see the module docstring)."""
         if self.readonly:
             return
         async with self._io:
