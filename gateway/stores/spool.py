@@ -15,8 +15,9 @@ A torn last line (a crash mid-write) is ignored. Each process takes the first fi
 lock (``flock``), so several workers never share a file and a restarted one adopts the
 records its predecessor left. Appends are buffered; `flush()` (and `close()`) write them with
 one ``write()``: on the event loop for up to ``INLINE_LINES`` lines (a page-cache append, no
-fsync), in a thread for more, as are reads of spilled records and compaction. Record data beyond ``max_resident``
-records is dropped from memory and read back from the file when claimed.
+fsync), in a thread for more, as are reads of spilled records and compaction. Record data
+beyond ``max_resident`` records is dropped from memory and read back from the file when
+claimed.
 """
 
 from __future__ import annotations
