@@ -142,10 +142,9 @@ def test_nginx_serves_the_fixed_bodies(tmp_path: Path) -> None:
 
 def test_cpu_window_accounts_the_server_process() -> None:
     import os
+    import time
 
     from bench.cpu import CpuSample, cpu_window
-
-    import time
 
     with cpu_window(os.getpid()) as window:
         # burn CPU in "the server" (this process) for several clock ticks (10 ms each)
