@@ -191,7 +191,8 @@ class Mirror:
             self.metrics.child(self.metrics.outbox_events, sink, result).inc(n)
 
     async def _claim(self, worker: _SinkWorker) -> None:
-        room = self.batch - worker.held
+        # room for two full sink batches: one in flight while the next one fills
+        room = max(self.batch, 2 * getattr(worker.sink, "batch", 1)) - worker.held
         if room <= 0:
             return
         items = await self.outbox.claim(worker.sink.name, room, self.consumer)
@@ -230,8 +231,8 @@ class Mirror:
                     await worker.sink.deliver(held.record, held.item.key)
                 else:
                     batch = cast(BatchSink, worker.sink)
-                    await batch.deliver_many([(h.record, h.item.key) for _, h in ready
-                                              if h.record is not None])
+                    await batch.deliver_many([(h.record, h.item.key, h.item.data)
+                                              for _, h in ready if h.record is not None])
             except UpstreamError as exc:
                 for conv, held in ready:
                     await self._failed(worker, conv, held, exc)

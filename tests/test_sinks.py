@@ -206,8 +206,9 @@ async def test_webhook_batch_is_one_signed_array(analytics: tuple[str, Analytics
     url, state = analytics
     sink = WebhookSink(SinkConfig(name="hook", kind="webhook", url=url + "/hook",
                                   secret=SecretStr("s3cret"), batch=10))
-    await sink.deliver_many([(record(request_id="b1"), "gw-b1"),
-                             (record(request_id="b2"), "gw-b2")])
+    first_record, second_record = record(request_id="b1"), record(request_id="b2")
+    await sink.deliver_many([(first_record, "gw-b1", orjson.dumps(first_record)),
+                             (second_record, "gw-b2", orjson.dumps(second_record))])
     await sink.aclose()
     first, second = state.on("/hook")
     assert [first.body["request_id"], second.body["request_id"]] == ["b1", "b2"]
