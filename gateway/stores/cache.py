@@ -94,6 +94,10 @@ class MemoryCacheStore:
         if len(value) > self.max_entry_bytes or len(value) > self.max_bytes:
             self.refused += 1
             return False
+        # a right-sized copy: orjson's output keeps its whole ~4 KB working buffer, which
+        # made every cached entry cost ~4 KB of RSS whatever its size (measured: 100k
+        # entries of 237 B took 400 MB; copied, 27 MB)
+        value = memoryview(value).tobytes()
         entries = self._entries
         if key in entries:
             self.size -= len(entries.pop(key)[0])

@@ -277,6 +277,7 @@ class SpoolOutbox:
         if not self.sinks:
             return
         for data, key in entries:
+            data = memoryview(data).tobytes()  # right-sized (see MemoryCacheStore.set)
             rid, self._next_id = self._next_id, self._next_id + 1
             entry = _Entry(rid, key, data, live=set(self.sinks))
             self._entries[rid] = entry
