@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -37,15 +37,22 @@ from gateway.stores.limits import (
     MemoryLimitStore,
 )
 
+# named tuples made on the hot path skip their Python-level __new__ (same fields, in order)
+_new = tuple.__new__
+
 log = structlog.get_logger("gateway.limits")
 
+_TEMPLATES = 4096  # cached plans (key × model) before the cache starts over
 _NAMES = {"rpm": "requests per minute (rpm)", "tpm": "tokens per minute (tpm)"}
+
+
+_MILLIS = [f"{ms}ms" for ms in range(1001)]  # the sub-second resets, formatted once
 
 
 def format_reset(seconds: float) -> str:
     """OpenAI's reset format: ``20ms``, ``1s``, ``1.5s``, ``6m0s``, ``1h2m3s``."""
     if seconds < 1:
-        return f"{max(0, round(seconds * 1000))}ms"
+        return _MILLIS[max(0, round(seconds * 1000))]
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     text = f"{secs:.3f}".rstrip("0").rstrip(".") + "s"
@@ -56,18 +63,33 @@ def format_reset(seconds: float) -> str:
     return text
 
 
-def _headers(figures: tuple[Figure, ...]) -> dict[str, str]:
+def _tightest(figures: tuple[Figure, ...]) -> tuple[Figure | None, Figure | None]:
+    """The requests and the tokens figure with the fewest remaining, then the lowest limit."""
+    requests: Figure | None = None
+    tokens: Figure | None = None
+    for f in figures:
+        if f.kind == "requests":
+            if requests is None or (f.remaining, f.limit) < (requests.remaining, requests.limit):
+                requests = f
+        elif f.kind == "tokens":
+            if tokens is None or (f.remaining, f.limit) < (tokens.remaining, tokens.limit):
+                tokens = f
+    return requests, tokens
+
+
+def _headers(decision: Decision) -> dict[str, str]:
+    """OpenAI's ``x-ratelimit-*`` trio for requests and for tokens, each from the tightest
+    limit of its kind."""
+    requests, tokens = decision.tightest or _tightest(decision.figures)
     headers: dict[str, str] = {}
-    for kind in ("requests", "tokens"):
-        tightest = min(
-            (f for f in figures if f.kind == kind),
-            key=lambda f: (f.remaining, f.limit),
-            default=None,
-        )
-        if tightest is not None:
-            headers[f"x-ratelimit-limit-{kind}"] = str(tightest.limit)
-            headers[f"x-ratelimit-remaining-{kind}"] = str(tightest.remaining)
-            headers[f"x-ratelimit-reset-{kind}"] = format_reset(tightest.reset)
+    if requests is not None:
+        headers["x-ratelimit-limit-requests"] = str(requests.limit)
+        headers["x-ratelimit-remaining-requests"] = str(requests.remaining)
+        headers["x-ratelimit-reset-requests"] = format_reset(requests.reset)
+    if tokens is not None:
+        headers["x-ratelimit-limit-tokens"] = str(tokens.limit)
+        headers["x-ratelimit-remaining-tokens"] = str(tokens.remaining)
+        headers["x-ratelimit-reset-tokens"] = format_reset(tokens.reset)
     return headers
 
 
@@ -145,6 +167,7 @@ class Limiter:
         self._key_rpm, self._key_tpm = defaults.key_rpm, defaults.key_tpm
         self._key_conc = defaults.key_max_concurrent
         self._periods = _Periods.at(-1)
+        self._templates: dict[tuple[str, str], _Template] = {}
 
     def unavailable(self) -> None:
         if self.on_unavailable is not None:
@@ -154,24 +177,48 @@ class Limiter:
 
     def plan(self, principal: Any, model: str, tokens: int) -> AcquireRequest | None:
         """The limits that apply to this request, or None when none do."""
+        cached = self._templates.get((principal.key_id, model))
+        if cached is None or cached.principal is not principal:
+            if len(self._templates) >= _TEMPLATES:
+                self._templates.clear()
+            cached = self._templates[(principal.key_id, model)] = self._template(principal, model)
+        if cached.unlimited:
+            return None
+        buckets = tuple([b if b.kind == "requests" else _new(Bucket, (*b[:4], tokens))
+                         for b in cached.buckets])
+        budgets: tuple[Budget, ...] = ()
+        if cached.budgets:
+            wall = self.clock()
+            periods = self._periods
+            if periods.second != int(wall):
+                periods = self._periods = _Periods.at(int(wall))
+            budgets = tuple([
+                _new(Budget, (name, periods.day, limit, tokens, periods.day_end - wall)) if daily
+                else _new(Budget, (name, periods.month, limit, tokens, periods.month_end - wall))
+                for name, limit, daily in cached.budgets
+            ])
+        return _new(AcquireRequest, (principal.team, buckets, budgets, cached.concurrency,
+                                     self._lease_prefix + str(next(self._leases))))
+
+    def _template(self, principal: Any, model: str) -> _Template:
+        """What `plan` needs of a principal's limits for one model, worked out once (per
+        principal object: a changed key or team is a new principal)."""
         key_id: str = principal.key_id
         rpm = getattr(principal, "rpm", None) or self._key_rpm
         tpm = getattr(principal, "tpm", None) or self._key_tpm
         conc = getattr(principal, "max_concurrent", None) or self._key_conc
         team = getattr(principal, "team_limits", None)
-        if not (rpm or tpm or conc or (team is not None and team.any)):
-            return None
-        buckets: list[Bucket] = []
-        budgets: list[Budget] = []
+        buckets: list[Bucket] = []  # token buckets get their cost per request
+        budgets: list[tuple[str, int, bool]] = []
         if rpm:
             buckets.append(Bucket("key_rpm", f"k:{key_id}:rpm", "requests", rpm, 1))
         if tpm:
-            buckets.append(Bucket("key_tpm", f"k:{key_id}:tpm", "tokens", tpm, tokens))
+            buckets.append(Bucket("key_tpm", f"k:{key_id}:tpm", "tokens", tpm, 0))
         if team is not None and team.any:
             if team.rpm:
                 buckets.append(Bucket("team_rpm", "t:rpm", "requests", team.rpm, 1))
             if team.tpm:
-                buckets.append(Bucket("team_tpm", "t:tpm", "tokens", team.tpm, tokens))
+                buckets.append(Bucket("team_tpm", "t:tpm", "tokens", team.tpm, 0))
             per_model = team.models.get(model)
             if per_model is not None:
                 if per_model.rpm:
@@ -179,22 +226,14 @@ class Limiter:
                                           per_model.rpm, 1))
                 if per_model.tpm:
                     buckets.append(Bucket("model_tpm", f"m:{model}:tpm", "tokens",
-                                          per_model.tpm, tokens))
-            if team.daily_token_budget or team.monthly_token_budget:
-                wall = self.clock()
-                periods = self._periods
-                if periods.second != int(wall):
-                    periods = self._periods = _Periods.at(int(wall))
-                if team.daily_token_budget:
-                    budgets.append(Budget("daily_budget", periods.day, team.daily_token_budget,
-                                          tokens, periods.day_end - wall))
-                if team.monthly_token_budget:
-                    budgets.append(Budget("monthly_budget", periods.month,
-                                          team.monthly_token_budget, tokens,
-                                          periods.month_end - wall))
+                                          per_model.tpm, 0))
+            if team.daily_token_budget:
+                budgets.append(("daily_budget", team.daily_token_budget, True))
+            if team.monthly_token_budget:
+                budgets.append(("monthly_budget", team.monthly_token_budget, False))
         concurrency = Concurrency(f"c:{key_id}", conc, self.lease_seconds) if conc else None
-        return AcquireRequest(principal.team, tuple(buckets), tuple(budgets), concurrency,
-                              self._lease_prefix + str(next(self._leases)))
+        return _Template(principal, tuple(buckets), tuple(budgets), concurrency,
+                         not (buckets or budgets or concurrency))
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -206,7 +245,10 @@ class Limiter:
         decision: Decision | None = None
         if self._down_until <= time.monotonic():
             try:
-                decision = await store.acquire(request)
+                if isinstance(store, MemoryLimitStore):
+                    decision = store.acquire_now(request)
+                else:
+                    decision = await store.acquire(request)
             except ServiceUnavailable as exc:
                 self._down_until = time.monotonic() + self.retry_interval
                 log.warning("limits_store_unavailable", error=exc.code,
@@ -223,12 +265,12 @@ class Limiter:
             decision = await store.acquire(request)
         if not decision.admitted:
             raise self._refusal(principal, model, request, decision)
-        return Admission(_headers(decision.figures), self, store, request, estimated_tokens)
+        return Admission(_headers(decision), self, store, request, estimated_tokens)
 
     def _refusal(self, principal: Any, model: str, request: AcquireRequest,
                  decision: Decision) -> RateLimited | QuotaExceeded:
         name = decision.denied or ""
-        headers = _headers(decision.figures)
+        headers = _headers(decision)
         retry = decision.retry_after
         if name == "concurrency":
             limit = request.concurrency.limit if request.concurrency else 0
@@ -261,6 +303,14 @@ class Limiter:
 
 def _cost(request: AcquireRequest, name: str) -> int:
     return next((g.cost for g in request.budgets if g.name == name), 0)
+
+
+class _Template(NamedTuple):
+    principal: Any
+    buckets: tuple[Bucket, ...]  # token buckets with cost 0: `plan` fills it in
+    budgets: tuple[tuple[str, int, bool], ...]  # name, limit, daily (else monthly)
+    concurrency: Concurrency | None
+    unlimited: bool
 
 
 @dataclass(frozen=True, slots=True)

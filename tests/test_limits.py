@@ -16,7 +16,15 @@ from gateway.config import GatewayConfig, parse_config
 from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
 from gateway.limits import UNLIMITED, Limiter, format_reset
 from gateway.stores.keys import ModelLimit
-from gateway.stores.limits import AcquireRequest, Decision, MemoryLimitStore, RedisLimitStore
+from gateway.stores.limits import (
+    AcquireRequest,
+    Bucket,
+    Budget,
+    Concurrency,
+    Decision,
+    MemoryLimitStore,
+    RedisLimitStore,
+)
 from gateway.stores.redis_base import connect
 from gateway.testing.redis_server import redis_server
 
@@ -213,3 +221,18 @@ async def test_fail_closed_is_503_until_redis_returns() -> None:
             await limiter.admit(p, "qa", 10)
         finally:
             await ns.client.aclose()
+
+
+async def test_memory_store_drops_the_state_of_idle_teams() -> None:
+    now = [1_000.0]
+    store = MemoryLimitStore(lambda: now[0])
+    idle = AcquireRequest("idle", (Bucket("key_rpm", "k:a:rpm", "requests", 60, 1),),
+                          (Budget("daily_budget", "b:d:1", 100, 10, 30),),
+                          Concurrency("c:a", 5, 60), "lease-1")
+    assert (await store.acquire(idle)).admitted
+    await store.settle(idle, 0)
+    now[0] += 3600
+    busy = AcquireRequest("busy", (Bucket("key_rpm", "k:b:rpm", "requests", 10**9, 1),))
+    for _ in range(4096):  # the store sweeps every 4096 calls
+        assert (await store.acquire(busy)).admitted
+    assert set(store._tats) == {"busy"} and not store._budgets and not store._leases

@@ -137,3 +137,17 @@ async def test_oversized_token_request_fits_an_idle_bucket_once(store: LimitStor
     big = AcquireRequest("alpha", (tpm(100, 500),))
     assert (await store.acquire(big)).admitted
     assert not (await store.acquire(AcquireRequest("alpha", (tpm(100, 1),)))).admitted
+
+
+async def test_refused_by_concurrency_charges_nothing(store: LimitStore) -> None:
+    budget = Budget("daily_budget", "b:d:20000101", 100, 10, 3600)
+
+    def request(lease: str) -> AcquireRequest:
+        return AcquireRequest("alpha", (rpm(10), tpm(1000, 10)), (budget,),
+                              Concurrency("c:a", 1, 60), lease)
+
+    assert (await store.acquire(request("first"))).admitted
+    refused = await store.acquire(request("second"))
+    assert not refused.admitted and refused.denied == "concurrency"
+    after = await store.acquire(AcquireRequest("alpha", (rpm(10), tpm(1000, 10)), (budget,)))
+    assert [f.remaining for f in after.figures] == [8, 980, 80]

@@ -27,6 +27,9 @@ from gateway.config import GatewayConfig
 from gateway.stores.redis_base import RedisNamespace, unavailable
 
 PERIOD = 60.0  # rpm / tpm: every bucket refills over one minute
+_PERIOD_MS = PERIOD * 1000
+# named tuples made on the hot path skip their Python-level __new__ (same fields, in order)
+_new = tuple.__new__
 Kind = Literal["requests", "tokens"]
 
 
@@ -89,6 +92,9 @@ class Decision(NamedTuple):
     retry_after: float
     figures: tuple[Figure, ...]  # buckets then budgets, in request order
     in_flight: int = 0
+    # the tightest requests and tokens figures (fewest remaining, then lowest limit) when the
+    # store picked them on its way; None: the reader picks them from `figures`
+    tightest: tuple[Figure | None, Figure | None] | None = None
 
 
 class LimitStore(Protocol):
@@ -125,109 +131,166 @@ def _denied_name(request: AcquireRequest, index: int) -> str | None:
 
 class MemoryLimitStore:
     """The same algorithm in-process (single replica, and the fail-open fallback). Each call
-    runs without an ``await`` in between, so it is atomic on the event loop."""
+    runs without an ``await`` in between, so it is atomic on the event loop.
+
+    State is kept per tag (team), then per scope: the scope strings come from the limiter's
+    cached plans, so the lookups hash nothing new on the hot path."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
-        self._tats: dict[str, float] = {}  # ms
-        self._budgets: dict[str, tuple[int, float]] = {}  # used, expires (ms)
-        self._leases: dict[str, dict[str, float]] = {}
+        self._tats: dict[str, dict[str, float]] = {}  # ms
+        self._budgets: dict[str, dict[str, tuple[int, float]]] = {}  # used, expires (ms)
+        self._leases: dict[str, dict[str, dict[str, float]]] = {}
         self._calls = 0
 
-    def _budget(self, name: str, now: float) -> int:
-        used, expires = self._budgets.get(name, (0, 0.0))
-        return used if expires > now else 0
-
     def _sweep(self, now: float) -> None:
-        self._tats = {k: v for k, v in self._tats.items() if v > now}
-        self._budgets = {k: v for k, v in self._budgets.items() if v[1] > now}
-        self._leases = {k: v for k, v in self._leases.items() if v}
+        self._tats = {tag: tats for tag, tats in (
+            (tag, {k: v for k, v in tats.items() if v > now}) for tag, tats in self._tats.items())
+            if tats}
+        self._budgets = {tag: budgets for tag, budgets in (
+            (tag, {k: v for k, v in budgets.items() if v[1] > now})
+            for tag, budgets in self._budgets.items()) if budgets}
+        self._leases = {tag: leases for tag, leases in (
+            (tag, {k: v for k, v in leases.items() if v}) for tag, leases in self._leases.items())
+            if leases}
 
     async def acquire(self, request: AcquireRequest) -> Decision:
-        now = self.clock() * 1000
-        period = PERIOD * 1000
+        return self.acquire_now(request)
+
+    def acquire_now(self, request: AcquireRequest) -> Decision:
+        """`acquire` without the coroutine: nothing here waits. (The hot path of every limited
+        request: one pass per limit; what it reserved is put back if a later limit refuses.)"""
+        now = self.clock() * 1000.0
         self._calls += 1
-        if self._calls % 4096 == 0:
+        if self._calls & 4095 == 0:
             self._sweep(now)
+        tag = request.tag
+        tats = self._tats.get(tag)
+        if tats is None:
+            tats = self._tats[tag] = {}
         denied, retry = 0, 0.0
-        flat: list[int] = []
-        new_tats: list[float] = []
-        for i, b in enumerate(request.buckets, 1):
-            key = request.tag + ":" + b.scope
-            T = period / b.limit
-            tat = max(self._tats.get(key, now), now)
-            allow_at = tat + min(b.cost, b.limit) * T - period
+        period, new, ceil = _PERIOD_MS, _new, math.ceil  # locals: this loop is the hot path
+        figures: list[Figure] = []
+        undo: list[tuple[str, float | None]] = []
+        requests: Figure | None = None
+        tokens: Figure | None = None
+        i = 0
+        for name, scope, kind, limit, cost in request.buckets:
+            i += 1
+            interval = period / limit
+            old = tats.get(scope)
+            tat = old if old is not None and old > now else now
+            allow_at = tat + (cost if cost < limit else limit) * interval - period
             if allow_at > now:
                 if not denied:
                     denied, retry = i, allow_at - now
-                new_tats.append(tat)
-                flat += [max(0, math.floor((period - (tat - now)) / T)), math.ceil(tat - now)]
+            elif not denied:
+                tat += cost * interval
+                tats[scope] = tat
+                undo.append((scope, old))
             else:
-                new = tat + b.cost * T
-                new_tats.append(new)
-                flat += [max(0, math.floor((period - (new - now)) / T)), math.ceil(new - now)]
-        nb = len(request.buckets)
-        for j, g in enumerate(request.budgets, 1):
-            used = self._budget(request.tag + ":" + g.scope, now)
-            ttl_ms = math.ceil(g.ttl * 1000)
-            if used + g.cost > g.limit:
-                if not denied:
-                    denied, retry = nb + j, float(ttl_ms)
-                flat += [max(0, g.limit - used), ttl_ms]
-            else:
-                flat += [g.limit - used - g.cost, ttl_ms]
+                tat += cost * interval  # what it would be: the figures show it
+            ahead = tat - now
+            left = int((period - ahead) // interval)
+            figure = new(Figure, (name, kind, limit, left if left > 0 else 0, ceil(ahead) / 1000))
+            figures.append(figure)
+            if kind == "requests":
+                if requests is None or figure[3] < requests[3] or (
+                        figure[3] == requests[3] and limit < requests[2]):
+                    requests = figure
+            elif tokens is None or figure[3] < tokens[3] or (
+                    figure[3] == tokens[3] and limit < tokens[2]):
+                tokens = figure
+        entries: list[tuple[int, float] | None] = []
+        budgets: dict[str, tuple[int, float]] = {}
+        if request.budgets:
+            found = self._budgets.get(tag)
+            budgets = found if found is not None else self._budgets.setdefault(tag, budgets)
+            for name, scope, limit, cost, ttl in request.budgets:
+                i += 1
+                entry = budgets.get(scope)
+                if entry is not None and entry[1] <= now:
+                    entry = None  # the period is over
+                entries.append(entry)
+                used = entry[0] if entry is not None else 0
+                ttl_ms = math.ceil(ttl * 1000)
+                left = limit - used - cost
+                if left < 0:
+                    if not denied:
+                        denied, retry = i, float(ttl_ms)
+                    left = limit - used if used < limit else 0
+                figures.append(_new(Figure, (name, "budget", limit, left, ttl_ms / 1000)))
         in_flight = 0
         conc = request.concurrency
-        leases: dict[str, float] = {}
         if conc is not None:
-            key = request.tag + ":" + conc.scope
-            leases = self._leases.setdefault(key, {})
-            if len(leases) >= conc.limit:
+            tagged = self._leases.get(tag)
+            if tagged is None:
+                tagged = self._leases[tag] = {}
+            leases = tagged.get(conc.scope)
+            if leases is None:
+                leases = tagged[conc.scope] = {}
+            elif len(leases) >= conc.limit:
                 # at the cap: drop leases that expired (their requests never settled)
                 for lease in [k for k, v in leases.items() if v <= now]:
                     del leases[lease]
             in_flight = len(leases)
-            if in_flight >= conc.limit and not denied:
-                denied, retry = nb + len(request.budgets) + 1, 1000.0
-        if not denied:
-            for b, tat in zip(request.buckets, new_tats, strict=True):
-                self._tats[request.tag + ":" + b.scope] = tat
-            for g in request.budgets:
-                key = request.tag + ":" + g.scope
-                used = self._budget(key, now)
-                self._budgets[key] = (used + g.cost, now + g.ttl * 1000 + 60_000)
-            if conc is not None:
+            if in_flight >= conc.limit:
+                if not denied:
+                    denied, retry = i + 1, 1000.0
+            elif not denied:
                 leases[request.lease] = now + conc.lease_seconds * 1000
                 in_flight += 1
-        return Decision(not denied, _denied_name(request, denied), math.ceil(retry) / 1000,
-                        _figures(request, flat), in_flight)
+        if denied:
+            for scope, old in reversed(undo):
+                if old is None:
+                    del tats[scope]
+                else:
+                    tats[scope] = old
+            return Decision(False, _denied_name(request, denied), math.ceil(retry) / 1000,
+                            tuple(figures), in_flight, (requests, tokens))
+        for (_, scope, _, cost, ttl), entry in zip(request.budgets, entries, strict=True):
+            if entry is not None:
+                budgets[scope] = (entry[0] + cost, entry[1])
+            else:
+                budgets[scope] = (cost, now + ttl * 1000 + 60_000)
+        return _new(Decision, (True, None, 0.0, tuple(figures), in_flight, (requests, tokens)))
 
     async def settle(self, request: AcquireRequest, delta_tokens: int) -> None:
         self.settle_now(request, delta_tokens)
 
     def settle_now(self, request: AcquireRequest, delta_tokens: int) -> None:
         """`settle` without the coroutine: nothing here waits."""
-        now = self.clock() * 1000
-        period = PERIOD * 1000
+        tag = request.tag
         if delta_tokens:
-            for b in request.buckets:
-                if b.kind != "tokens":
-                    continue
-                key = request.tag + ":" + b.scope
-                tat = max(self._tats.get(key, now), now) + delta_tokens * period / b.limit
-                if tat > now:
-                    self._tats[key] = tat
-                else:
-                    self._tats.pop(key, None)
-            for g in request.budgets:
-                key = request.tag + ":" + g.scope
-                used = max(0, self._budget(key, now) + delta_tokens)
-                expires = self._budgets.get(key, (0, now + g.ttl * 1000 + 60_000))[1]
-                self._budgets[key] = (used, expires)
-        if request.concurrency is not None:
-            leases = self._leases.get(request.tag + ":" + request.concurrency.scope)
-            if leases is not None:
-                leases.pop(request.lease, None)
+            now = self.clock() * 1000.0
+            tats = self._tats.get(tag)
+            if tats is None:
+                tats = self._tats[tag] = {}
+            for _, scope, kind, limit, _ in request.buckets:
+                if kind == "tokens":
+                    tat = tats.get(scope, now)
+                    tat = (tat if tat > now else now) + delta_tokens * _PERIOD_MS / limit
+                    if tat > now:
+                        tats[scope] = tat
+                    else:
+                        tats.pop(scope, None)
+            if request.budgets:
+                budgets = self._budgets.get(tag)
+                if budgets is None:
+                    budgets = self._budgets[tag] = {}
+                for _, scope, _, _, ttl in request.budgets:
+                    entry = budgets.get(scope)
+                    if entry is not None and entry[1] > now:
+                        budgets[scope] = (max(0, entry[0] + delta_tokens), entry[1])
+                    else:
+                        budgets[scope] = (max(0, delta_tokens), now + ttl * 1000 + 60_000)
+        conc = request.concurrency
+        if conc is not None:
+            tagged = self._leases.get(tag)
+            if tagged is not None:
+                leases = tagged.get(conc.scope)
+                if leases is not None:
+                    leases.pop(request.lease, None)
 
 
 class RedisLimitStore:
