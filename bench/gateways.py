@@ -35,7 +35,11 @@ class GatewaySpec:
     """What one gateway process has switched on."""
 
     name: str
-    limits: bool = False  # key, team and per-model rpm/tpm limits (never reached)
+    # key rpm/tpm/concurrency and team rpm/tpm (the limits of the key-management issue),
+    # all never reached
+    limits: bool = False
+    # and every other limit type too: team per-model rpm/tpm, daily and monthly token budgets
+    all_limits: bool = False
     redis: bool = False  # store on the throw-away redis-server instead of in-process
     cache: bool = False  # add the ``bench-cached`` model with the response cache on
     sink: bool = False  # one webhook analytics sink (nginx ``/hook``)
@@ -78,11 +82,13 @@ def render_config(spec: GatewaySpec, upstream: Upstream, *, redis_url: str | Non
             raise ValueError(f"{spec.name}: needs a redis-server")
         config["store"] = redis_url
         config["store_prefix"] = f"bench-{spec.name}"
-    if spec.limits:
+    if spec.limits or spec.all_limits:
         key.update(rpm=HUGE, tpm=HUGE, max_concurrent=100_000)
-        per_model = {name: {"rpm": HUGE, "tpm": HUGE} for name in models}
-        config["teams"] = {TEAM: {"rpm": HUGE, "tpm": HUGE, "daily_token_budget": HUGE * 1000,
-                                  "monthly_token_budget": HUGE * 1000, "models": per_model}}
+        team: dict[str, Any] = {"rpm": HUGE, "tpm": HUGE}
+        if spec.all_limits:
+            team.update(daily_token_budget=HUGE * 1000, monthly_token_budget=HUGE * 1000,
+                        models={name: {"rpm": HUGE, "tpm": HUGE} for name in models})
+        config["teams"] = {TEAM: team}
         config["limits"] = {"key_rpm": HUGE, "key_tpm": HUGE, "key_max_concurrent": 100_000}
     if spec.sink:
         config["analytics"]["sinks"] = [{"name": "hook", "kind": "webhook",

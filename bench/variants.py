@@ -37,28 +37,37 @@ def run_core(bench: Bench) -> None:
 
 
 def run_limits_memory(bench: Bench) -> None:
-    rows = [("limits-memory-base", "core (paired with keys+limits)", 50),
-            ("limits-memory", "keys+limits (memory)", 50)]
+    """Two pairs against the core: the key-management issue's limits (the target), then every
+    limit type at once (reported, no target)."""
     body = chat_body("bench-json")
-    with guarded(bench, rows):
-        core = bench.core()
-        spec = GatewaySpec("limits-memory", limits=True, created_key=True)
-        with bench.gateway(spec) as gateway:
-            bench.paired(Target(rows[0][0], rows[0][1], core.chat_url, body,
-                                server_pid=core.pid),
-                         Target(rows[1][0], rows[1][1], gateway.chat_url, body,
-                                server_pid=gateway.pid,
-                                notes="created key; key+team+model rpm/tpm, never reached",
-                                authorization=gateway.authorization), 50)
+    cases = [
+        (GatewaySpec("limits-memory", limits=True, created_key=True), "limits-memory",
+         "keys+limits (memory)", "key rpm/tpm/concurrency + team rpm/tpm"),
+        (GatewaySpec("limits-memory-all", all_limits=True, created_key=True),
+         "limits-memory-all", "all limit types (memory)",
+         "+ team per-model rpm/tpm + daily/monthly budgets"),
+    ]
+    for spec, row_id, label, limits in cases:
+        rows = [(row_id + "-base", f"core (paired with {label})", 50), (row_id, label, 50)]
+        with guarded(bench, rows):
+            core = bench.core()
+            with bench.gateway(spec) as gateway:
+                bench.paired(Target(rows[0][0], rows[0][1], core.chat_url, body,
+                                    server_pid=core.pid),
+                             Target(row_id, label, gateway.chat_url, body,
+                                    server_pid=gateway.pid,
+                                    notes=f"created key; {limits}, never reached",
+                                    authorization=gateway.authorization), 50)
 
 
 def run_limits_redis(bench: Bench) -> None:
     row = ("limits-redis", "keys+limits (redis)", 50)
     with guarded(bench, [row]):
-        spec = GatewaySpec("limits-redis", limits=True, redis=True, created_key=True)
+        spec = GatewaySpec("limits-redis", all_limits=True, redis=True, created_key=True)
         with bench.gateway(spec) as gateway:
             target = Target(row[0], row[1], gateway.chat_url, chat_body("bench-json"),
-                            server_pid=gateway.pid, notes="key created in redis; limits on redis",
+                            server_pid=gateway.pid,
+                            notes="key created in redis; all limit types on redis",
                             authorization=gateway.authorization)
             bench.measure(target, 50)
             keys = redis_keys(bench.redis_url())

@@ -26,7 +26,7 @@ from gateway.answer import Answer
 from gateway.backends.base import Route
 from gateway.config import CachePolicy, GatewayConfig
 from gateway.errors import GatewayError
-from gateway.stores.cache import CacheStore
+from gateway.stores.cache import CacheStore, MemoryCacheStore
 from gateway.wire import ChatRequest
 
 log = structlog.get_logger("gateway.cache")
@@ -149,6 +149,8 @@ class ResponseCache:
         self.config = config
         self.store = store
         self.hooks = hooks or CacheHooks()
+        # the in-process store: called without coroutines (nothing there waits)
+        self._local = store if isinstance(store, MemoryCacheStore) else None
         self._policies: dict[str, CachePolicy] = {
             name: model.cache or config.cache.default for name, model in config.models.items()
         }
@@ -171,12 +173,34 @@ class ResponseCache:
     async def get(self, decision: CacheDecision) -> CachedAnswer | None:
         if decision.key is None:
             return None
+        if self._local is not None:
+            return self._cached(self._local.get_now(decision.key))
         try:
             data = await self.store.get(decision.key)
         except GatewayError as exc:
             self._failed("get", exc)
             return None
         return self._cached(data)
+
+    async def lookup(self, decision: CacheDecision) -> tuple[CachedAnswer | None, bool]:
+        """`get`, then on a miss (when the decision may write) `acquire`, in one call:
+        (the answer, whether it came from a leader we waited for)."""
+        if decision.key is None:
+            return None, False
+        local = self._local
+        if local is not None:
+            found = self._cached(local.get_now(decision.key))
+            if found is not None or not decision.write:
+                return found, False
+            if local.lock_now(decision.key, self.config.cache.lock_seconds):
+                decision.leader = True
+                return None, False
+        else:
+            found = await self.get(decision)
+            if found is not None or not decision.write:
+                return found, False
+        found = await self.acquire(decision)
+        return found, found is not None
 
     def _cached(self, data: bytes | None) -> CachedAnswer | None:
         if data is None:
@@ -216,7 +240,10 @@ class ResponseCache:
             return False
         data = encode_answer(answer, time.time())
         try:
-            stored = await self.store.set(decision.key, data, decision.ttl)
+            if self._local is not None:
+                stored = self._local.set_now(decision.key, data, decision.ttl)
+            else:
+                stored = await self.store.set(decision.key, data, decision.ttl)
         except GatewayError as exc:
             self._failed("put", exc)
             return False
@@ -228,11 +255,10 @@ class ResponseCache:
         """Release without a task when the store is in-process; False: call `release`."""
         if decision.key is None or not decision.leader:
             return True
-        unlock_now = getattr(self.store, "unlock_now", None)
-        if unlock_now is None:
+        if self._local is None:
             return False
         decision.leader = False
-        unlock_now(decision.key)
+        self._local.unlock_now(decision.key)
         return True
 
     async def release(self, decision: CacheDecision) -> None:

@@ -243,7 +243,7 @@ class Limiter:
             return UNLIMITED
         store = self.store
         decision: Decision | None = None
-        if self._down_until <= time.monotonic():
+        if not self._down_until or self._down_until <= time.monotonic():
             try:
                 if isinstance(store, MemoryLimitStore):
                     decision = store.acquire_now(request)

@@ -79,9 +79,7 @@ class ResponseCache(Protocol):
     def decide(self, route: Route, chat: ChatRequest, body: dict[str, Any], team: str,
                cache_control: str | None) -> Any: ...
 
-    async def get(self, decision: Any) -> Any: ...
-
-    async def acquire(self, decision: Any) -> Any: ...
+    async def lookup(self, decision: Any) -> tuple[Any, bool]: ...
 
     async def put(self, decision: Any, answer: Answer) -> bool: ...
 
@@ -248,14 +246,11 @@ class Pipeline:
         status = "bypass"
         hit = None
         if decision.read:
-            hit = await self.cache.get(decision)
+            hit, coalesced = await self.cache.lookup(decision)
+            ex.locked = decision.write  # released in `_finish` if this request leads
             status = "hit" if hit is not None else "miss"
-            if hit is None and decision.write:
-                ex.locked = True
-                hit = await self.cache.acquire(decision)
-                if hit is not None:
-                    self.metrics.child(self.metrics.cache_events, ex.route.model, "coalesced").inc()
-                    status = "hit"
+            if coalesced:
+                self.metrics.child(self.metrics.cache_events, ex.route.model, "coalesced").inc()
         elif decision.write:
             status = "miss"
         self.metrics.child(self.metrics.cache_events, ex.route.model, status).inc()
@@ -452,9 +447,11 @@ class Pipeline:
     # -- replies -----------------------------------------------------------------------------
 
     def _headers(self, ex: Exchange) -> dict[str, str]:
-        headers = dict(ex.admission.headers) if ex.admission is not None else {}
+        # first: the request-id middleware looks for it (it subtracts the upstream wait)
+        headers = {"x-gateway-upstream-ms": f"{ex.upstream_wait * 1000:.3f}"}
+        if ex.admission is not None:
+            headers.update(ex.admission.headers)
         headers.update(ex.extra_headers)
-        headers["x-gateway-upstream-ms"] = f"{ex.upstream_wait * 1000:.3f}"
         if self.message_ids:
             ids = self.message_ids(ex.request_id)
             if ids.get("assistant"):

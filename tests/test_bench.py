@@ -47,7 +47,8 @@ def test_ask_body_in_nuclia_order() -> None:
 
 @pytest.mark.parametrize("spec", [
     GatewaySpec("core"), GatewaySpec("limits", limits=True),
-    GatewaySpec("redis", limits=True, redis=True), GatewaySpec("cache", cache=True),
+    GatewaySpec("all-limits", all_limits=True),
+    GatewaySpec("redis", all_limits=True, redis=True), GatewaySpec("cache", cache=True),
     GatewaySpec("sink", sink=True),
 ])
 def test_every_variant_config_is_valid(spec: GatewaySpec, tmp_path: Path) -> None:
@@ -57,8 +58,10 @@ def test_every_variant_config_is_valid(spec: GatewaySpec, tmp_path: Path) -> Non
     assert ("bench-cached" in config.models) is spec.cache
     assert (config.redis_url is not None) is spec.redis
     assert len(config.analytics.sinks) == (1 if spec.sink else 0)
-    if spec.limits:
-        assert config.teams["bench"].rpm and config.keys.static[0].rpm
+    if spec.limits or spec.all_limits:
+        team = config.teams["bench"]
+        assert team.rpm and team.tpm and config.keys.static[0].rpm
+        assert bool(team.models and team.daily_token_budget) is spec.all_limits
 
 
 def test_unique_body_has_the_placeholder_and_is_json() -> None:

@@ -79,7 +79,13 @@ class MemoryCacheStore:
         self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
         self._locks: dict[str, tuple[asyncio.Event | None, float]] = {}
 
+    # Each operation has a ``*_now`` form: nothing here waits, so the response cache calls
+    # them without making a coroutine (the async forms are the `CacheStore` protocol).
+
     async def get(self, key: str) -> bytes | None:
+        return self.get_now(key)
+
+    def get_now(self, key: str) -> bytes | None:
         found = self._entries.get(key)
         if found is None:
             return None
@@ -91,6 +97,9 @@ class MemoryCacheStore:
         return value
 
     async def set(self, key: str, value: bytes, ttl: float) -> bool:
+        return self.set_now(key, value, ttl)
+
+    def set_now(self, key: str, value: bytes, ttl: float) -> bool:
         if len(value) > self.max_entry_bytes or len(value) > self.max_bytes:
             self.refused += 1
             return False
@@ -119,6 +128,9 @@ class MemoryCacheStore:
             self._on_size(self.size)
 
     async def lock(self, key: str, ttl: float) -> bool:
+        return self.lock_now(key, ttl)
+
+    def lock_now(self, key: str, ttl: float) -> bool:
         held = self._locks.get(key)
         now = self._clock()
         if held is not None and held[1] > now:
@@ -131,7 +143,6 @@ class MemoryCacheStore:
         self.unlock_now(key)
 
     def unlock_now(self, key: str) -> None:
-        """`unlock` without the coroutine (nothing here waits)."""
         held = self._locks.pop(key, None)
         if held is not None and held[0] is not None:
             held[0].set()
