@@ -173,8 +173,6 @@ class ResponseCache:
     async def get(self, decision: CacheDecision) -> CachedAnswer | None:
         if decision.key is None:
             return None
-        if self._local is not None:
-            return self._cached(self._local.get_now(decision.key))
         try:
             data = await self.store.get(decision.key)
         except GatewayError as exc:

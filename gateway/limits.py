@@ -80,17 +80,19 @@ def _tightest(figures: tuple[Figure, ...]) -> tuple[Figure | None, Figure | None
 def _headers(decision: Decision) -> dict[str, str]:
     """OpenAI's ``x-ratelimit-*`` trio for requests and for tokens, each from the tightest
     limit of its kind."""
-    requests, tokens = decision.tightest or _tightest(decision.figures)
     headers: dict[str, str] = {}
-    if requests is not None:
-        headers["x-ratelimit-limit-requests"] = str(requests.limit)
-        headers["x-ratelimit-remaining-requests"] = str(requests.remaining)
-        headers["x-ratelimit-reset-requests"] = format_reset(requests.reset)
-    if tokens is not None:
-        headers["x-ratelimit-limit-tokens"] = str(tokens.limit)
-        headers["x-ratelimit-remaining-tokens"] = str(tokens.remaining)
-        headers["x-ratelimit-reset-tokens"] = format_reset(tokens.reset)
+    for f, (limit, remaining, reset) in zip(decision.tightest or _tightest(decision.figures),
+                                            _HEADER_NAMES, strict=True):
+        if f is not None:
+            headers[limit] = str(f.limit)
+            headers[remaining] = str(f.remaining)
+            headers[reset] = format_reset(f.reset)
     return headers
+
+
+# per kind, in `_tightest` order (requests, tokens): OpenAI's header names
+_HEADER_NAMES = tuple((f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}",
+                       f"x-ratelimit-reset-{kind}") for kind in ("requests", "tokens"))
 
 
 class Admission:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Literal, NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol, TypeVar
 
 from redis.exceptions import RedisError
 
@@ -129,6 +129,17 @@ def _denied_name(request: AcquireRequest, index: int) -> str | None:
     return "concurrency"
 
 
+_V = TypeVar("_V")
+
+
+def _pruned(tree: dict[str, dict[str, _V]], alive: Callable[[_V], bool]
+            ) -> dict[str, dict[str, _V]]:
+    """`tree` (tag -> scope -> value) without the values that are not `alive` nor the tags
+    left empty."""
+    return {tag: kept for tag, inner in tree.items()
+            if (kept := {k: v for k, v in inner.items() if alive(v)})}
+
+
 class MemoryLimitStore:
     """The same algorithm in-process (single replica, and the fail-open fallback). Each call
     runs without an ``await`` in between, so it is atomic on the event loop.
@@ -144,15 +155,9 @@ class MemoryLimitStore:
         self._calls = 0
 
     def _sweep(self, now: float) -> None:
-        self._tats = {tag: tats for tag, tats in (
-            (tag, {k: v for k, v in tats.items() if v > now}) for tag, tats in self._tats.items())
-            if tats}
-        self._budgets = {tag: budgets for tag, budgets in (
-            (tag, {k: v for k, v in budgets.items() if v[1] > now})
-            for tag, budgets in self._budgets.items()) if budgets}
-        self._leases = {tag: leases for tag, leases in (
-            (tag, {k: v for k, v in leases.items() if v}) for tag, leases in self._leases.items())
-            if leases}
+        self._tats = _pruned(self._tats, lambda tat: tat > now)
+        self._budgets = _pruned(self._budgets, lambda entry: entry[1] > now)
+        self._leases = _pruned(self._leases, bool)
 
     async def acquire(self, request: AcquireRequest) -> Decision:
         return self.acquire_now(request)
