@@ -7,7 +7,9 @@ lifespan and handed to the endpoints as typed state; tests inject their own thro
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -99,6 +101,9 @@ def create_app(
             state = await assemble(config, stack, metrics or Metrics(), connector_factory,
                                    observers)
             app.state.gateway = state
+            if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                sampling = asyncio.create_task(state.metrics.sample_every(1.0))
+                stack.callback(sampling.cancel)
             tune_gc()
             yield {"gateway": state}
 

@@ -139,7 +139,6 @@ def split_text(text: str, size: int = _REPLAY_PIECE) -> list[str]:
 class CacheHooks:
     """Metric callbacks (the defaults count nothing)."""
 
-    stored_bytes: Callable[[int], None] = lambda n: None
     store_error: Callable[[], None] = lambda: None
 
 
@@ -149,6 +148,8 @@ class ResponseCache:
         self.config = config
         self.store = store
         self.hooks = hooks or CacheHooks()
+        # bytes written so far: read by the metrics when sampled, not reported per write
+        self.stored_bytes = 0
         # the in-process store: called without coroutines (nothing there waits)
         self._local = store if isinstance(store, MemoryCacheStore) else None
         self._policies: dict[str, CachePolicy] = {
@@ -232,22 +233,39 @@ class ResponseCache:
             self._failed("acquire", exc)
             return None
 
+    def put_now(self, decision: CacheDecision, answer: Answer) -> bool | None:
+        """`put` without a coroutine when the store is in-process; None: call `put`."""
+        if self._local is None:
+            return None
+        data = self._entry(decision, answer)
+        if data is None or not self._local.set_now(decision.key or "", data, decision.ttl):
+            return False
+        self.stored_bytes += len(data)
+        return True
+
     async def put(self, decision: CacheDecision, answer: Answer) -> bool:
         """Store a complete, successful answer (never an errored or truncated one)."""
-        if decision.key is None or not decision.write or not answer.finish_reason:
+        done = self.put_now(decision, answer)
+        if done is not None:
+            return done
+        data = self._entry(decision, answer)
+        if data is None:
             return False
-        data = encode_answer(answer, time.time())
         try:
-            if self._local is not None:
-                stored = self._local.set_now(decision.key, data, decision.ttl)
-            else:
-                stored = await self.store.set(decision.key, data, decision.ttl)
+            stored = await self.store.set(decision.key or "", data, decision.ttl)
         except GatewayError as exc:
             self._failed("put", exc)
             return False
         if stored:
-            self.hooks.stored_bytes(len(data))
+            self.stored_bytes += len(data)
         return stored
+
+    @staticmethod
+    def _entry(decision: CacheDecision, answer: Answer) -> bytes | None:
+        """The encoded entry, or None when this answer must not be stored."""
+        if decision.key is None or not decision.write or not answer.finish_reason:
+            return None
+        return encode_answer(answer, time.time())
 
     def release_now(self, decision: CacheDecision) -> bool:
         """Release without a task when the store is in-process; False: call `release`."""

@@ -63,12 +63,11 @@ async def build_components(
     limiter = Limiter(config, limit_store, fallback,
                       on_unavailable=metrics.store_unavailable.labels("limits").inc)
 
-    cache = Cache(
-        config,
-        make_cache_store(config, ns, on_size=metrics.cache_bytes.set),
-        CacheHooks(stored_bytes=metrics.cache_stored.inc,
-                   store_error=metrics.store_unavailable.labels("cache").inc),
-    )
+    cache_store = make_cache_store(config, ns)
+    cache = Cache(config, cache_store,
+                  CacheHooks(store_error=metrics.store_unavailable.labels("cache").inc))
+    metrics.sample_gauge(metrics.cache_bytes, lambda: cache_store.stats().bytes)
+    metrics.sample_total(metrics.cache_stored, lambda: cache.stored_bytes)
 
     analytics = await build_analytics(config, ns, metrics, stack)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -86,9 +86,11 @@ class ChatCompletions:
         try:
             reply = await state.pipeline.handle(request_id, raw, headers)
             if reply.stream is None:
-                await _send_whole(send, reply.status, reply.headers, reply.body)
+                await _send_whole(send, reply.status, reply.headers, reply.body,
+                                  reply.raw_headers)
             else:
-                await _send_stream(send, receive, reply.status, reply.headers, reply.stream)
+                await _send_stream(send, receive, reply.status, reply.headers, reply.stream,
+                                   reply.raw_headers)
         finally:
             state.metrics.in_flight.dec()
 
@@ -97,14 +99,17 @@ def _encode(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
     return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
 
 
-async def _send_whole(send: Any, status: int, headers: dict[str, str], body: bytes) -> None:
+async def _send_whole(send: Any, status: int, headers: dict[str, str], body: bytes,
+                      raw: Sequence[tuple[bytes, bytes]] = ()) -> None:
     await send({"type": "http.response.start", "status": status,
-                "headers": [*JSON, (b"content-length", b"%d" % len(body)), *_encode(headers)]})
+                "headers": [*JSON, (b"content-length", b"%d" % len(body)), *_encode(headers),
+                            *raw]})
     await send({"type": "http.response.body", "body": body})
 
 
 async def _send_stream(
-    send: Any, receive: Any, status: int, headers: dict[str, str], stream: AsyncIterator[Piece]
+    send: Any, receive: Any, status: int, headers: dict[str, str], stream: AsyncIterator[Piece],
+    raw: Sequence[tuple[bytes, bytes]] = (),
 ) -> None:
     """Send the pieces as they come; a disconnect before the last one cancels the relay."""
     sent_last = False
@@ -113,7 +118,7 @@ async def _send_stream(
         nonlocal sent_last
         try:
             await send({"type": "http.response.start", "status": status,
-                        "headers": SSE + _encode(headers)})
+                        "headers": [*SSE, *_encode(headers), *raw]})
             async for data, last in stream:
                 if not sent_last:
                     await send({"type": "http.response.body", "body": data,

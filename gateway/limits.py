@@ -46,21 +46,26 @@ _TEMPLATES = 4096  # cached plans (key × model) before the cache starts over
 _NAMES = {"rpm": "requests per minute (rpm)", "tpm": "tokens per minute (tpm)"}
 
 
-_MILLIS = [f"{ms}ms" for ms in range(1001)]  # the sub-second resets, formatted once
+_MILLIS = [f"{ms}ms".encode() for ms in range(1001)]  # the sub-second resets, made once
 
 
 def format_reset(seconds: float) -> str:
     """OpenAI's reset format: ``20ms``, ``1s``, ``1.5s``, ``6m0s``, ``1h2m3s``."""
+    return _reset(seconds).decode()
+
+
+def _reset(seconds: float) -> bytes:
     if seconds < 1:
-        return _MILLIS[max(0, round(seconds * 1000))]
+        ms = int(seconds * 1000 + 0.5)  # round() costs twice as much
+        return _MILLIS[ms if ms > 0 else 0]
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     text = f"{secs:.3f}".rstrip("0").rstrip(".") + "s"
     if hours >= 1:
-        return f"{int(hours)}h{int(minutes)}m{text}"
-    if minutes >= 1:
-        return f"{int(minutes)}m{text}"
-    return text
+        text = f"{int(hours)}h{int(minutes)}m{text}"
+    elif minutes >= 1:
+        text = f"{int(minutes)}m{text}"
+    return text.encode()
 
 
 def _tightest(figures: tuple[Figure, ...]) -> tuple[Figure | None, Figure | None]:
@@ -77,39 +82,53 @@ def _tightest(figures: tuple[Figure, ...]) -> tuple[Figure | None, Figure | None
     return requests, tokens
 
 
-def _headers(decision: Decision) -> dict[str, str]:
+def _raw_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
     """OpenAI's ``x-ratelimit-*`` trio for requests and for tokens, each from the tightest
-    limit of its kind."""
-    headers: dict[str, str] = {}
-    for f, (limit, remaining, reset) in zip(decision.tightest or _tightest(decision.figures),
-                                            _HEADER_NAMES, strict=True):
-        if f is not None:
-            headers[limit] = str(f.limit)
-            headers[remaining] = str(f.remaining)
-            headers[reset] = format_reset(f.reset)
+    limit of its kind, encoded as the response sends them (no str round trip per request).
+    Written out for both kinds: a ``zip(..., strict=True)`` loop cost twice as much."""
+    requests, tokens = decision.tightest or _tightest(decision.figures)
+    headers: list[tuple[bytes, bytes]] = []
+    if requests is not None:
+        headers += ((_LIMIT_REQUESTS, b"%d" % requests.limit),
+                    (_REMAINING_REQUESTS, b"%d" % requests.remaining),
+                    (_RESET_REQUESTS, _reset(requests.reset)))
+    if tokens is not None:
+        headers += ((_LIMIT_TOKENS, b"%d" % tokens.limit),
+                    (_REMAINING_TOKENS, b"%d" % tokens.remaining),
+                    (_RESET_TOKENS, _reset(tokens.reset)))
     return headers
 
 
-# per kind, in `_tightest` order (requests, tokens): OpenAI's header names
-_HEADER_NAMES = tuple((f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}",
-                       f"x-ratelimit-reset-{kind}") for kind in ("requests", "tokens"))
+def _decoded(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    return {name.decode(): value.decode() for name, value in raw}
+
+
+_LIMIT_REQUESTS, _REMAINING_REQUESTS, _RESET_REQUESTS = (
+    b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")
+_LIMIT_TOKENS, _REMAINING_TOKENS, _RESET_TOKENS = (
+    b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens")
 
 
 class Admission:
-    """An admitted request: `headers` for the response, `settle(actual)` exactly once (later
-    calls do nothing)."""
+    """An admitted request: `raw_headers` for the response, `settle(actual)` exactly once
+    (later calls do nothing)."""
 
-    __slots__ = ("headers", "_limiter", "_store", "_request", "_estimate", "_settled")
+    __slots__ = ("raw_headers", "_limiter", "_store", "_request", "_estimate", "_settled")
 
-    def __init__(self, headers: dict[str, str], limiter: Limiter | None = None,
+    def __init__(self, raw_headers: list[tuple[bytes, bytes]], limiter: Limiter | None = None,
                  store: LimitStore | None = None, request: AcquireRequest | None = None,
                  estimate: int = 0) -> None:
-        self.headers = headers
+        self.raw_headers = raw_headers
         self._limiter = limiter
         self._store = store
         self._request = request
         self._estimate = estimate
         self._settled = False
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """`raw_headers` as text (for error replies made after admission)."""
+        return _decoded(self.raw_headers)
 
     def settle_now(self, actual_tokens: int) -> bool:
         """Settle without a task when the store works in-process (no I/O); False: call
@@ -136,7 +155,7 @@ class Admission:
                 self._limiter.unavailable()
 
 
-UNLIMITED = Admission({})
+UNLIMITED = Admission([])
 
 
 class Limiter:
@@ -267,12 +286,12 @@ class Limiter:
             decision = await store.acquire(request)
         if not decision.admitted:
             raise self._refusal(principal, model, request, decision)
-        return Admission(_headers(decision), self, store, request, estimated_tokens)
+        return Admission(_raw_headers(decision), self, store, request, estimated_tokens)
 
     def _refusal(self, principal: Any, model: str, request: AcquireRequest,
                  decision: Decision) -> RateLimited | QuotaExceeded:
         name = decision.denied or ""
-        headers = _headers(decision)
+        headers = _decoded(_raw_headers(decision))
         retry = decision.retry_after
         if name == "concurrency":
             limit = request.concurrency.limit if request.concurrency else 0

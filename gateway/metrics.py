@@ -7,7 +7,9 @@ never key ids, user ids or anything a client can make up freely.
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -68,6 +70,7 @@ class Metrics:
             multiprocess_mode="livesum")
 
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+        self._samplers: list[Callable[[], None]] = []
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, looked up once per label set: `labels` takes a lock and
@@ -78,7 +81,41 @@ class Metrics:
             found = self._children[key] = metric.labels(*labels)
         return found
 
+    # Figures a component already keeps (bytes in a cache, bytes written) are read when the
+    # metrics are rendered instead of being reported on every change: each Prometheus update
+    # takes a lock, ~4k instructions per call on the request path.
+
+    def sample_gauge(self, gauge: Gauge, read: Callable[[], float | None]) -> None:
+        """Set `gauge` to `read()` whenever the metrics are sampled (None: leave it)."""
+        def sample() -> None:
+            value = read()
+            if value is not None:
+                gauge.set(value)
+        self._samplers.append(sample)
+
+    def sample_total(self, counter: Counter, read: Callable[[], float]) -> None:
+        """Advance `counter` to the running total `read()` whenever the metrics are sampled."""
+        reported = [0.0]
+
+        def sample() -> None:
+            total = read()
+            if total > reported[0]:
+                counter.inc(total - reported[0])
+                reported[0] = total
+        self._samplers.append(sample)
+
+    def sample(self) -> None:
+        for sampler in self._samplers:
+            sampler()
+
+    async def sample_every(self, seconds: float) -> None:
+        """With several workers each renders only what the others wrote: sample on a clock."""
+        while True:
+            await asyncio.sleep(seconds)
+            self.sample()
+
     def render(self) -> tuple[bytes, str]:
+        self.sample()
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             merged = CollectorRegistry()
             MultiProcessCollector(merged)  # type: ignore[no-untyped-call]

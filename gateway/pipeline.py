@@ -55,7 +55,10 @@ class Authenticator(Protocol):
 
 
 class Admission(Protocol):
-    headers: dict[str, str]
+    raw_headers: list[tuple[bytes, bytes]]  # for the response, encoded
+
+    @property
+    def headers(self) -> dict[str, str]: ...
 
     async def settle(self, actual_tokens: int) -> None: ...
 
@@ -83,6 +86,8 @@ class ResponseCache(Protocol):
 
     async def put(self, decision: Any, answer: Answer) -> bool: ...
 
+    def put_now(self, decision: Any, answer: Answer) -> bool | None: ...
+
     async def release(self, decision: Any) -> None: ...
 
     def release_now(self, decision: Any) -> bool: ...
@@ -101,6 +106,7 @@ class Reply:
     body: bytes = b""
     stream: AsyncIterator[Piece] | None = None
     media_type: str = "application/json"
+    raw_headers: Sequence[tuple[bytes, bytes]] = ()  # sent after `headers`, already encoded
 
 
 @dataclass(slots=True)
@@ -214,8 +220,7 @@ class Pipeline:
             if ex.chat.stream:
                 stream = await backend.stream(call)
                 ex.upstream_wait = time.perf_counter() - upstream_started
-                reply = Reply(200, self._headers(ex), stream=self._relay(ex, stream),
-                              media_type="text/event-stream")
+                reply = self._ok(ex, stream=self._relay(ex, stream))
                 if stream.meta.get("learning_id"):
                     reply.headers["x-nuclia-learning-id"] = stream.meta["learning_id"]
                 handed_off = True
@@ -264,11 +269,10 @@ class Pipeline:
         cid, created = _ids()
         if not ex.chat.stream:
             completion = hit.answer.to_completion(cid, ex.route.model, created)
-            return Reply(200, self._headers(ex), orjson.dumps(completion))
+            return self._ok(ex, orjson.dumps(completion))
         chunks = hit.answer.replay_chunks(cid, ex.route.model, created,
                                           include_usage=ex.chat.include_usage, pieces=None)
-        return Reply(200, self._headers(ex), stream=self._replay_stream(ex, chunks),
-                     media_type="text/event-stream")
+        return self._ok(ex, stream=self._replay_stream(ex, chunks))
 
     async def _replay_stream(self, ex: Exchange, chunks: list[dict[str, Any]]
                              ) -> AsyncIterator[Piece]:
@@ -296,8 +300,9 @@ class Pipeline:
             completion["usage"] = self._usage(ex)
         answer.usage = completion["usage"]
         ex.ttft = time.perf_counter() - ex.started
-        await self._store(ex)
-        return Reply(200, self._headers(ex), orjson.dumps(completion))
+        if not self._store_now(ex):
+            await self._store(ex)
+        return self._ok(ex, orjson.dumps(completion))
 
     async def _relay(self, ex: Exchange, stream: ChunkStream) -> AsyncIterator[Piece]:
         """Re-emit upstream chunks as they arrive; one ``finally`` ends the exchange.
@@ -339,7 +344,8 @@ class Pipeline:
                 tail.append(sse_event(usage_chunk(cid, model, created, answer.usage)))
             tail.append(SSE_DONE)
             yield b"".join(tail), True
-            await self._store(ex)
+            if not self._store_now(ex):
+                await self._store(ex)
         except GatewayError as exc:
             self._fail(ex, exc)
             yield sse_event(exc.body()), True
@@ -362,12 +368,19 @@ class Pipeline:
             completion += text_tokens(str((call.get("function") or {}).get("arguments") or ""))
         return usage_dict(ex.prompt_estimate, completion, estimated=True)
 
-    async def _store(self, ex: Exchange) -> None:
+    def _store_now(self, ex: Exchange) -> bool:
+        """Cache a finished answer without a coroutine where the store allows; False: the
+        caller awaits `_store`."""
         decision = ex.decision
         if self.cache is None or decision is None or not decision.write:
-            return
-        if ex.status == 200 and ex.answer.finish_reason:
-            await self.cache.put(decision, ex.answer)
+            return True
+        if ex.status != 200 or not ex.answer.finish_reason:
+            return True
+        return self.cache.put_now(decision, ex.answer) is not None
+
+    async def _store(self, ex: Exchange) -> None:
+        assert self.cache is not None
+        await self.cache.put(ex.decision, ex.answer)
 
     # -- endings -----------------------------------------------------------------------------
 
@@ -446,17 +459,21 @@ class Pipeline:
 
     # -- replies -----------------------------------------------------------------------------
 
-    def _headers(self, ex: Exchange) -> dict[str, str]:
+    def _ok(self, ex: Exchange, body: bytes = b"",
+            stream: AsyncIterator[Piece] | None = None) -> Reply:
+        """A 200 reply, whole (`body`) or streamed, with the exchange's headers."""
         # first: the request-id middleware looks for it (it subtracts the upstream wait)
         headers = {"x-gateway-upstream-ms": f"{ex.upstream_wait * 1000:.3f}"}
-        if ex.admission is not None:
-            headers.update(ex.admission.headers)
         headers.update(ex.extra_headers)
         if self.message_ids:
             ids = self.message_ids(ex.request_id)
             if ids.get("assistant"):
                 headers["x-gateway-message-id"] = ids["assistant"]
-        return headers
+        raw = ex.admission.raw_headers if ex.admission is not None else ()
+        if stream is None:
+            return Reply(200, headers, body, raw_headers=raw)
+        return Reply(200, headers, stream=stream, media_type="text/event-stream",
+                     raw_headers=raw)
 
     def _error_reply(self, exc: GatewayError, ex: Exchange | None = None) -> Reply:
         headers = dict(exc.headers)

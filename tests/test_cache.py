@@ -14,6 +14,7 @@ from gateway.answer import Answer
 from gateway.backends.base import Route
 from gateway.cache import CacheHooks, ResponseCache, decode_answer, encode_answer
 from gateway.config import GatewayConfig
+from gateway.metrics import Metrics
 from gateway.stores.cache import CacheStore, MemoryCacheStore, RedisCacheStore
 from gateway.stores.redis_base import RedisNamespace, connect
 from gateway.wire import ChatRequest
@@ -152,8 +153,6 @@ def test_a_whole_answer_replays_as_several_chunks() -> None:
 
 
 async def test_put_get_hit_with_age(cache: ResponseCache) -> None:
-    stored: list[int] = []
-    cache.hooks = CacheHooks(stored_bytes=stored.append)
     decision = decide(cache, body())
     assert await cache.get(decision) is None
     assert await cache.put(decision, answer())
@@ -161,7 +160,7 @@ async def test_put_get_hit_with_age(cache: ResponseCache) -> None:
     assert hit is not None
     assert hit.answer.content == ["Hello", " there, world"]
     assert 0 <= hit.age < 1 and abs(hit.created - time.time()) < 1
-    assert stored and stored[0] > 0
+    assert cache.stored_bytes > 0
 
 
 async def test_put_refuses_unfinished_oversize_and_unwritable(cache: ResponseCache) -> None:
@@ -296,3 +295,21 @@ async def test_store_errors_become_misses_and_are_logged() -> None:
 def test_decision_status_before_lookup(cache: ResponseCache) -> None:
     assert decide(cache, body()).status == "miss"
     assert decide(cache, body(), header="no-store").status == "bypass"
+
+
+async def test_cache_figures_reach_the_metrics_when_sampled() -> None:
+    metrics = Metrics()
+    held: list[float | None] = [None]
+    written = [0]
+    metrics.sample_gauge(metrics.cache_bytes, lambda: held[0])
+    metrics.sample_total(metrics.cache_stored, lambda: written[0])
+    held[0], written[0] = 120, 300
+    sampling = asyncio.create_task(metrics.sample_every(0.01))  # what each worker runs
+    await asyncio.sleep(0.1)
+    sampling.cancel()
+    value = metrics.registry.get_sample_value
+    assert value("gateway_cache_bytes") == 120
+    assert value("gateway_cache_stored_bytes_total") == 300
+    held[0], written[0] = None, 500  # None: a store that cannot tell leaves the gauge
+    assert b"gateway_cache_stored_bytes_total 500.0" in metrics.render()[0]
+    assert value("gateway_cache_bytes") == 120

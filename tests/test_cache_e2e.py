@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -35,7 +36,8 @@ async def setup(request: pytest.FixtureRequest) -> AsyncIterator[tuple[str, Any]
             yield gateway, upstream
 
 
-async def test_miss_then_hit_and_bypass(setup: tuple[str, Any]) -> None:
+async def test_miss_then_hit_and_bypass(setup: tuple[str, Any],
+                                        request: pytest.FixtureRequest) -> None:
     gateway, upstream = setup
     async with async_client(gateway) as client:
         first = await client.chat.completions.with_raw_response.create(
@@ -56,6 +58,20 @@ async def test_miss_then_hit_and_bypass(setup: tuple[str, Any]) -> None:
     assert second.parse().choices[0].message.content == answer_text("cache me")
     assert second.parse().model == "qa"
     assert upstream.state.calls == 4  # first, hot, refresh, skip
+    async with httpx.AsyncClient() as http:
+        metrics = (await http.get(f"{gateway}/metrics")).text
+    assert 'gateway_cache_events_total{model="qa",result="hit"} 1.0' in metrics
+    # sampled when rendered: two answers written (first, then refresh over the same key)
+    written = sample(metrics, "gateway_cache_stored_bytes_total")
+    assert written > 100
+    if request.node.callspec.params["setup"] == "memory":
+        # one entry held: the refresh replaced the first (its `created` may differ in length)
+        assert abs(sample(metrics, "gateway_cache_bytes") - written / 2) < 10
+
+
+def sample(metrics: str, name: str) -> float:
+    line = next(line for line in metrics.splitlines() if line.startswith(name + " "))
+    return float(line.split()[1])
 
 
 async def test_stream_replay_equals_the_original(setup: tuple[str, Any]) -> None:

@@ -67,7 +67,6 @@ class MemoryCacheStore:
         max_entry_bytes: int,
         *,
         clock: Callable[[], float] = time.monotonic,
-        on_size: Callable[[int], None] | None = None,
     ) -> None:
         self.max_bytes = max_bytes
         self.max_entry_bytes = max_entry_bytes
@@ -75,7 +74,6 @@ class MemoryCacheStore:
         self.evictions = 0
         self.refused = 0
         self._clock = clock
-        self._on_size = on_size
         self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
         self._locks: dict[str, tuple[asyncio.Event | None, float]] = {}
 
@@ -115,17 +113,11 @@ class MemoryCacheStore:
         while self.size > self.max_bytes:
             self.size -= len(entries.pop(next(iter(entries)))[0])
             self.evictions += 1
-        self._report()
         return True
 
     def _drop(self, key: str) -> None:
         value, _ = self._entries.pop(key)
         self.size -= len(value)
-        self._report()
-
-    def _report(self) -> None:
-        if self._on_size is not None:
-            self._on_size(self.size)
 
     async def lock(self, key: str, ttl: float) -> bool:
         return self.lock_now(key, ttl)
@@ -251,12 +243,7 @@ class RedisCacheStore:
         return CacheStats(None, None, 0, self.refused)
 
 
-def make_cache_store(
-    config: GatewayConfig,
-    ns: RedisNamespace | None,
-    on_size: Callable[[int], None] | None = None,
-) -> CacheStore:
+def make_cache_store(config: GatewayConfig, ns: RedisNamespace | None) -> CacheStore:
     if ns is not None:
         return RedisCacheStore(ns, config.cache.max_entry_bytes)
-    return MemoryCacheStore(config.cache.memory_max_bytes, config.cache.max_entry_bytes,
-                            on_size=on_size)
+    return MemoryCacheStore(config.cache.memory_max_bytes, config.cache.max_entry_bytes)

@@ -253,7 +253,8 @@ class MemoryLimitStore:
                     tats[scope] = old
             return Decision(False, _denied_name(request, denied), math.ceil(retry) / 1000,
                             tuple(figures), in_flight, (requests, tokens))
-        for (_, scope, _, cost, ttl), entry in zip(request.budgets, entries, strict=True):
+        for j, (_, scope, _, cost, ttl) in enumerate(request.budgets):
+            entry = entries[j]  # (a zip with strict=True costs ~1 µs per call)
             if entry is not None:
                 budgets[scope] = (entry[0] + cost, entry[1])
             else:
