@@ -33,7 +33,7 @@ class Timing:
     round_seconds: int  # ... for this long each
 
 
-FULL = Timing(seconds=8, warmup=2, rounds=2, round_seconds=4)
+FULL = Timing(seconds=8, warmup=2, rounds=4, round_seconds=4)
 QUICK = Timing(seconds=3, warmup=1, rounds=1, round_seconds=2)
 
 
@@ -127,16 +127,16 @@ class Bench:
         self._record(target, connections, result, cpu, seen)
 
     def paired(self, base: Target, variant: Target, connections: int) -> None:
-        """Alternate A, B, A, B (`timing.rounds` times) so drift on a shared machine hits
-        both sides of a ratio alike."""
+        """Alternate A, B, B, A, A, B, ... (`timing.rounds` rounds, each side first in half
+        of them) so drift on a shared machine hits both sides of a ratio alike."""
         seen = {t.row_id: self.check(t) for t in (base, variant)}
         if self.timing.warmup:
             for target in (base, variant):
                 self._load(target, connections, self.timing.warmup)
         runs: dict[str, list[tuple[WrkResult, CpuSample]]] = {base.row_id: [],
                                                                variant.row_id: []}
-        for _ in range(self.timing.rounds):
-            for target in (base, variant):
+        for round_ in range(self.timing.rounds):
+            for target in (base, variant) if round_ % 2 == 0 else (variant, base):
                 runs[target.row_id].append(
                     self._load(target, connections, self.timing.round_seconds))
         for target in (base, variant):

@@ -2,11 +2,11 @@
 flight so that concurrent identical requests wait for the first instead of each calling the
 upstream (across replicas when the store is Redis).
 
-The key is a BLAKE2b hash (256 bits) of everything that changes the answer: the backend and
-upstream model after routing, the model's Nuclia defaults, and the request body minus a deny-list of fields
-that do not (``stream``, ``stream_options``, ``user``, ``metadata``, ...). A deny-list rather
-than an allow-list: a new OpenAI parameter we do not know yet changes the key, which is the
-safe way to be wrong. Scope is per team by default (``cache.scope: global`` shares entries).
+The key is a BLAKE2b hash (256 bits) of everything that changes the answer: the backend
+and upstream model after routing, the model's Nuclia defaults, and the request body minus a
+deny-list of fields that do not (``stream``, ``stream_options``, ``user``, ``metadata``, ...).
+A deny-list rather than an allow-list: a new OpenAI parameter we do not know yet changes the
+key, which is the safe way to be wrong. Scope is per team by default (``cache.scope: global`` shares entries).
 
 The cache never fails a request: a store error is logged, counted and treated as a miss.
 """
@@ -196,7 +196,8 @@ class ResponseCache:
             return None, False
         local = self._local
         if local is not None:
-            found = self._cached(local.get_now(decision.key))
+            data = local.get_now(decision.key)
+            found = None if data is None else self._cached(data)
             if found is not None or not decision.write:
                 return found, False
             if local.lock_now(decision.key, self.config.cache.lock_seconds):
