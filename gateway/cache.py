@@ -6,7 +6,8 @@ The key is a BLAKE2b hash (256 bits) of everything that changes the answer: the 
 and upstream model after routing, the model's Nuclia defaults, and the request body minus a
 deny-list of fields that do not (``stream``, ``stream_options``, ``user``, ``metadata``, ...).
 A deny-list rather than an allow-list: a new OpenAI parameter we do not know yet changes the
-key, which is the safe way to be wrong. Scope is per team by default (``cache.scope: global`` shares entries).
+key, which is the safe way to be wrong. Scope is per team by default (``cache.scope:
+global`` shares entries).
 
 The cache never fails a request: a store error is logged, counted and treated as a miss.
 """
