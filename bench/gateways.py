@@ -12,7 +12,7 @@ import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,8 +138,10 @@ def create_key(config: Path) -> str:
 
 @contextmanager
 def gateway_process(spec: GatewaySpec, upstream: Upstream, *, redis_url: str | None,
-                    workdir: Path) -> Iterator[RunningGateway]:
-    """Serve one variant until the block exits (then TERM, and KILL if it lingers)."""
+                    workdir: Path, wrapper: Sequence[str] = (),
+                    start_timeout: float = 30) -> Iterator[RunningGateway]:
+    """Serve one variant until the block exits (then TERM, and KILL if it lingers).
+    `wrapper` goes before the command (``valgrind --tool=callgrind ...``)."""
     home = workdir / f"gateway-{spec.name}"
     home.mkdir(parents=True, exist_ok=True)
     config = home / "gateway.yaml"
@@ -149,13 +151,13 @@ def gateway_process(spec: GatewaySpec, upstream: Upstream, *, redis_url: str | N
     port = free_port()
     log = home / "gateway.log"
     proc: subprocess.Popen[bytes] = spawn(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port",
-         str(port)],
+        [*wrapper, sys.executable, "-m", "gateway", "serve", "--config", str(config),
+         "--port", str(port)],
         log=log, cwd=REPO, env=gateway_env(),
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/healthz", proc, log, timeout=30)
+        wait_http(f"{url}/healthz", proc, log, timeout=start_timeout)
         yield RunningGateway(spec=spec, url=url, pid=proc.pid, log=log,
                              authorization=f"Bearer {key}")
     finally:
