@@ -72,6 +72,10 @@ def run_limits_redis(bench: Bench) -> None:
             bench.measure(target, 50)
             keys = redis_keys(bench.redis_url())
             bench.annotate(row[0], f"{keys} redis keys after the run")
+            fallbacks = metric_total(gateway.url, "gateway_store_unavailable_total")
+            if fallbacks:
+                # each one sends a second of requests to the in-process limiter instead
+                bench.invalidate(row[0], f"{fallbacks} limit checks fell back from Redis")
 
 
 def redis_keys(url: str) -> int:
@@ -148,17 +152,20 @@ def run_sink(bench: Bench) -> None:
                 bench.invalidate(rows[2][0], "the sink received nothing")
 
 
-def delivered_records(url: str) -> int:
-    """Records the gateway's mirror delivered (its /metrics), once the count settles."""
+def metric_total(url: str, name: str, having: str = "") -> int:
+    """The sum of a counter's samples on the gateway's /metrics (those whose labels contain
+    `having`)."""
     import httpx
 
-    def count() -> int:
-        text = httpx.get(f"{url}/metrics", timeout=5).text
-        return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
-                   if line.startswith("gateway_outbox_deliveries_total{")
-                   and 'result="delivered"' in line)
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+               if line.startswith(name + "{") and having in line)
 
-    return settled(count)
+
+def delivered_records(url: str) -> int:
+    """Records the gateway's mirror delivered (its /metrics), once the count settles."""
+    return settled(lambda: metric_total(url, "gateway_outbox_deliveries_total",
+                                        'result="delivered"'))
 
 
 def settled(count: Callable[[], int], timeout: float = 8.0) -> int:

@@ -48,7 +48,7 @@ async def build_components(
         from gateway.stores.redis_base import connect
 
         ns = connect(config.redis_url, config.store_prefix)
-        stack.push_async_callback(ns.client.aclose)
+        stack.push_async_callback(ns.aclose)
         ping = ns.client.ping
 
     key_store = make_key_store(config, ns)

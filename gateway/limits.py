@@ -131,15 +131,13 @@ class Admission:
         return _decoded(self.raw_headers)
 
     def settle_now(self, actual_tokens: int) -> bool:
-        """Settle without a task when the store works in-process (no I/O); False: call
-        `settle` instead."""
-        if self._settled or self._request is None:
+        """Settle without a task: the in-process store settles at once, Redis queues the
+        call in the next pipeline (a failure is logged and counted). Always True."""
+        if self._settled or self._store is None or self._request is None:
             return True
-        store = self._store
-        if not isinstance(store, MemoryLimitStore):
-            return False
         self._settled = True
-        store.settle_now(self._request, actual_tokens - self._estimate)
+        self._store.settle_later(self._request, actual_tokens - self._estimate,
+                                 self._settle_failed)
         return True
 
     async def settle(self, actual_tokens: int) -> None:
@@ -149,10 +147,13 @@ class Admission:
         try:
             await self._store.settle(self._request, actual_tokens - self._estimate)
         except ServiceUnavailable as exc:
-            # the lease expires by itself; the token correction is lost
-            log.warning("limits_settle_failed", error=exc.code)
-            if self._limiter is not None:
-                self._limiter.unavailable()
+            self._settle_failed(exc)
+
+    def _settle_failed(self, exc: ServiceUnavailable) -> None:
+        # the lease expires by itself; the token correction is lost
+        log.warning("limits_settle_failed", error=exc.code)
+        if self._limiter is not None:
+            self._limiter.unavailable()
 
 
 UNLIMITED = Admission([])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,10 @@ class Exploding:
         raise AssertionError("no store call expected")
 
     async def settle(self, request: AcquireRequest, delta_tokens: int) -> None:
+        raise AssertionError("no store call expected")
+
+    def settle_later(self, request: AcquireRequest, delta_tokens: int,
+                     failed: Callable[[ServiceUnavailable], None]) -> None:
         raise AssertionError("no store call expected")
 
 
@@ -154,6 +159,56 @@ async def test_exactly_n_of_100_concurrent_requests_on_redis(redis_url: str) -> 
     finally:
         for ns in clients:
             await ns.client.aclose()
+
+
+@pytest.mark.redis
+async def test_a_burst_beyond_the_connection_pool_never_fails_open(redis_url: str) -> None:
+    """400 requests at once on one replica whose pool holds 4 connections: every check
+    reaches Redis (waiting for a connection, never falling back to the local limiter) and
+    exactly the limit is admitted."""
+    n = 50
+    ns = connect(redis_url, "gw", max_connections=4)
+    unavailable: list[int] = []
+    limiter = Limiter(config(), RedisLimitStore(ns), on_unavailable=lambda: unavailable.append(1))
+    p = principal(rpm=n, max_concurrent=1000)
+
+    async def one() -> bool:
+        try:
+            admission = await limiter.admit(p, "qa", 10)
+        except RateLimited:
+            return False
+        await asyncio.sleep(0)
+        await admission.settle(10)
+        return True
+
+    try:
+        with capture_logs() as logs:
+            results = await asyncio.gather(*(one() for _ in range(400)))
+        assert sum(results) == n
+        assert unavailable == [] and not [e for e in logs if "unavailable" in e["event"]]
+    finally:
+        await ns.aclose()
+
+
+@pytest.mark.redis
+async def test_a_cancelled_check_gives_back_its_reservation(redis_url: str) -> None:
+    """A client that goes away while its check is in flight: the check still ran in Redis,
+    so its concurrency lease and token reservation are given back at once."""
+    ns = connect(redis_url, "gw")
+    limiter = Limiter(config(), RedisLimitStore(ns))
+    p = principal(max_concurrent=1, tpm=1000)
+    try:
+        pending = asyncio.ensure_future(limiter.admit(p, "qa", 900))
+        await asyncio.sleep(0)  # queued for the next pipeline
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        await ns.batch.drain()
+        await ns.batch.drain()  # the give-back goes out in the pipeline after
+        admission = await limiter.admit(p, "qa", 900)  # neither the lease nor tokens held
+        assert admission.headers["x-ratelimit-remaining-tokens"] == "100"
+    finally:
+        await ns.aclose()
 
 
 @pytest.mark.redis

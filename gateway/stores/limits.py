@@ -24,6 +24,7 @@ from typing import Literal, NamedTuple, Protocol, TypeVar
 from redis.exceptions import RedisError
 
 from gateway.config import GatewayConfig
+from gateway.errors import ServiceUnavailable
 from gateway.stores.redis_base import RedisNamespace, unavailable
 
 PERIOD = 60.0  # rpm / tpm: every bucket refills over one minute
@@ -103,6 +104,12 @@ class LimitStore(Protocol):
     async def settle(self, request: AcquireRequest, delta_tokens: int) -> None:
         """Move token buckets and budgets by `delta_tokens` (actual − estimated; may be
         negative) and release the request's concurrency lease."""
+        ...
+
+    def settle_later(self, request: AcquireRequest, delta_tokens: int,
+                     failed: Callable[[ServiceUnavailable], None]) -> None:
+        """`settle` without waiting for it (from the end of a request); an error goes to
+        `failed`."""
         ...
 
 
@@ -264,6 +271,10 @@ class MemoryLimitStore:
     async def settle(self, request: AcquireRequest, delta_tokens: int) -> None:
         self.settle_now(request, delta_tokens)
 
+    def settle_later(self, request: AcquireRequest, delta_tokens: int,
+                     failed: Callable[[ServiceUnavailable], None]) -> None:
+        self.settle_now(request, delta_tokens)  # nothing here can fail
+
     def settle_now(self, request: AcquireRequest, delta_tokens: int) -> None:
         """`settle` without the coroutine: nothing here waits."""
         tag = request.tag
@@ -300,7 +311,8 @@ class MemoryLimitStore:
 
 
 class RedisLimitStore:
-    """One EVALSHA per acquire and one per settle; redis errors become `ServiceUnavailable`
+    """One EVALSHA per acquire and one per settle, auto-pipelined with the calls of other
+    requests in the same loop turn (`Batcher`); redis errors become `ServiceUnavailable`
     (code ``store_unavailable``) so the limiter can fail open or closed."""
 
     def __init__(self, ns: RedisNamespace) -> None:
@@ -325,20 +337,27 @@ class RedisLimitStore:
             args += [g.limit, g.cost, math.ceil(g.ttl * 1000)]
         if conc is not None:
             keys.append(self._key(request, conc.scope))
+
+        def abandoned(raw: list[int]) -> None:
+            # the caller went away while the check ran: give back what it reserved
+            if int(raw[0]) == 1:
+                self.settle_later(request, -_estimate(request), _ignore)
+
         try:
-            raw = await self._acquire(keys=keys, args=args)
+            raw = await self.ns.batch.run_script(self._acquire, keys, args, abandoned)
         except (RedisError, OSError) as exc:
             raise unavailable(exc) from exc
         flat = [int(v) for v in raw]
         return Decision(flat[0] == 1, _denied_name(request, flat[1]), flat[2] / 1000,
                         _figures(request, flat[3:-1]), flat[-1])
 
-    async def settle(self, request: AcquireRequest, delta_tokens: int) -> None:
+    def _settle_call(self, request: AcquireRequest, delta_tokens: int
+                     ) -> tuple[list[str], list[str | int | float]] | None:
         tokens = [b for b in request.buckets if b.kind == "tokens"] if delta_tokens else []
         budgets = list(request.budgets) if delta_tokens else []
         conc = request.concurrency
         if not tokens and not budgets and conc is None:
-            return
+            return None
         keys = [self._key(request, b.scope) for b in tokens]
         keys += [self._key(request, g.scope) for g in budgets]
         if conc is not None:
@@ -347,10 +366,35 @@ class RedisLimitStore:
                                          request.lease, delta_tokens]
         args += [b.limit for b in tokens]
         args += [math.ceil(g.ttl * 1000) for g in budgets]
+        return keys, args
+
+    async def settle(self, request: AcquireRequest, delta_tokens: int) -> None:
+        call = self._settle_call(request, delta_tokens)
+        if call is None:
+            return
         try:
-            await self._settle(keys=keys, args=args)
+            await self.ns.batch.run_script(self._settle, *call)
         except (RedisError, OSError) as exc:
             raise unavailable(exc) from exc
+
+    def settle_later(self, request: AcquireRequest, delta_tokens: int,
+                     failed: Callable[[ServiceUnavailable], None]) -> None:
+        call = self._settle_call(request, delta_tokens)
+        if call is not None:
+            self.ns.batch.cast_script(self._settle, *call,
+                                      failed=lambda exc: failed(unavailable(exc)))
+
+
+def _estimate(request: AcquireRequest) -> int:
+    """The tokens `request` reserved (every token bucket and budget reserves the same)."""
+    for b in request.buckets:
+        if b.kind == "tokens":
+            return b.cost
+    return request.budgets[0].cost if request.budgets else 0
+
+
+def _ignore(exc: ServiceUnavailable) -> None:
+    """A give-back that fails is lost like any failed settle: the lease expires by itself."""
 
 
 def make_limit_store(config: GatewayConfig, ns: RedisNamespace | None) -> LimitStore:
