@@ -16,9 +16,10 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import structlog
 
@@ -27,6 +28,8 @@ from gateway.errors import AuthenticationFailed, GatewayError
 from gateway.stores.keys import KeyRecord, KeyStore, ModelLimit, TeamRecord
 
 log = structlog.get_logger("gateway.auth")
+
+_T = TypeVar("_T")
 
 KEY_PREFIX = "gw-"
 TOUCH_INTERVAL = 5.0  # seconds between last-used writes of one key
@@ -197,6 +200,8 @@ class KeyAuthority:
         self._touched: dict[str, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._team_cache: dict[str, tuple[TeamLimits, float]] = {}
+        self._loading: dict[str, asyncio.Future[Any]] = {}
+        self._generation = 0  # bumped by every invalidation: loads begun before it are stale
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -214,7 +219,11 @@ class KeyAuthority:
         await self.flush()
 
     def invalidate(self, key_id: str) -> None:
-        """Drop a cached key (``"*"``: everything, e.g. after a team change)."""
+        """Drop a cached key (``"*"``: everything, e.g. after a team change). Loads in
+        flight may have read the old record: they are not cached, and new requests load
+        afresh."""
+        self._generation += 1
+        self._loading.clear()
         if key_id == "*":
             self._cache.clear()
             self._team_cache.clear()
@@ -244,7 +253,7 @@ class KeyAuthority:
         cached = self._cache.get(key_id)
         if cached is None or cached.until <= now:
             try:
-                cached = await self._load(key_id, now)
+                cached = await self._once("key:" + key_id, lambda: self._load(key_id, now))
             except GatewayError:
                 if cached is None or cached.record is None:
                     raise
@@ -263,7 +272,26 @@ class KeyAuthority:
         assert cached.principal is not None
         return cached.principal
 
+    async def _once(self, name: str, load: Callable[[], Awaitable[_T]]) -> _T:
+        """Single flight: the requests that find the same cache entry stale share one load
+        (else every request in flight when a key's entry expires reads the store)."""
+        loading = self._loading.get(name)
+        if loading is None:
+            loading = self._loading[name] = asyncio.ensure_future(load())
+
+            def done(finished: asyncio.Future[Any]) -> None:
+                if self._loading.get(name) is finished:
+                    del self._loading[name]
+                if not finished.cancelled():
+                    finished.exception()  # retrieved, even when every caller went away
+
+            loading.add_done_callback(done)
+        # shielded: a caller that goes away does not cancel the others' load
+        result: _T = await asyncio.shield(loading)
+        return result
+
     async def _load(self, key_id: str, now: float) -> _Cached:
+        generation = self._generation
         record = await self.store.get_key(key_id)
         principal = None
         if record is not None:
@@ -275,7 +303,8 @@ class KeyAuthority:
                 team_limits=limits,
             )
         cached = _Cached(record, principal, now + self.ttl)
-        self._cache[key_id] = cached
+        if generation == self._generation:
+            self._cache[key_id] = cached
         return cached
 
     async def _with_stored_team(self, principal: Principal) -> Principal:
@@ -283,17 +312,24 @@ class KeyAuthority:
         now = self.clock()
         found = self._team_cache.get(principal.team)
         if found is None or found[1] <= now:
-            try:
-                stored = await self.store.get_team(principal.team)
-            except GatewayError:
-                stored = None  # the store is down: the config's limits still apply
-            found = (team_limits(self.config, principal.team, stored), now + self.ttl)
-            self._team_cache[principal.team] = found
+            found = await self._once("team:" + principal.team,
+                                     lambda: self._load_team(principal.team, now))
         limits = found[0]
         if limits is principal.team_limits or limits == principal.team_limits:
             return principal
         return Principal(principal.key_id, principal.team, principal.name, principal.models,
                          principal.rpm, principal.tpm, principal.max_concurrent, limits)
+
+    async def _load_team(self, team: str, now: float) -> tuple[TeamLimits, float]:
+        generation = self._generation
+        try:
+            stored = await self.store.get_team(team)
+        except GatewayError:
+            stored = None  # the store is down: the config's limits still apply
+        found = (team_limits(self.config, team, stored), now + self.ttl)
+        if generation == self._generation:
+            self._team_cache[team] = found
+        return found
 
     # -- last used ---------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -92,6 +93,49 @@ async def test_revocation_seen_after_the_cache_expires(tmp_path: Path) -> None:
     clock.now += 1.01
     with pytest.raises(AuthenticationFailed):
         await authority.authenticate(f"Bearer {issued.secret}")
+
+
+class SlowStore(MemoryKeyStore):
+    """A key store whose reads take a while (like a network store), counting them."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.reads = 0
+
+    async def get_key(self, key_id: str) -> Any:
+        self.reads += 1
+        found = await super().get_key(key_id)
+        await asyncio.sleep(0.01)  # the reply is on its way
+        return found
+
+
+async def test_requests_in_flight_share_one_load_of_a_stale_key(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    clock = Clock()
+    store = SlowStore(tmp_path / "keys.json")
+    issued = await create_key(cfg, store, team="alpha")
+    authority = KeyAuthority(cfg, store, clock=clock)
+    header = f"Bearer {issued.secret}"
+    for _ in range(2):  # cold, then expired
+        principals = await asyncio.gather(*(authority.authenticate(header) for _ in range(50)))
+        assert {p.key_id for p in principals} == {issued.record.id}
+        clock.now += 1.01
+    assert store.reads == 2
+
+
+async def test_a_revocation_during_a_load_is_not_undone_by_it(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    store = SlowStore(tmp_path / "keys.json")
+    issued = await create_key(cfg, store, team="alpha")
+    authority = KeyAuthority(cfg, store)
+    header = f"Bearer {issued.secret}"
+    loading = asyncio.ensure_future(authority.authenticate(header))
+    await asyncio.sleep(0.005)  # the load has read the old record, its reply is on the way
+    await store.revoke_key(issued.record.id)
+    authority.invalidate(issued.record.id)  # as the store's change feed does
+    await loading  # admitted on what it read before the revocation
+    with pytest.raises(AuthenticationFailed):
+        await authority.authenticate(header)
 
 
 async def test_expired_key_says_so(tmp_path: Path) -> None:
