@@ -15,6 +15,7 @@ so a recovered Redis is picked up without a restart.
 from __future__ import annotations
 
 import itertools
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
 from gateway.stores.limits import (
     AcquireRequest,
+    BoundRequest,
     Bucket,
     Budget,
     Concurrency,
@@ -35,6 +37,7 @@ from gateway.stores.limits import (
     Figure,
     LimitStore,
     MemoryLimitStore,
+    Tightest,
 )
 
 # named tuples made on the hot path skip their Python-level __new__ (same fields, in order)
@@ -84,19 +87,33 @@ def _tightest(figures: tuple[Figure, ...]) -> tuple[Figure | None, Figure | None
 
 def _raw_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
     """OpenAI's ``x-ratelimit-*`` trio for requests and for tokens, each from the tightest
-    limit of its kind, encoded as the response sends them (no str round trip per request).
-    Written out for both kinds: a ``zip(..., strict=True)`` loop cost twice as much."""
+    limit of its kind, encoded as the response sends them (no str round trip per request)."""
     requests, tokens = decision.tightest or _tightest(decision.figures)
+    return _headers((requests.limit, requests.remaining, requests.reset) if requests else None,
+                    (tokens.limit, tokens.remaining, tokens.reset) if tokens else None)
+
+
+def _headers(requests: tuple[int, int, float] | None, tokens: tuple[int, int, float] | None
+             ) -> list[tuple[bytes, bytes]]:
+    """The two trios from (limit, remaining, reset seconds) of each kind, where present.
+    Written out for both kinds: a ``zip(..., strict=True)`` loop cost twice as much."""
     headers: list[tuple[bytes, bytes]] = []
     if requests is not None:
-        headers += ((_LIMIT_REQUESTS, b"%d" % requests.limit),
-                    (_REMAINING_REQUESTS, b"%d" % requests.remaining),
-                    (_RESET_REQUESTS, _reset(requests.reset)))
+        headers += ((_LIMIT_REQUESTS, b"%d" % requests[0]),
+                    (_REMAINING_REQUESTS, b"%d" % requests[1]),
+                    (_RESET_REQUESTS, _reset(requests[2])))
     if tokens is not None:
-        headers += ((_LIMIT_TOKENS, b"%d" % tokens.limit),
-                    (_REMAINING_TOKENS, b"%d" % tokens.remaining),
-                    (_RESET_TOKENS, _reset(tokens.reset)))
+        headers += ((_LIMIT_TOKENS, b"%d" % tokens[0]),
+                    (_REMAINING_TOKENS, b"%d" % tokens[1]),
+                    (_RESET_TOKENS, _reset(tokens[2])))
     return headers
+
+
+def _tightest_headers(t: Tightest) -> list[tuple[bytes, bytes]]:
+    """The headers of a `MemoryLimitStore.reserve` admission (resets in ms, rounded up)."""
+    rl, rleft, rreset, tl, tleft, treset = t
+    return _headers((rl, rleft, math.ceil(rreset) / 1000) if rl else None,
+                    (tl, tleft, math.ceil(treset) / 1000) if tl else None)
 
 
 def _decoded(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -159,6 +176,35 @@ class Admission:
 UNLIMITED = Admission([])
 
 
+class BoundAdmission:
+    """An admission by the in-process store's bound path (`Limiter.admit_now`): settling
+    releases what `MemoryLimitStore.reserve` reserved, at once, exactly once."""
+
+    __slots__ = ("raw_headers", "_store", "_bound", "_estimate", "_lease", "_settled")
+
+    def __init__(self, raw_headers: list[tuple[bytes, bytes]], store: MemoryLimitStore,
+                 bound: BoundRequest, estimate: int, lease: int) -> None:
+        self.raw_headers = raw_headers
+        self._store = store
+        self._bound = bound
+        self._estimate = estimate
+        self._lease = lease
+        self._settled = False
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return _decoded(self.raw_headers)
+
+    def settle_now(self, actual_tokens: int) -> bool:
+        if not self._settled:
+            self._settled = True
+            self._store.release(self._bound, actual_tokens - self._estimate, self._lease)
+        return True
+
+    async def settle(self, actual_tokens: int) -> None:
+        self.settle_now(actual_tokens)
+
+
 class Limiter:
     """Implements the pipeline's `Admitter`."""
 
@@ -190,6 +236,9 @@ class Limiter:
         self._key_conc = defaults.key_max_concurrent
         self._periods = _Periods.at(-1)
         self._templates: dict[tuple[str, str], _Template] = {}
+        # the in-process store's bound plans: (principal, bound or None: unlimited, periods)
+        self._bound: dict[tuple[str, str], tuple[Any, BoundRequest | None, _Periods | None]] = {}
+        self._lease_ids = itertools.count()
 
     def unavailable(self) -> None:
         if self.on_unavailable is not None:
@@ -258,6 +307,43 @@ class Limiter:
                          not (buckets or budgets or concurrency))
 
     # -- admission ---------------------------------------------------------------------------
+
+    def admit_now(self, principal: Any, model: str, estimated_tokens: int
+                  ) -> Admission | BoundAdmission | None:
+        """`admit` without a coroutine when the store is in-process: one `reserve` over
+        state cells bound once per key and model. None: await `admit` instead (another
+        store, or a refusal, which `admit` words with every figure)."""
+        store = self.store
+        if not isinstance(store, MemoryLimitStore):
+            return None
+        found = self._bound.get((principal.key_id, model))
+        if found is None or found[0] is not principal or (
+                found[1] is not None and found[1].generation != store.generation) or (
+                found[2] is not None and self._period_changed(found[2])):
+            found = self._bind(principal, model, store)
+        bound = found[1]
+        if bound is None:
+            return UNLIMITED
+        lease = next(self._lease_ids)
+        got = store.reserve(bound, estimated_tokens, lease)
+        if got is None:
+            return None
+        return BoundAdmission(_tightest_headers(got), store, bound, estimated_tokens, lease)
+
+    def _bind(self, principal: Any, model: str, store: MemoryLimitStore
+              ) -> tuple[Any, BoundRequest | None, _Periods | None]:
+        if len(self._bound) >= _TEMPLATES:
+            self._bound.clear()
+        request = self.plan(principal, model, 0)
+        bound = store.bind(request, open_tokens=True) if request is not None else None
+        periods = self._periods if request is not None and request.budgets else None
+        found = self._bound[(principal.key_id, model)] = (principal, bound, periods)
+        return found
+
+    def _period_changed(self, periods: _Periods) -> bool:
+        """Whether a day or month began since `periods` (the budgets' cells change)."""
+        wall = self.clock()
+        return wall >= periods.day_end or wall >= periods.month_end
 
     async def admit(self, principal: Any, model: str, estimated_tokens: int) -> Admission:
         request = self.plan(principal, model, estimated_tokens)

@@ -64,6 +64,10 @@ class Admission(Protocol):
 
 
 class Admitter(Protocol):
+    def admit_now(self, principal: Any, model: str, estimated_tokens: int) -> Admission | None:
+        """Admit without a coroutine where nothing needs to wait; None: await `admit`."""
+        ...
+
     async def admit(self, principal: Any, model: str, estimated_tokens: int) -> Admission: ...
 
 
@@ -83,6 +87,8 @@ class ResponseCache(Protocol):
                cache_control: str | None) -> Any: ...
 
     async def lookup(self, decision: Any) -> tuple[Any, bool]: ...
+
+    def lookup_now(self, decision: Any) -> tuple[Any, bool] | None: ...
 
     async def put(self, decision: Any, answer: Answer) -> bool: ...
 
@@ -164,6 +170,8 @@ class Pipeline:
         self.user_header = user_header
         self.message_ids = message_ids
         self._background: set[asyncio.Task[None]] = set()
+        # cache results by (model, result): plain counts, reported when metrics are sampled
+        self._cache_events = metrics.tally(metrics.cache_events)
 
     # -- entry -------------------------------------------------------------------------------
 
@@ -199,8 +207,11 @@ class Pipeline:
         ex = Exchange(request_id, started, wall, principal, route, chat, body, headers, estimate)
         try:
             if self.admitter is not None:
-                budget = chat.answer_token_budget or self.default_max_tokens
-                ex.admission = await self.admitter.admit(principal, route.model, estimate + budget)
+                tokens = estimate + (chat.answer_token_budget or self.default_max_tokens)
+                admission = self.admitter.admit_now(principal, route.model, tokens)
+                if admission is None:
+                    admission = await self.admitter.admit(principal, route.model, tokens)
+                ex.admission = admission
         except GatewayError as exc:
             self.metrics.rejected.labels(exc.code or "error").inc()
             return self._error_reply(exc)
@@ -251,14 +262,17 @@ class Pipeline:
         status = "bypass"
         hit = None
         if decision.read:
-            hit, coalesced = await self.cache.lookup(decision)
+            found = self.cache.lookup_now(decision)
+            hit, coalesced = found if found is not None else await self.cache.lookup(decision)
             ex.locked = decision.write  # released in `_finish` if this request leads
             status = "hit" if hit is not None else "miss"
             if coalesced:
-                self.metrics.child(self.metrics.cache_events, ex.route.model, "coalesced").inc()
+                key = (ex.route.model, "coalesced")
+                self._cache_events[key] = self._cache_events.get(key, 0) + 1
         elif decision.write:
             status = "miss"
-        self.metrics.child(self.metrics.cache_events, ex.route.model, status).inc()
+        key = (ex.route.model, status)
+        self._cache_events[key] = self._cache_events.get(key, 0) + 1
         ex.extra_headers["x-gateway-cache"] = status
         if hit is not None:
             ex.extra_headers["age"] = str(int(hit.age))

@@ -136,6 +136,252 @@ def _denied_name(request: AcquireRequest, index: int) -> str | None:
     return "concurrency"
 
 
+class _Tat:
+    """A GCRA bucket's state: its theoretical arrival time (ms since the epoch)."""
+
+    __slots__ = ("tat",)
+
+    def __init__(self) -> None:
+        self.tat = 0.0
+
+
+class _Used:
+    """A budget's state for one period: tokens used, and when the entry expires (ms)."""
+
+    __slots__ = ("used", "expires")
+
+    def __init__(self) -> None:
+        self.used = 0
+        self.expires = 0.0
+
+
+# bound bucket: state, emission interval (ms), limit, cost (-1: the call's tokens), tokens?
+_BoundBucket = tuple[_Tat, float, int, int, bool]
+# bound budget: state, limit, cost (-1: the call's tokens), period end (ms)
+_BoundBudget = tuple[_Used, int, int, float]
+# the tightest figures of an admission: requests limit, remaining, reset (ms), then tokens
+# (a limit of 0: there is no bucket of that kind)
+Tightest = tuple[int, int, float, int, int, float]
+
+
+class BoundRequest:
+    """An `AcquireRequest`'s limits bound to the in-process store's state cells, so that a
+    check runs without a lookup. The limiter binds each request template once (token costs
+    left open) and reuses it while `generation` equals the store's: a sweep of idle state
+    starts a new generation."""
+
+    __slots__ = ("request", "generation", "buckets", "requests", "tokens", "budgets", "leases",
+                 "conc_limit", "lease_ms")
+
+    def __init__(self, request: AcquireRequest, generation: int,
+                 buckets: tuple[_BoundBucket, ...], budgets: tuple[_BoundBudget, ...],
+                 leases: dict[str | int, float] | None, conc_limit: int,
+                 lease_ms: float) -> None:
+        self.request = request
+        self.generation = generation
+        self.buckets = buckets  # in request order
+        # the same, by kind: the hot loops need no per-bucket branch
+        self.requests = tuple(b[:4] for b in buckets if not b[4])
+        self.tokens = tuple(b[:4] for b in buckets if b[4])
+        self.budgets = budgets
+        self.leases = leases
+        self.conc_limit = conc_limit
+        self.lease_ms = lease_ms
+
+
+class MemoryLimitStore:
+    """The same algorithm in-process (single replica, and the fail-open fallback). Nothing
+    here awaits, so every call is atomic on the event loop.
+
+    State lives in small cells per tag (team) and scope, which a `BoundRequest` references
+    directly; every 4096 checks the cells of idle limits are dropped (a new generation)."""
+
+    SWEEP_EVERY = 4096
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self.generation = 0
+        self._tats: dict[str, dict[str, _Tat]] = {}
+        self._budgets: dict[str, dict[str, _Used]] = {}
+        self._leases: dict[str, dict[str, dict[str | int, float]]] = {}
+        self._calls = 0
+
+    # -- binding -----------------------------------------------------------------------------
+
+    def bind(self, request: AcquireRequest, *, open_tokens: bool = False) -> BoundRequest:
+        """`request` bound to its state cells; with `open_tokens` the token buckets and
+        budgets take their cost from each `reserve` call instead of the request."""
+        tag = request.tag
+        tats = self._tats.setdefault(tag, {})
+        buckets: list[_BoundBucket] = []
+        for b in request.buckets:
+            cell = tats.get(b.scope)
+            if cell is None:
+                cell = tats[b.scope] = _Tat()
+            tokens = b.kind == "tokens"
+            buckets.append((cell, _PERIOD_MS / b.limit, b.limit,
+                            -1 if tokens and open_tokens else b.cost, tokens))
+        budgets: list[_BoundBudget] = []
+        if request.budgets:
+            used = self._budgets.setdefault(tag, {})
+            end = self.clock() * 1000.0
+            for g in request.budgets:
+                entry = used.get(g.scope)
+                if entry is None:
+                    entry = used[g.scope] = _Used()
+                budgets.append((entry, g.limit, -1 if open_tokens else g.cost,
+                                end + math.ceil(g.ttl * 1000)))
+        leases = None
+        conc = request.concurrency
+        if conc is not None:
+            leases = self._leases.setdefault(tag, {}).setdefault(conc.scope, {})
+        return BoundRequest(request, self.generation, tuple(buckets), tuple(budgets), leases,
+                            conc.limit if conc else 0, conc.lease_seconds * 1000 if conc else 0)
+
+    def _sweep(self, now: float) -> None:
+        self._tats = _pruned(self._tats, lambda cell: cell.tat > now)
+        self._budgets = _pruned(self._budgets, lambda cell: cell.expires > now)
+        self._leases = _pruned(self._leases, bool)
+        self.generation += 1
+
+    # -- the hot path --------------------------------------------------------------------------
+
+    def reserve(self, bound: BoundRequest, tokens: int, lease: str | int) -> Tightest | None:
+        """Check every limit of `bound` and reserve them all, or none: the `Tightest`
+        figures when admitted, None when a limit refused (`acquire_now` says which). Checks
+        first, then commits, so that a refusal changes nothing."""
+        now = self.clock() * 1000.0
+        period = _PERIOD_MS
+        for cell, interval, limit, cost in bound.requests:
+            tat = cell.tat
+            if (tat if tat > now else now) + (cost if cost < limit else limit) * interval \
+                    - period > now:
+                return None
+        for cell, interval, limit, cost in bound.tokens:
+            if cost < 0:
+                cost = tokens
+            tat = cell.tat
+            if (tat if tat > now else now) + (cost if cost < limit else limit) * interval \
+                    - period > now:
+                return None
+        for entry, limit, cost, _ in bound.budgets:
+            if (entry.used if entry.expires > now else 0) + (tokens if cost < 0 else cost) \
+                    > limit:
+                return None
+        leases = bound.leases
+        if leases is not None:
+            if len(leases) >= bound.conc_limit:
+                # at the cap: drop leases that expired (their requests never settled)
+                for gone in [k for k, v in leases.items() if v <= now]:
+                    del leases[gone]
+                if len(leases) >= bound.conc_limit:
+                    return None
+            leases[lease] = now + bound.lease_ms
+        # commit, picking the tightest figure of each kind (fewest left, then lowest limit)
+        rl = rleft = tl = tleft = 0
+        rreset = treset = 0.0
+        for cell, interval, limit, cost in bound.requests:
+            tat = cell.tat
+            tat = cell.tat = (tat if tat > now else now) + cost * interval
+            left = int((period - tat + now) // interval)
+            if left < 0:
+                left = 0
+            if not rl or left < rleft or (left == rleft and limit < rl):
+                rl, rleft, rreset = limit, left, tat - now
+        for cell, interval, limit, cost in bound.tokens:
+            tat = cell.tat
+            tat = cell.tat = (tat if tat > now else now) + (tokens if cost < 0 else cost) \
+                * interval
+            left = int((period - tat + now) // interval)
+            if left < 0:
+                left = 0
+            if not tl or left < tleft or (left == tleft and limit < tl):
+                tl, tleft, treset = limit, left, tat - now
+        for entry, _, cost, end in bound.budgets:
+            if cost < 0:
+                cost = tokens
+            if entry.expires > now:
+                entry.used += cost
+            else:
+                entry.used, entry.expires = cost, end + 60_000
+        self._calls += 1
+        if self._calls % self.SWEEP_EVERY == 0:
+            self._sweep(now)  # after the commit: `bound` is no longer used here
+        return rl, rleft, rreset, tl, tleft, treset
+
+    def release(self, bound: BoundRequest, delta_tokens: int, lease: str | int) -> None:
+        """Settle a reservation: move its token buckets and budgets by `delta_tokens` and
+        give back its concurrency lease."""
+        if delta_tokens:
+            now = self.clock() * 1000.0
+            for cell, interval, _, _ in bound.tokens:
+                tat = cell.tat
+                cell.tat = (tat if tat > now else now) + delta_tokens * interval
+            for entry, _, _, end in bound.budgets:
+                if entry.expires > now:
+                    entry.used = max(0, entry.used + delta_tokens)
+                else:
+                    entry.used, entry.expires = max(0, delta_tokens), end + 60_000
+        if bound.leases is not None:
+            bound.leases.pop(lease, None)
+
+    # -- LimitStore --------------------------------------------------------------------------
+
+    async def acquire(self, request: AcquireRequest) -> Decision:
+        return self.acquire_now(request)
+
+    def acquire_now(self, request: AcquireRequest) -> Decision:
+        """`acquire` without the coroutine, with every figure (for refusals and tests)."""
+        bound = self.bind(request)
+        before = [cell.tat for cell, *_ in bound.buckets]
+        used = [entry.used if entry.expires > self.clock() * 1000.0 else 0
+                for entry, *_ in bound.budgets]
+        admitted = self.reserve(bound, 0, request.lease) is not None
+        now = self.clock() * 1000.0
+        figures: list[Figure] = []
+        denied, retry = 0, 0.0
+        n = 0
+        for b, (cell, interval, limit, cost, _) in zip(request.buckets, bound.buckets,
+                                                     strict=True):
+            n += 1
+            if admitted:
+                tat = cell.tat
+            else:  # what this request would leave, where it fits
+                tat = max(before[n - 1], now)
+                allow_at = tat + min(cost, limit) * interval - _PERIOD_MS
+                if allow_at <= now:
+                    tat += cost * interval
+                elif not denied:
+                    denied, retry = n, allow_at - now
+            ahead = tat - now
+            left = int((_PERIOD_MS - ahead) // interval)
+            figures.append(Figure(b.name, b.kind, limit, max(left, 0), math.ceil(ahead) / 1000))
+        for g, (_, limit, cost, end), spent in zip(request.budgets, bound.budgets, used,
+                                                  strict=True):
+            n += 1
+            left = limit - spent - cost
+            if left < 0:
+                left = max(limit - spent, 0)
+                if not admitted and not denied:
+                    denied, retry = n, float(math.ceil(end - now))
+            figures.append(Figure(g.name, "budget", limit, left, math.ceil(end - now) / 1000))
+        in_flight = len(bound.leases) if bound.leases is not None else 0
+        if not admitted and not denied:
+            denied, retry = n + 1, 1000.0  # only the concurrency cap is left
+        return Decision(admitted, _denied_name(request, denied), math.ceil(retry) / 1000,
+                        tuple(figures), in_flight)
+
+    async def settle(self, request: AcquireRequest, delta_tokens: int) -> None:
+        self.settle_now(request, delta_tokens)
+
+    def settle_now(self, request: AcquireRequest, delta_tokens: int) -> None:
+        self.release(self.bind(request), delta_tokens, request.lease)
+
+    def settle_later(self, request: AcquireRequest, delta_tokens: int,
+                     failed: Callable[[ServiceUnavailable], None]) -> None:
+        self.settle_now(request, delta_tokens)  # nothing here can fail
+
+
 _V = TypeVar("_V")
 
 
@@ -145,169 +391,6 @@ def _pruned(tree: dict[str, dict[str, _V]], alive: Callable[[_V], bool]
     left empty."""
     return {tag: kept for tag, inner in tree.items()
             if (kept := {k: v for k, v in inner.items() if alive(v)})}
-
-
-class MemoryLimitStore:
-    """The same algorithm in-process (single replica, and the fail-open fallback). Each call
-    runs without an ``await`` in between, so it is atomic on the event loop.
-
-    State is kept per tag (team), then per scope: the scope strings come from the limiter's
-    cached plans, so the lookups hash nothing new on the hot path."""
-
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self.clock = clock
-        self._tats: dict[str, dict[str, float]] = {}  # ms
-        self._budgets: dict[str, dict[str, tuple[int, float]]] = {}  # used, expires (ms)
-        self._leases: dict[str, dict[str, dict[str, float]]] = {}
-        self._calls = 0
-
-    def _sweep(self, now: float) -> None:
-        self._tats = _pruned(self._tats, lambda tat: tat > now)
-        self._budgets = _pruned(self._budgets, lambda entry: entry[1] > now)
-        self._leases = _pruned(self._leases, bool)
-
-    async def acquire(self, request: AcquireRequest) -> Decision:
-        return self.acquire_now(request)
-
-    def acquire_now(self, request: AcquireRequest) -> Decision:
-        """`acquire` without the coroutine: nothing here waits. (The hot path of every limited
-        request: one pass per limit; what it reserved is put back if a later limit refuses.)"""
-        now = self.clock() * 1000.0
-        self._calls += 1
-        if self._calls & 4095 == 0:
-            self._sweep(now)
-        tag = request.tag
-        tats = self._tats.get(tag)
-        if tats is None:
-            tats = self._tats[tag] = {}
-        denied, retry = 0, 0.0
-        period, new, ceil = _PERIOD_MS, _new, math.ceil  # locals: this loop is the hot path
-        figures: list[Figure] = []
-        undo: list[tuple[str, float | None]] = []
-        requests: Figure | None = None
-        tokens: Figure | None = None
-        i = 0
-        for name, scope, kind, limit, cost in request.buckets:
-            i += 1
-            interval = period / limit
-            old = tats.get(scope)
-            tat = old if old is not None and old > now else now
-            allow_at = tat + (cost if cost < limit else limit) * interval - period
-            if allow_at > now:
-                if not denied:
-                    denied, retry = i, allow_at - now
-            elif not denied:
-                tat += cost * interval
-                tats[scope] = tat
-                undo.append((scope, old))
-            else:
-                tat += cost * interval  # what it would be: the figures show it
-            ahead = tat - now
-            left = int((period - ahead) // interval)
-            figure = new(Figure, (name, kind, limit, left if left > 0 else 0, ceil(ahead) / 1000))
-            figures.append(figure)
-            if kind == "requests":
-                if requests is None or figure[3] < requests[3] or (
-                        figure[3] == requests[3] and limit < requests[2]):
-                    requests = figure
-            elif tokens is None or figure[3] < tokens[3] or (
-                    figure[3] == tokens[3] and limit < tokens[2]):
-                tokens = figure
-        entries: list[tuple[int, float] | None] = []
-        budgets: dict[str, tuple[int, float]] = {}
-        if request.budgets:
-            found = self._budgets.get(tag)
-            budgets = found if found is not None else self._budgets.setdefault(tag, budgets)
-            for name, scope, limit, cost, ttl in request.budgets:
-                i += 1
-                entry = budgets.get(scope)
-                if entry is not None and entry[1] <= now:
-                    entry = None  # the period is over
-                entries.append(entry)
-                used = entry[0] if entry is not None else 0
-                ttl_ms = math.ceil(ttl * 1000)
-                left = limit - used - cost
-                if left < 0:
-                    if not denied:
-                        denied, retry = i, float(ttl_ms)
-                    left = limit - used if used < limit else 0
-                figures.append(_new(Figure, (name, "budget", limit, left, ttl_ms / 1000)))
-        in_flight = 0
-        conc = request.concurrency
-        if conc is not None:
-            tagged = self._leases.get(tag)
-            if tagged is None:
-                tagged = self._leases[tag] = {}
-            leases = tagged.get(conc.scope)
-            if leases is None:
-                leases = tagged[conc.scope] = {}
-            elif len(leases) >= conc.limit:
-                # at the cap: drop leases that expired (their requests never settled)
-                for lease in [k for k, v in leases.items() if v <= now]:
-                    del leases[lease]
-            in_flight = len(leases)
-            if in_flight >= conc.limit:
-                if not denied:
-                    denied, retry = i + 1, 1000.0
-            elif not denied:
-                leases[request.lease] = now + conc.lease_seconds * 1000
-                in_flight += 1
-        if denied:
-            for scope, old in reversed(undo):
-                if old is None:
-                    del tats[scope]
-                else:
-                    tats[scope] = old
-            return Decision(False, _denied_name(request, denied), math.ceil(retry) / 1000,
-                            tuple(figures), in_flight, (requests, tokens))
-        for j, (_, scope, _, cost, ttl) in enumerate(request.budgets):
-            entry = entries[j]  # (a zip with strict=True costs ~1 µs per call)
-            if entry is not None:
-                budgets[scope] = (entry[0] + cost, entry[1])
-            else:
-                budgets[scope] = (cost, now + ttl * 1000 + 60_000)
-        return _new(Decision, (True, None, 0.0, tuple(figures), in_flight, (requests, tokens)))
-
-    async def settle(self, request: AcquireRequest, delta_tokens: int) -> None:
-        self.settle_now(request, delta_tokens)
-
-    def settle_later(self, request: AcquireRequest, delta_tokens: int,
-                     failed: Callable[[ServiceUnavailable], None]) -> None:
-        self.settle_now(request, delta_tokens)  # nothing here can fail
-
-    def settle_now(self, request: AcquireRequest, delta_tokens: int) -> None:
-        """`settle` without the coroutine: nothing here waits."""
-        tag = request.tag
-        if delta_tokens:
-            now = self.clock() * 1000.0
-            tats = self._tats.get(tag)
-            if tats is None:
-                tats = self._tats[tag] = {}
-            for _, scope, kind, limit, _ in request.buckets:
-                if kind == "tokens":
-                    tat = tats.get(scope, now)
-                    tat = (tat if tat > now else now) + delta_tokens * _PERIOD_MS / limit
-                    if tat > now:
-                        tats[scope] = tat
-                    else:
-                        tats.pop(scope, None)
-            if request.budgets:
-                budgets = self._budgets.get(tag)
-                if budgets is None:
-                    budgets = self._budgets[tag] = {}
-                for _, scope, _, _, ttl in request.budgets:
-                    entry = budgets.get(scope)
-                    if entry is not None and entry[1] > now:
-                        budgets[scope] = (max(0, entry[0] + delta_tokens), entry[1])
-                    else:
-                        budgets[scope] = (max(0, delta_tokens), now + ttl * 1000 + 60_000)
-        conc = request.concurrency
-        if conc is not None:
-            tagged = self._leases.get(tag)
-            if tagged is not None:
-                leases = tagged.get(conc.scope)
-                if leases is not None:
-                    leases.pop(request.lease, None)
 
 
 class RedisLimitStore:
