@@ -104,6 +104,22 @@ class Metrics:
                 reported[0] = total
         self._samplers.append(sample)
 
+    def tally(self, counter: Counter) -> dict[tuple[str, ...], int]:
+        """Running counts by label values for `counter`, kept as plain integers by the
+        caller (``counts[labels] = counts.get(labels, 0) + 1``) and added to the counter
+        whenever the metrics are sampled."""
+        counts: dict[tuple[str, ...], int] = {}
+        reported: dict[tuple[str, ...], int] = {}
+
+        def sample() -> None:
+            for labels, total in list(counts.items()):
+                done = reported.get(labels, 0)
+                if total > done:
+                    self.child(counter, *labels).inc(total - done)
+                    reported[labels] = total
+        self._samplers.append(sample)
+        return counts
+
     def sample(self) -> None:
         for sampler in self._samplers:
             sampler()

@@ -9,7 +9,12 @@ from collections.abc import AsyncIterator
 import pytest
 
 from gateway.errors import ServiceUnavailable
-from gateway.stores.cache import CacheStore, MemoryCacheStore, RedisCacheStore
+from gateway.stores.cache import (
+    ENTRY_OVERHEAD,
+    CacheStore,
+    MemoryCacheStore,
+    RedisCacheStore,
+)
 from gateway.stores.redis_base import connect
 
 MAX_ENTRY = 1000
@@ -117,7 +122,7 @@ async def test_wait_is_bounded_by_the_timeout_and_the_lock_ttl(store: CacheStore
 
 def test_memory_store_evicts_least_recently_used_by_bytes() -> None:
     async def scenario() -> None:
-        store = MemoryCacheStore(300, 200)
+        store = MemoryCacheStore(300, 200, entry_overhead=0)  # values' bytes alone
         await store.set("a", b"a" * 100, 10)
         await store.set("b", b"b" * 100, 10)
         await store.set("c", b"c" * 100, 10)
@@ -131,6 +136,19 @@ def test_memory_store_evicts_least_recently_used_by_bytes() -> None:
         assert (stats.entries, stats.bytes, stats.evictions) == (2, 250, 2)
         await store.set("a", b"A" * 10, 10)  # overwrite counts the new size only
         assert store.stats().bytes == 160
+
+    asyncio.run(scenario())
+
+
+def test_memory_bound_counts_what_each_entry_costs_beyond_its_value() -> None:
+    async def scenario() -> None:
+        store = MemoryCacheStore(1000, 500, entry_overhead=200)
+        for key in "abcd":
+            await store.set(key, b"x" * 100, 10)
+        # 300 bytes each: the fourth entry pushes the first out
+        assert (store.stats().entries, store.stats().bytes) == (3, 900)
+        assert await store.get("a") is None
+        assert MemoryCacheStore(1, 1).entry_overhead == ENTRY_OVERHEAD > 0
 
     asyncio.run(scenario())
 
