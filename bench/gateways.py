@@ -42,6 +42,9 @@ class GatewaySpec:
     all_limits: bool = False
     redis: bool = False  # store on the throw-away redis-server instead of in-process
     cache: bool = False  # add the ``bench-cached`` model with the response cache on
+    # the in-process cache's memory bound (None: the default); a small one is full after
+    # the warm-up, as a long-running gateway's is: every further miss also evicts
+    cache_bytes: int | None = None
     sink: bool = False  # one webhook analytics sink (nginx ``/hook``)
     sink_batch: int = 1  # the sink's ``batch``: records per POST
     # the client uses a key made by ``gateway keys create`` in the variant's key store (the
@@ -77,6 +80,8 @@ def render_config(spec: GatewaySpec, upstream: Upstream, *, redis_url: str | Non
         "keys": {"static": [key]},
         "analytics": {"outbox": {"spool_dir": str(workdir / "outbox")}},
     }
+    if spec.cache_bytes is not None:
+        config["cache"] = {"memory_max_bytes": spec.cache_bytes}
     if spec.redis:
         if redis_url is None:
             raise ValueError(f"{spec.name}: needs a redis-server")

@@ -33,7 +33,7 @@ class Timing:
     round_seconds: int  # ... for this long each
 
 
-FULL = Timing(seconds=8, warmup=2, rounds=4, round_seconds=4)
+FULL = Timing(seconds=8, warmup=2, rounds=12, round_seconds=2)
 QUICK = Timing(seconds=3, warmup=1, rounds=1, round_seconds=2)
 
 
@@ -145,10 +145,11 @@ class Bench:
             for _, more in done[1:]:
                 cpu = cpu + more
             self._record(target, connections, combine([r for r, _ in done]), cpu,
-                         seen[target.row_id], paired=True)
+                         seen[target.row_id], paired=True,
+                         rounds=tuple(r.rps for r, _ in done))
 
     def _record(self, target: Target, connections: int, result: WrkResult, cpu: CpuSample,
-                seen: Probe, *, paired: bool = False) -> None:
+                seen: Probe, *, paired: bool = False, rounds: tuple[float, ...] = ()) -> None:
         notes = [f"@{connections}", f"{cpu.us_per_request(result.requests):,.0f} µs CPU/req"]
         if cpu.other_cores > BUSY_CORES:
             notes.append(f"BUSY MACHINE: other load {cpu.other_cores:.2f} cores")
@@ -159,7 +160,7 @@ class Bench:
         if paired:
             notes.append(f"paired, {self.timing.rounds}x{self.timing.round_seconds}s")
         self.results.add(Row(target.row_id, target.label, connections, result,
-                             "; ".join(notes), cpu=cpu))
+                             "; ".join(notes), cpu=cpu, rounds=rounds))
         print(f"  {target.label:<34} @{connections:<3} {result.rps:>9,.0f} req/s  "
               f"p50 {result.p50_ms:.2f} ms  p99 {result.p99_ms:.2f} ms  "
               f"server {cpu.server_cores:.2f} cores, other {cpu.other_cores:.2f}"

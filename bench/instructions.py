@@ -3,10 +3,9 @@
 Throughput ratios on a shared 2-core VM move by ±5% between runs, and absolute req/s by 3×
 between machines; valgrind's count of executed instructions for the same code and load does
 not. Each variant's gateway runs under ``valgrind --tool=callgrind --instr-atstart=no`` in
-front of the bench's nginx; after a warm-up, counting is switched on for one wrk load, the
-counts are dumped once the gateway is idle again, and divided by the requests wrk completed.
-(Requests cut off when wrk stops are counted in the instructions but not in the requests:
-at most ``--connections`` partial requests, the same on both sides of a ratio.)
+front of the bench's nginx; after a warm-up, the instructions of a long and of a short wrk
+load are counted (each dumped once the gateway is idle again), and their difference is
+divided by the difference of the requests wrk completed.
 
     .venv/bin/python bench/instructions.py                # every variant, ~6 minutes
     .venv/bin/python bench/instructions.py --only limits  # repeatable
@@ -37,6 +36,7 @@ from bench.harness import chat_body  # noqa: E402
 from bench.probe import probe  # noqa: E402
 from bench.processes import BenchProcessError  # noqa: E402
 from bench.upstream import Upstream, nginx_upstream  # noqa: E402
+from bench.variants import CACHE_MISS_BYTES  # noqa: E402
 from bench.wrk import Load, run_wrk  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "instructions.json"
@@ -62,7 +62,7 @@ VARIANTS: dict[str, tuple[GatewaySpec, tuple[Window, ...]]] = {
     "limits-redis": (GatewaySpec("limits-redis", all_limits=True, redis=True, created_key=True),
                      (Window("keys+limits (redis)", "bench-json"),)),
     "cache-hit": (GatewaySpec("cache-hit", cache=True), (Window("cache hit", "bench-cached"),)),
-    "cache-miss": (GatewaySpec("cache-miss", cache=True),
+    "cache-miss": (GatewaySpec("cache-miss", cache=True, cache_bytes=CACHE_MISS_BYTES),
                    (Window("no cache (unique bodies)", "bench-json", unique=True),
                     Window("cache miss (unique bodies)", "bench-cached", unique=True))),
 }
@@ -105,9 +105,11 @@ def counted_gateway(spec: GatewaySpec, upstream: Upstream, workdir: Path,
 
 def count(running: RunningGateway, out: Path, window: Window, connections: int,
           seconds: int, warmup: int, idle: int) -> tuple[float, int]:
-    """(instructions, requests) of one window, less what the idle gateway runs in the same
-    time (timers: the outbox writer, pub/sub polls, flushes). Under valgrind a request takes
-    ~30x longer, so per-second work would otherwise weigh ~30x more per request."""
+    """(instructions, requests) of one window, as the difference between a long and a short
+    load: the requests cut off when wrk stops (counted in the instructions, not in the
+    requests) are the same in both and cancel out. What the idle gateway runs in the same
+    time (timers: the outbox writer, pub/sub polls, flushes) is taken off each load: under
+    valgrind a request takes ~30x longer, so per-second work would weigh ~30x more."""
     body = chat_body(window.model, unique=window.unique)
     auth = running.authorization
     seen = probe(running.chat_url, body, auth)
@@ -124,21 +126,25 @@ def count(running: RunningGateway, out: Path, window: Window, connections: int,
     started = time.monotonic()
     time.sleep(idle)
     idle_rate = dump(running.pid, out) / (time.monotonic() - started)
-    started = time.monotonic()
-    result = run_wrk(Load(**{**load.__dict__, "seconds": seconds}))
-    time.sleep(2)  # requests cut off by wrk's stop finish inside the window
-    total = dump(running.pid, out)
-    elapsed = time.monotonic() - started
-    if result.error_count:
-        raise BenchProcessError(f"{window.name}: wrk saw errors {result.errors}")
-    return total - idle_rate * elapsed, result.requests
+    loads = []
+    for length in (max(1, seconds // 3), seconds):
+        started = time.monotonic()
+        result = run_wrk(Load(**{**load.__dict__, "seconds": length}))
+        time.sleep(2)  # requests cut off by wrk's stop finish inside the window
+        total = dump(running.pid, out)
+        if result.error_count:
+            raise BenchProcessError(f"{window.name}: wrk saw errors {result.errors}")
+        loads.append((total - idle_rate * (time.monotonic() - started), result.requests))
+    (short, short_requests), (long, long_requests) = loads
+    return long - short, long_requests - short_requests
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--only", action="append", choices=list(VARIANTS), metavar="NAME",
                         help=f"run only this variant (repeatable): {', '.join(VARIANTS)}")
-    parser.add_argument("--seconds", type=int, default=40, help="counted load per window")
+    parser.add_argument("--seconds", type=int, default=45,
+                        help="the long counted load of each window (the short one is a third)")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--idle", type=int, default=10,
                         help="seconds of idle counting before each window")

@@ -28,6 +28,8 @@ class Row:
     skipped: str | None = None
     invalid: str | None = None  # it ran, but did not measure what it claims
     cpu: CpuSample | None = None
+    rounds: tuple[float, ...] = ()  # req/s of each round of an alternating pair
+
 
     @property
     def ok(self) -> bool:
@@ -39,6 +41,7 @@ class Row:
                 "notes": self.notes, "skipped": self.skipped, "invalid": self.invalid,
                 "result": self.result.as_dict() if self.result else None,
                 "cpu": self.cpu.as_dict() if self.cpu else None,
+                "rounds_rps": [round(r, 1) for r in self.rounds],
                 "server_cpu_us_per_request": round(self.cpu.us_per_request(
                     self.result.requests), 1) if self.cpu and self.result else None}
 
@@ -75,22 +78,51 @@ def _rate(row_id: str, floor: float) -> Callable[[Results], Verdict | str]:
     return check
 
 
+def round_ratio(got: Row, base: Row) -> float:
+    """B / A of a pair: the median of its rounds' ratios (each round's two sides ran back to
+    back, so a burst of other load skews one round, not the figure), else the totals'."""
+    pairs = [b / a for b, a in zip(got.rounds, base.rounds, strict=False) if a]
+    if len(pairs) != len(got.rounds) or not pairs:
+        return got.result.rps / base.result.rps if got.result and base.result and \
+            base.result.rps else 0.0
+    pairs.sort()
+    middle = len(pairs) // 2
+    return pairs[middle] if len(pairs) % 2 else (pairs[middle - 1] + pairs[middle]) / 2
+
+
+def _pair(res: Results, row_id: str, base_id: str) -> tuple[Row, Row] | str:
+    got, base = res.rows.get(row_id), res.rows.get(base_id)
+    if got is None or not got.ok:
+        return row_id
+    if base is None or not base.ok:
+        return base_id
+    return got, base
+
+
 def _ratio(row_id: str, base_id: str, floor: float) -> Callable[[Results], Verdict | str]:
     def check(res: Results) -> Verdict | str:
-        got, base = res.measured(row_id), res.measured(base_id)
-        if got is None or base is None:
-            return row_id if got is None else base_id
-        share = got.rps / base.rps if base.rps else 0.0
-        return Verdict("", f"{share:.1%} ({got.rps:,.0f} vs {base.rps:,.0f})", share >= floor)
+        pair = _pair(res, row_id, base_id)
+        if isinstance(pair, str):
+            return pair
+        got, base = pair
+        share = round_ratio(got, base)
+        return Verdict("", f"{share:.1%} (median of {len(got.rounds)} rounds; "
+                           f"{_rps(got)} vs {_rps(base)})", share >= floor)
     return check
 
 
+def _rps(row: Row) -> str:
+    return f"{row.result.rps:,.0f}" if row.result else "-"
+
+
 def _miss_cost(res: Results) -> Verdict | str:
-    miss, none = res.measured("cache-miss"), res.measured("no-cache")
-    if miss is None or none is None:
-        return "cache-miss" if miss is None else "no-cache"
-    cost = 1 - miss.rps / none.rps if none.rps else 1.0
-    return Verdict("", f"{cost:+.1%} ({miss.rps:,.0f} vs {none.rps:,.0f})", cost <= 0.05)
+    pair = _pair(res, "cache-miss", "no-cache")
+    if isinstance(pair, str):
+        return pair
+    miss, none = pair
+    cost = 1 - round_ratio(miss, none)
+    return Verdict("", f"{cost:+.1%} (median of {len(miss.rounds)} rounds; {_rps(miss)} vs "
+                       f"{_rps(none)})", cost <= 0.05)
 
 
 def _added_p50(res: Results) -> Verdict | str:

@@ -105,11 +105,17 @@ def run_cache_hit(bench: Bench) -> None:
                 bench.invalidate(row[0], "the cache let requests through to the upstream")
 
 
+CACHE_MISS_BYTES = 1_000_000  # ~1,400 entries of the bench's answer: full after the warm-up
+
+
 def run_cache_miss(bench: Bench) -> None:
     rows = [("no-cache", "no cache (unique bodies)", 50),
             ("cache-miss", "cache miss (memory, unique bodies)", 50)]
     with guarded(bench, rows):
-        with bench.gateway(GatewaySpec("cache-miss", cache=True)) as gateway:
+        # at its memory bound after the warm-up (as in a gateway that has run for a while):
+        # a miss also evicts, and the cache no longer grows the process's memory
+        spec = GatewaySpec("cache-miss", cache=True, cache_bytes=CACHE_MISS_BYTES)
+        with bench.gateway(spec) as gateway:
             bench.paired(
                 Target(rows[0][0], rows[0][1], gateway.chat_url,
                        chat_body("bench-json", unique=True), server_pid=gateway.pid, unique=True,
@@ -117,7 +123,7 @@ def run_cache_miss(bench: Bench) -> None:
                 Target(rows[1][0], rows[1][1], gateway.chat_url,
                        chat_body("bench-cached", unique=True), server_pid=gateway.pid,
                        unique=True,
-                       notes="lookup + store every answer"), 50)
+                       notes="lookup + store every answer, cache at its 1 MB bound"), 50)
             calls = settled(bench.upstream.cached_calls)
             bench.annotate(rows[1][0], f"{calls:,} upstream calls (incl. warm-up)")
             if calls < bench.requests(rows[1][0]) * 0.99:

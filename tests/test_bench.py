@@ -14,7 +14,7 @@ from bench.gateways import CLIENT_KEY, GatewaySpec, render_config
 from bench.harness import chat_body, short_reason
 from bench.probe import count_chunks, probe
 from bench.processes import BenchProcessError
-from bench.report import Results, Row, render, verdicts
+from bench.report import Results, Row, render, round_ratio, verdicts
 from bench.upstream import Upstream, ask_body, completion_body, nginx_upstream, stream_body
 from bench.wrk import WrkResult, combine, parse_summary
 from gateway.config import parse_config
@@ -112,6 +112,21 @@ def test_verdicts_pass_fail_and_missing() -> None:
     assert "ModuleNotFoundError" in by_name["cache hit"].why
     table = render(res)
     assert "3 ERRORS" in table and "PASS" in table and "FAIL" in table
+
+
+def test_pair_ratio_is_the_median_of_its_rounds() -> None:
+    # one round disturbed (the variant's second round ran during a burst of other load)
+    base = Row("limits-memory-base", "core", 50, result(4000), rounds=(1000, 1000, 1000, 1000))
+    got = Row("limits-memory", "limits", 50, result(3300), rounds=(950, 500, 940, 960))
+    assert round_ratio(got, base) == pytest.approx(0.945)
+    res = Results()
+    res.add(base)
+    res.add(got)
+    verdict = next(v for v in verdicts(res) if v.name.startswith("keys+limits (memory)"))
+    assert verdict.passed is True and verdict.value.startswith("94.5% (median of 4 rounds")
+    # rows without rounds (a quick run of one round each) compare their totals
+    plain = Row("limits-memory", "limits", 50, result(3300))
+    assert round_ratio(plain, Row("b", "core", 50, result(4000))) == pytest.approx(0.825)
 
 
 def test_short_reason_picks_the_exception_line() -> None:
