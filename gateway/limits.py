@@ -110,10 +110,19 @@ def _headers(requests: tuple[int, int, float] | None, tokens: tuple[int, int, fl
 
 
 def _tightest_headers(t: Tightest) -> list[tuple[bytes, bytes]]:
-    """The headers of a `MemoryLimitStore.reserve` admission (resets in ms, rounded up)."""
+    """The headers of a `MemoryLimitStore.reserve` admission (resets in ms, rounded up as
+    `Figure` rounds them). The per-request path: `_headers` written out without its tuples."""
     rl, rleft, rreset, tl, tleft, treset = t
-    return _headers((rl, rleft, math.ceil(rreset) / 1000) if rl else None,
-                    (tl, tleft, math.ceil(treset) / 1000) if tl else None)
+    headers: list[tuple[bytes, bytes]] = []
+    if rl:
+        ms = math.ceil(rreset)
+        headers += ((_LIMIT_REQUESTS, b"%d" % rl), (_REMAINING_REQUESTS, b"%d" % rleft),
+                    (_RESET_REQUESTS, _MILLIS[ms] if ms < 1000 else _reset(ms / 1000)))
+    if tl:
+        ms = math.ceil(treset)
+        headers += ((_LIMIT_TOKENS, b"%d" % tl), (_REMAINING_TOKENS, b"%d" % tleft),
+                    (_RESET_TOKENS, _MILLIS[ms] if ms < 1000 else _reset(ms / 1000)))
+    return headers
 
 
 def _decoded(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:

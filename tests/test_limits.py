@@ -115,6 +115,62 @@ async def test_concurrency_cap_and_release_on_settle() -> None:
     await second.settle(3)
 
 
+class Manual:
+    def __init__(self) -> None:
+        self.now = 946_728_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_the_bound_path_decides_and_reports_like_the_full_one() -> None:
+    """`admit_now` (state cells bound once, the hot path) and `admit` (every figure) on two
+    stores fed the same requests: the same admissions, headers and refusals."""
+    clocks = [Manual(), Manual()]
+    fast, full = (Limiter(config(), MemoryLimitStore(clock), clock=clock) for clock in clocks)
+    p = principal(rpm=6, tpm=5000, max_concurrent=3,
+                  team_limits=TeamLimits(rpm=8, tpm=4000, daily_token_budget=6000,
+                                         models={"qa": ModelLimit(rpm=5)}))
+    held: list[tuple[Any, Any]] = []
+    outcomes = []
+    for step, tokens in enumerate([900, 1200, 300, 2500, 100, 700, 50, 10]):
+        for clock in clocks:
+            clock.now += 0.7 + step / 100  # the same times on both sides
+        quick = fast.admit_now(p, "qa", tokens)
+        try:
+            slow = await full.admit(p, "qa", tokens)
+        except (RateLimited, QuotaExceeded) as exc:
+            assert quick is None  # refused: `admit` words the error
+            outcomes.append(type(exc).__name__)
+            continue
+        assert quick is not None and quick.headers == slow.headers, step
+        outcomes.append("ok")
+        held.append((quick, slow))
+        if len(held) == 2:  # finish the older one: tokens come back, its lease frees
+            for admission in held.pop(0):
+                await admission.settle(tokens // 3)
+    assert outcomes.count("ok") >= 4 and "RateLimited" in outcomes
+
+
+async def test_the_bound_path_follows_the_store_after_a_sweep() -> None:
+    """A sweep drops the state of an idle key; plans bound before it must not keep counting
+    on the dropped cell while new ones count on a fresh cell for the same limit."""
+    clock = Manual()  # frozen unless moved: nothing refills on its own
+    store = MemoryLimitStore(clock)
+    limiter = Limiter(config(), store, clock=clock)
+    idle = principal(rpm=6000)  # one request per 10 ms, exact in floating point
+    assert limiter.admit_now(idle, "qa", 1) is not None  # a plan for (k1, qa), bound
+    clock.now += 120  # k1 goes idle
+    busy = principal(key_id="k2", rpm=10**9)
+    for _ in range(store.SWEEP_EVERY):  # the sweep on the way drops k1's state
+        assert limiter.admit_now(busy, "qa", 1) is not None
+    assert store.generation == 1
+    assert limiter.admit_now(idle, "qa", 1) is not None  # the old plan, bound anew
+    last = limiter.admit_now(idle, "rag", 1)  # a new plan, same key limit
+    assert last is not None
+    assert last.headers["x-ratelimit-remaining-requests"] == "5998"  # one cell counts both
+
+
 async def test_tokens_reserved_then_settled_to_actual_usage() -> None:
     limiter = Limiter(config(), MemoryLimitStore())
     p = principal(tpm=1000)

@@ -246,11 +246,13 @@ class MemoryLimitStore:
 
     # -- the hot path --------------------------------------------------------------------------
 
-    def reserve(self, bound: BoundRequest, tokens: int, lease: str | int) -> Tightest | None:
+    def reserve(self, bound: BoundRequest, tokens: int, lease: str | int,
+                now: float | None = None) -> Tightest | None:
         """Check every limit of `bound` and reserve them all, or none: the `Tightest`
         figures when admitted, None when a limit refused (`acquire_now` says which). Checks
-        first, then commits, so that a refusal changes nothing."""
-        now = self.clock() * 1000.0
+        first, then commits, so that a refusal changes nothing. `now`: ms, else the clock's."""
+        if now is None:
+            now = self.clock() * 1000.0
         period = _PERIOD_MS
         for cell, interval, limit, cost in bound.requests:
             tat = cell.tat
@@ -277,24 +279,21 @@ class MemoryLimitStore:
                 if len(leases) >= bound.conc_limit:
                     return None
             leases[lease] = now + bound.lease_ms
-        # commit, picking the tightest figure of each kind (fewest left, then lowest limit)
-        rl = rleft = tl = tleft = 0
-        rreset = treset = 0.0
+        # commit, picking the tightest figure of each kind (fewest left, then lowest limit;
+        # `left` stays a float until one is picked)
+        rl = tl = 0
+        rleft = tleft = rreset = treset = 0.0
         for cell, interval, limit, cost in bound.requests:
             tat = cell.tat
             tat = cell.tat = (tat if tat > now else now) + cost * interval
-            left = int((period - tat + now) // interval)
-            if left < 0:
-                left = 0
+            left = (period - tat + now) // interval
             if not rl or left < rleft or (left == rleft and limit < rl):
                 rl, rleft, rreset = limit, left, tat - now
         for cell, interval, limit, cost in bound.tokens:
             tat = cell.tat
             tat = cell.tat = (tat if tat > now else now) + (tokens if cost < 0 else cost) \
                 * interval
-            left = int((period - tat + now) // interval)
-            if left < 0:
-                left = 0
+            left = (period - tat + now) // interval
             if not tl or left < tleft or (left == tleft and limit < tl):
                 tl, tleft, treset = limit, left, tat - now
         for entry, _, cost, end in bound.budgets:
@@ -307,7 +306,8 @@ class MemoryLimitStore:
         self._calls += 1
         if self._calls % self.SWEEP_EVERY == 0:
             self._sweep(now)  # after the commit: `bound` is no longer used here
-        return rl, rleft, rreset, tl, tleft, treset
+        return (rl, int(rleft) if rleft > 0 else 0, rreset,
+                tl, int(tleft) if tleft > 0 else 0, treset)
 
     def release(self, bound: BoundRequest, delta_tokens: int, lease: str | int) -> None:
         """Settle a reservation: move its token buckets and budgets by `delta_tokens` and
@@ -333,11 +333,10 @@ class MemoryLimitStore:
     def acquire_now(self, request: AcquireRequest) -> Decision:
         """`acquire` without the coroutine, with every figure (for refusals and tests)."""
         bound = self.bind(request)
-        before = [cell.tat for cell, *_ in bound.buckets]
-        used = [entry.used if entry.expires > self.clock() * 1000.0 else 0
-                for entry, *_ in bound.budgets]
-        admitted = self.reserve(bound, 0, request.lease) is not None
         now = self.clock() * 1000.0
+        before = [cell.tat for cell, *_ in bound.buckets]
+        used = [entry.used if entry.expires > now else 0 for entry, *_ in bound.budgets]
+        admitted = self.reserve(bound, 0, request.lease, now) is not None
         figures: list[Figure] = []
         denied, retry = 0, 0.0
         n = 0
