@@ -142,6 +142,12 @@ def test_answers_round_trip_with_their_chunk_boundaries() -> None:
     assert decode_answer(b"not json") is None
 
 
+def test_entries_of_another_format_read_as_misses() -> None:
+    old = b'{"v": 1, "created": 1.0, "content": ["hi"], "finish_reason": "stop"}'
+    for data in (old, b"[1, 2]", b"not json", b'[3, 0, [], [], [], "stop", null, {}]'):
+        assert decode_answer(data) is None
+
+
 def test_a_whole_answer_replays_as_several_chunks() -> None:
     text = "A long answer made in one piece by a non-streamed request. " * 4
     decoded = decode_answer(encode_answer(Answer(content=[text], finish_reason="stop"), 1.0))

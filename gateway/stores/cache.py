@@ -118,7 +118,7 @@ class MemoryCacheStore:
         entries[key] = (value, self._clock() + ttl)
         self.size += len(value) + overhead
         while self.size > self.max_bytes:
-            self.size -= len(entries.pop(next(iter(entries)))[0]) + overhead
+            self.size -= len(entries.popitem(last=False)[1][0]) + overhead
             self.evictions += 1
         return True
 
