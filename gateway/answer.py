@@ -15,6 +15,22 @@ from gateway.wire import chunk, usage_chunk
 # Extension fields a backend may put on the final chunk and on the completion's message
 # (e.g. Nuclia citations). They are never mixed into the answer text.
 EXTENSION_KEYS = ("citations", "nuclia")
+REPLAY_PIECE = 48  # characters per replayed chunk when the answer came in one piece
+
+
+def split_text(text: str, size: int = REPLAY_PIECE) -> list[str]:
+    """Pieces of about `size` characters, cut after a space where one is near."""
+    pieces: list[str] = []
+    start = 0
+    while start < len(text):
+        end = min(start + size, len(text))
+        if end < len(text):
+            space = text.rfind(" ", start + size // 2, end)
+            if space != -1:
+                end = space + 1
+        pieces.append(text[start:end])
+        start = end
+    return pieces
 
 
 @dataclass
@@ -116,7 +132,10 @@ class Answer:
     def replay_chunks(
         self, cid: str, model: str, created: int, *, include_usage: bool, pieces: list[str] | None
     ) -> list[dict[str, Any]]:
-        """Chunks that replay this answer as a stream: role, content pieces, finish, usage."""
+        """Chunks that replay this answer as a stream: role, content pieces, finish, usage.
+        An answer that came in one long piece (a whole completion) replays in several."""
+        if pieces is None and len(self.content) == 1 and len(self.content[0]) > REPLAY_PIECE:
+            pieces = split_text(self.content[0])
         out = [chunk(cid, model, created, {"role": "assistant", "content": ""})]
         if self.reasoning:
             out.append(chunk(cid, model, created, {"reasoning_content": "".join(self.reasoning)}))

@@ -39,7 +39,6 @@ IRRELEVANT = frozenset({
     "request_id", "prompt_cache_key", "safety_identifier",
 })
 _VERSION = 2
-_REPLAY_PIECE = 48  # characters per replayed chunk when the answer came in one piece
 
 
 @dataclass(slots=True)
@@ -121,11 +120,8 @@ def decode_answer(data: bytes) -> tuple[Answer, float] | None:
     if not isinstance(raw, list) or len(raw) != 8 or raw[0] != _VERSION:
         return None  # not an entry of this version (e.g. left in Redis by an older gateway)
     _, created, content, reasoning, tool_calls, finish_reason, usage, extensions = raw
-    content = list(content or [])
-    if len(content) == 1 and len(content[0]) > _REPLAY_PIECE:
-        content = split_text(content[0])  # made by a whole answer: replay as a real stream
     answer = Answer(
-        content=content,
+        content=list(content or []),
         reasoning=list(reasoning or []),
         tool_calls=dict(enumerate(tool_calls or [])),
         finish_reason=finish_reason,
@@ -133,21 +129,6 @@ def decode_answer(data: bytes) -> tuple[Answer, float] | None:
         extensions=dict(extensions or {}),
     )
     return answer, float(created or 0.0)
-
-
-def split_text(text: str, size: int = _REPLAY_PIECE) -> list[str]:
-    """Pieces of about `size` characters, cut after a space where one is near."""
-    pieces: list[str] = []
-    start = 0
-    while start < len(text):
-        end = min(start + size, len(text))
-        if end < len(text):
-            space = text.rfind(" ", start + size // 2, end)
-            if space != -1:
-                end = space + 1
-        pieces.append(text[start:end])
-        start = end
-    return pieces
 
 
 @dataclass(frozen=True, slots=True)

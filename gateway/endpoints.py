@@ -85,6 +85,8 @@ class ChatCompletions:
         state.metrics.in_flight.inc()
         try:
             reply = await state.pipeline.handle(request_id, raw, headers)
+            # the request-id middleware takes it off the gateway's added latency
+            scope["gateway.upstream_wait"] = reply.upstream_wait
             if reply.stream is None:
                 await _send_whole(send, reply.status, reply.headers, reply.body,
                                   reply.raw_headers)

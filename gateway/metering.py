@@ -36,22 +36,6 @@ class MeterCounters:
     requests: Counter | None = None  # labels: team, model, backend, status, cached
 
 
-def delta_of(record: ExchangeRecord) -> UsageDelta:
-    """The usage increments one finished exchange contributes."""
-    return UsageDelta(
-        day=day_of(record.time),
-        team=record.team,
-        key_id=record.key_id,
-        model=record.model,
-        requests=1,
-        prompt_tokens=record.prompt_tokens,
-        completion_tokens=record.completion_tokens,
-        errors=1 if record.outcome == "error" else 0,
-        cached=1 if record.cached else 0,
-        estimated=1 if record.estimated else 0,
-    )
-
-
 class Meter:
     def __init__(
         self,
@@ -65,8 +49,12 @@ class Meter:
         self.counters = counters or MeterCounters()
         self.flush_interval = flush_interval
         self.max_pending = max_pending
-        self._pending: dict[Cell, UsageDelta] = {}
+        # per cell, the running sums in `COUNTERS` order (plain ints: one record adds to six
+        # of them; a frozen `UsageDelta` per record cost a `replace` call on the hot path)
+        self._pending: dict[Cell, list[int]] = {}
         self._records = 0
+        self._second = -1  # the wall second whose UTC day is `_day`
+        self._day = day_of(0)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -77,9 +65,22 @@ class Meter:
 
     def exchange_finished(self, record: ExchangeRecord) -> None:
         try:
-            delta = delta_of(record)
-            found = self._pending.get(delta.cell)
-            self._pending[delta.cell] = delta if found is None else found.plus(delta)
+            second = int(record.time)
+            if second != self._second:
+                self._second, self._day = second, day_of(record.time)
+            cell = (self._day, record.team, record.key_id, record.model)
+            sums = self._pending.get(cell)
+            if sums is None:
+                sums = self._pending[cell] = [0, 0, 0, 0, 0, 0]
+            sums[0] += 1
+            sums[1] += record.prompt_tokens
+            sums[2] += record.completion_tokens
+            if record.outcome == "error":
+                sums[3] += 1
+            if record.cached:
+                sums[4] += 1
+            if record.estimated:
+                sums[5] += 1
             self._records += 1
             if self._records >= self.max_pending:
                 self._wake.set()
@@ -127,11 +128,14 @@ class Meter:
             batch, count = self._pending, self._records
             self._pending, self._records = {}, 0
             try:
-                await self.store.add(list(batch.values()))
+                await self.store.add([UsageDelta(*cell, *sums) for cell, sums in batch.items()])
             except BaseException as exc:  # store down or cancelled: keep the sums for later
-                for cell, delta in batch.items():
+                for cell, sums in batch.items():
                     found = self._pending.get(cell)
-                    self._pending[cell] = delta if found is None else delta.plus(found)
+                    if found is None:
+                        self._pending[cell] = sums
+                    else:
+                        found[:] = [a + b for a, b in zip(found, sums, strict=True)]
                 self._records += count
                 if isinstance(exc, Exception):
                     log.warning("usage_flush_failed", records=count, error=type(exc).__name__)

@@ -2,7 +2,7 @@
 
 Every response carries ``x-request-id`` (the client's when it sent a sane one) and
 ``x-gateway-overhead-ms``: time to the response start minus the time spent waiting for the
-upstream (which the pipeline reports in ``x-gateway-upstream-ms``).
+upstream (which the endpoint leaves in the scope as ``gateway.upstream_wait``, seconds).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from gateway.logs import REQUEST_ID
 log = structlog.get_logger("gateway.http")
 
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
-_UPSTREAM = b"x-gateway-upstream-ms"
 
 Scope = dict[str, Any]
 
@@ -55,12 +54,8 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 response_started = True
                 headers = list(message.get("headers") or ())
-                upstream_ms = 0.0
-                for name, value in headers:
-                    if name == _UPSTREAM:
-                        upstream_ms = float(value)
-                        break
-                overhead = (time.perf_counter() - started) * 1000 - upstream_ms
+                upstream = scope.get("gateway.upstream_wait", 0.0)
+                overhead = (time.perf_counter() - started - upstream) * 1000
                 headers.append((b"x-request-id", rid))
                 headers.append((b"x-gateway-overhead-ms", b"%.3f" % max(overhead, 0.0)))
                 message = {**message, "headers": headers}

@@ -113,6 +113,7 @@ class Reply:
     stream: AsyncIterator[Piece] | None = None
     media_type: str = "application/json"
     raw_headers: Sequence[tuple[bytes, bytes]] = ()  # sent after `headers`, already encoded
+    upstream_wait: float = 0.0  # seconds spent waiting for the upstream before the reply
 
 
 @dataclass(slots=True)
@@ -476,26 +477,24 @@ class Pipeline:
     def _ok(self, ex: Exchange, body: bytes = b"",
             stream: AsyncIterator[Piece] | None = None) -> Reply:
         """A 200 reply, whole (`body`) or streamed, with the exchange's headers."""
-        # first: the request-id middleware looks for it (it subtracts the upstream wait)
-        headers = {"x-gateway-upstream-ms": f"{ex.upstream_wait * 1000:.3f}"}
-        headers.update(ex.extra_headers)
+        headers = ex.extra_headers
         if self.message_ids:
             ids = self.message_ids(ex.request_id)
             if ids.get("assistant"):
                 headers["x-gateway-message-id"] = ids["assistant"]
         raw = ex.admission.raw_headers if ex.admission is not None else ()
         if stream is None:
-            return Reply(200, headers, body, raw_headers=raw)
+            return Reply(200, headers, body, raw_headers=raw, upstream_wait=ex.upstream_wait)
         return Reply(200, headers, stream=stream, media_type="text/event-stream",
-                     raw_headers=raw)
+                     raw_headers=raw, upstream_wait=ex.upstream_wait)
 
     def _error_reply(self, exc: GatewayError, ex: Exchange | None = None) -> Reply:
         headers = dict(exc.headers)
-        if ex is not None:
-            if ex.admission is not None:
-                headers = {**ex.admission.headers, **headers}
-            headers["x-gateway-upstream-ms"] = f"{ex.upstream_wait * 1000:.3f}"
-        return Reply(exc.status, headers, exc.json())
+        if ex is None:
+            return Reply(exc.status, headers, exc.json())
+        if ex.admission is not None:
+            headers = {**ex.admission.headers, **headers}
+        return Reply(exc.status, headers, exc.json(), upstream_wait=ex.upstream_wait)
 
 
 Batch = tuple[list[dict[str, Any]], bool]

@@ -108,6 +108,11 @@ def _sync_client_calls(gateway: str) -> None:
         completion = raw.parse()
         assert raw.headers["x-request-id"] == "my-trace-123"
         assert float(raw.headers["x-gateway-overhead-ms"]) >= 0
+        slow = client.chat.completions.with_raw_response.create(
+            model="qa", messages=[{"role": "user", "content": "[slow] wait"}])
+        # the upstream took 200 ms of it: what the gateway added excludes that wait
+        assert 0 <= float(slow.headers["x-gateway-overhead-ms"]) < 100
+        assert "x-gateway-upstream-ms" not in slow.headers
         assert completion.choices[0].message.content
         generated = client.chat.completions.with_raw_response.create(model="qa", messages=USER)
         assert generated.headers["x-request-id"].startswith("req_")

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.exchange import ExchangeRecord, Outcome
-from gateway.metering import Meter, MeterCounters, delta_of
+from gateway.metering import Meter, MeterCounters
 from gateway.metrics import Metrics
 from gateway.stores.redis_base import connect
 from gateway.stores.usage import MemoryUsageStore, RedisUsageStore, UsageDelta, UsageStore
@@ -56,8 +56,13 @@ def totals(rows: list[UsageDelta]) -> dict[str, int]:
                          "estimated")}
 
 
-def test_delta_of_a_record() -> None:
-    d = delta_of(record(prompt=3, completion=4, cached=True, estimated=True, outcome="error"))
+async def test_what_one_record_adds() -> None:
+    store = MemoryUsageStore()
+    meter = Meter(store)
+    meter.exchange_finished(record(prompt=3, completion=4, cached=True, estimated=True,
+                                   outcome="error"))
+    await meter.flush()
+    [d] = await store.query(None, DAY, DAY)
     assert (d.day, d.team, d.key_id, d.model) == (DAY, "alpha", "key_1", "qa")
     assert d.counts() == {"requests": 1, "prompt_tokens": 3, "completion_tokens": 4,
                           "errors": 1, "cached": 1, "estimated": 1}

@@ -12,7 +12,7 @@ message select a scenario:
 
     [401] [403] [404] [429] [500] [503]  that HTTP error before the stream
     [problem]   a 400 application/problem+json body
-    [slow]      0.2 s between chunks            [hang]  no answer at all (timeouts)
+    [slow]      0.2 s between chunks, or before a whole answer    [hang]  no answer at all
     [cut]       the stream stops mid-answer, no finish_reason, no [DONE]
     [midstream-error]  an error event after two chunks
     [tools]     a provideLinks tool call (only if the request declared tools)
@@ -120,6 +120,8 @@ def create_fake_inkeep_app(*, api_key: str | None = None, delay: float = 0.0) ->
                  "completion_tokens": _tokens(text)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if not body.get("stream"):
+            if "[slow]" in question:
+                await asyncio.sleep(0.2)
             message: dict[str, Any] = {"role": "assistant", "content": text}
             if tools:
                 message["tool_calls"] = [_tool_call()]
