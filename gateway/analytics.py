@@ -43,7 +43,8 @@ class Analytics:
 async def build_analytics(config: GatewayConfig, ns: RedisNamespace | None, metrics: Metrics,
                           stack: AsyncExitStack) -> Analytics:
     store = make_usage_store(config, ns)
-    meter = Meter(store, MeterCounters(metrics.tokens, metrics.team_requests))
+    meter = Meter(store, MeterCounters(metrics.tally(metrics.tokens),
+                                      metrics.tally(metrics.team_requests)))
     meter.start()
     stack.push_async_callback(meter.stop)
     if not config.analytics.sinks:

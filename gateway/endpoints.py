@@ -82,7 +82,8 @@ class ChatCompletions:
             await _send_whole(send, exc.status, exc.headers, exc.json())
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        state.metrics.in_flight.inc()
+        metrics = state.metrics
+        metrics.in_flight_now += 1
         try:
             reply = await state.pipeline.handle(request_id, raw, headers)
             # the request-id middleware takes it off the gateway's added latency
@@ -94,7 +95,7 @@ class ChatCompletions:
                 await _send_stream(send, receive, reply.status, reply.headers, reply.stream,
                                    reply.raw_headers)
         finally:
-            state.metrics.in_flight.dec()
+            metrics.in_flight_now -= 1
 
 
 def _encode(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:

@@ -14,10 +14,8 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 from datetime import date
-from typing import Any
 
 import structlog
-from prometheus_client import Counter
 
 from gateway.exchange import ExchangeRecord
 from gateway.stores.usage import UsageDelta, UsageStore, day_of
@@ -29,11 +27,12 @@ Cell = tuple[date, str, str, str]
 
 @dataclass(frozen=True, slots=True)
 class MeterCounters:
-    """The Prometheus counters the meter feeds (the lead's `Metrics.tokens` and
-    `Metrics.team_requests`); either may be None."""
+    """Running counts for the lead's `Metrics.tokens` and `Metrics.team_requests`, made by
+    `Metrics.tally` (plain ints added to the counters when the metrics are sampled); either
+    may be None."""
 
-    tokens: Counter | None = None  # labels: team, model, backend, kind (prompt|completion)
-    requests: Counter | None = None  # labels: team, model, backend, status, cached
+    tokens: dict[tuple[str, ...], int] | None = None  # team, model, backend, prompt|completion
+    requests: dict[tuple[str, ...], int] | None = None  # team, model, backend, status, cached
 
 
 class Meter:
@@ -58,7 +57,8 @@ class Meter:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
-        self._children: dict[tuple[str, str, str, int, bool], tuple[Any, Any, Any]] = {}
+        # label values per (team, model, backend, status, cached), made once
+        self._labels: dict[tuple[str, str, str, int, bool], tuple[tuple[str, ...], ...]] = {}
         self.flushes = 0  # successful store writes (tests, debugging)
 
     # -- the observer ------------------------------------------------------------------------
@@ -90,28 +90,20 @@ class Meter:
 
     def _count(self, record: ExchangeRecord) -> None:
         key = (record.team, record.model, record.backend, record.status, record.cached)
-        children = self._children.get(key)
-        if children is None:
-            children = self._children[key] = self._labelled(record)
-        requests, prompt, completion = children
+        labels = self._labels.get(key)
+        if labels is None:
+            cells = (record.team, record.model, record.backend)
+            labels = self._labels[key] = (
+                (*cells, str(record.status), "true" if record.cached else "false"),
+                (*cells, "prompt"), (*cells, "completion"))
+        requests, tokens = self.counters.requests, self.counters.tokens
         if requests is not None:
-            requests.inc()
-        if prompt is not None:
+            requests[labels[0]] = requests.get(labels[0], 0) + 1
+        if tokens is not None:
             if record.prompt_tokens:
-                prompt.inc(record.prompt_tokens)
+                tokens[labels[1]] = tokens.get(labels[1], 0) + record.prompt_tokens
             if record.completion_tokens:
-                completion.inc(record.completion_tokens)
-
-    def _labelled(self, record: ExchangeRecord) -> tuple[Any, Any, Any]:
-        """The counters' children for one label set (`labels` is slow: looked up once)."""
-        tokens, requests = self.counters.tokens, self.counters.requests
-        cells = (record.team, record.model, record.backend)
-        return (
-            None if requests is None else requests.labels(
-                *cells, str(record.status), "true" if record.cached else "false"),
-            None if tokens is None else tokens.labels(*cells, "prompt"),
-            None if tokens is None else tokens.labels(*cells, "completion"),
-        )
+                tokens[labels[2]] = tokens.get(labels[2], 0) + record.completion_tokens
 
     # -- flushing ----------------------------------------------------------------------------
 

@@ -71,6 +71,8 @@ class Metrics:
 
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self._samplers: list[Callable[[], None]] = []
+        self.in_flight_now = 0  # kept by the chat endpoint; the gauge reads it when sampled
+        self.sample_gauge(self.in_flight, lambda: self.in_flight_now)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, looked up once per label set: `labels` takes a lock and

@@ -173,6 +173,7 @@ class Pipeline:
         self._background: set[asyncio.Task[None]] = set()
         # cache results by (model, result): plain counts, reported when metrics are sampled
         self._cache_events = metrics.tally(metrics.cache_events)
+        self._requests = metrics.tally(metrics.requests)  # by model, backend, status
 
     # -- entry -------------------------------------------------------------------------------
 
@@ -425,7 +426,8 @@ class Pipeline:
         elapsed = time.perf_counter() - ex.started
         route = ex.route
         status = str(ex.status)
-        self.metrics.child(self.metrics.requests, route.model, route.backend, status).inc()
+        key = (route.model, route.backend, status)
+        self._requests[key] = self._requests.get(key, 0) + 1
         self.metrics.child(self.metrics.latency, route.model, route.backend, status).observe(
             elapsed)
         if ex.ttft is not None and not ex.cached:

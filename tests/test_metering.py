@@ -148,9 +148,11 @@ async def test_a_failed_flush_keeps_the_sums_for_the_next() -> None:
 
 async def test_prometheus_counters_use_bounded_labels() -> None:
     metrics = Metrics(CollectorRegistry())
-    meter = Meter(MemoryUsageStore(), MeterCounters(metrics.tokens, metrics.team_requests))
+    meter = Meter(MemoryUsageStore(), MeterCounters(metrics.tally(metrics.tokens),
+                                                    metrics.tally(metrics.team_requests)))
     meter.exchange_finished(record(prompt=7, completion=3, key_id="secret-key-id"))
     meter.exchange_finished(record(prompt=1, completion=0, cached=True))
+    metrics.sample()  # what /metrics does before rendering
     r = metrics.registry
     labels = {"team": "alpha", "model": "qa", "backend": "inkeep"}
     assert r.get_sample_value("gateway_tokens_total", {**labels, "kind": "prompt"}) == 8
