@@ -176,10 +176,13 @@ class RedisCacheStore:
     def _keys(self, key: str) -> tuple[str, str]:
         return self.ns.key(f"c:{key}", "v"), self.ns.key(f"c:{key}", "lock")
 
+    # get, set and lock go through the namespace's auto-pipelining: the lookups and writes of
+    # the requests of one loop turn share one round trip
+
     async def get(self, key: str) -> bytes | None:
         try:
-            value = await self.ns.client.get(self._keys(key)[0])
-        except redis.exceptions.RedisError as exc:
+            value = await self.ns.batch.call("GET", self._keys(key)[0])
+        except (redis.exceptions.RedisError, OSError) as exc:
             raise unavailable(exc) from exc
         return value if isinstance(value, bytes) else None
 
@@ -188,16 +191,23 @@ class RedisCacheStore:
             self.refused += 1
             return False
         try:
-            await self.ns.client.set(self._keys(key)[0], value, px=max(1, int(ttl * 1000)))
-        except redis.exceptions.RedisError as exc:
+            await self.ns.batch.call("SET", self._keys(key)[0], value, "PX",
+                                     max(1, int(ttl * 1000)))
+        except (redis.exceptions.RedisError, OSError) as exc:
             raise unavailable(exc) from exc
         return True
 
     async def lock(self, key: str, ttl: float) -> bool:
+        def abandoned(taken: object) -> None:
+            if taken:  # the caller went away holding the lock: free it for the waiters
+                self.ns.batch.cast_script(self.ns.script("cache_unlock"), [self._keys(key)[1]],
+                                          [self._token])
+
         try:
-            taken = await self.ns.client.set(
-                self._keys(key)[1], self._token, nx=True, px=max(1, int(ttl * 1000)))
-        except redis.exceptions.RedisError as exc:
+            taken = await self.ns.batch.call("SET", self._keys(key)[1], self._token, "NX",
+                                             "PX", max(1, int(ttl * 1000)),
+                                             abandoned=abandoned)
+        except (redis.exceptions.RedisError, OSError) as exc:
             raise unavailable(exc) from exc
         return bool(taken)
 
