@@ -25,7 +25,7 @@ import structlog
 
 from gateway.answer import Answer
 from gateway.backends.base import Route
-from gateway.config import CachePolicy, GatewayConfig
+from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.stores.cache import CacheStore, MemoryCacheStore
 from gateway.wire import ChatRequest
@@ -148,9 +148,12 @@ class ResponseCache:
         self.stored_bytes = 0
         # the in-process store: called without coroutines (nothing there waits)
         self._local = store if isinstance(store, MemoryCacheStore) else None
-        self._default = config.cache.default
-        self._policies: dict[str, CachePolicy] = {
-            name: model.cache or self._default for name, model in config.models.items()
+        # per model: (enabled, deterministic only, ttl), read off the config once
+        default = config.cache.default
+        self._default = (default.enabled, default.deterministic_only, default.ttl)
+        self._policies: dict[str, tuple[bool, bool, float]] = {
+            name: (p.enabled, p.deterministic_only, p.ttl)
+            for name, model in config.models.items() for p in [model.cache or default]
         }
         self._global = config.cache.scope == "global"
         # (model, scope): (the route, its `key_prefix`)
@@ -158,10 +161,10 @@ class ResponseCache:
 
     def decide(self, route: Route, chat: ChatRequest, body: dict[str, Any], team: str,
                cache_control_header: str | None) -> CacheDecision:
-        policy = self._policies.get(route.model, self._default)
-        if not policy.enabled:
+        enabled, deterministic_only, ttl = self._policies.get(route.model, self._default)
+        if not enabled:
             return BYPASS
-        if policy.deterministic_only and chat.temperature not in (None, 0):
+        if deterministic_only and chat.temperature not in (None, 0):
             return BYPASS
         if (chat.n or 1) > 1:
             return BYPASS
@@ -177,7 +180,7 @@ class ResponseCache:
             if len(self._prefixes) >= 4096:
                 self._prefixes.clear()
             found = self._prefixes[(route.model, scope)] = (route, key_prefix(route, scope))
-        return CacheDecision(cache_key(route, body, scope, found[1]), read, write, policy.ttl)
+        return CacheDecision(cache_key(route, body, scope, found[1]), read, write, ttl)
 
     async def get(self, decision: CacheDecision) -> CachedAnswer | None:
         if decision.key is None:
