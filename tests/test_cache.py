@@ -12,7 +12,15 @@ from structlog.testing import capture_logs
 
 from gateway.answer import Answer
 from gateway.backends.base import Route
-from gateway.cache import CacheHooks, ResponseCache, decode_answer, encode_answer
+from gateway.cache import (
+    EXACT_KEY_BYTES,
+    CacheHooks,
+    ResponseCache,
+    cache_key,
+    canonical_body,
+    decode_answer,
+    encode_answer,
+)
 from gateway.config import GatewayConfig
 from gateway.metrics import Metrics
 from gateway.stores.cache import CacheStore, MemoryCacheStore, RedisCacheStore
@@ -96,6 +104,34 @@ def test_scope_team_by_default_global_when_configured() -> None:
     assert decide(team, body(), team="a").key != decide(team, body(), team="b").key
     shared = ResponseCache(make_config(scope="global"), MemoryCacheStore(10_000, 5_000))
     assert decide(shared, body(), team="a").key == decide(shared, body(), team="b").key
+
+
+def test_in_process_keys_are_the_canonical_body_and_long_ones_a_digest() -> None:
+    cache = ResponseCache(make_config(), MemoryCacheStore(10_000, 5_000))
+    short = decide(cache, body(max_tokens=5)).key
+    assert isinstance(short, bytes) and short.endswith(canonical_body(body(max_tokens=5)))
+    # the tag before the first ":" stands for the route and scope: another team has another
+    other_team = decide(cache, body(max_tokens=5), team="t2").key
+    assert isinstance(other_team, bytes) and other_team != short
+    assert other_team.partition(b":")[2] == short.partition(b":")[2]
+    long = body(messages=[{"role": "user", "content": "x" * EXACT_KEY_BYTES}])
+    digest = decide(cache, long).key
+    assert isinstance(digest, str) and len(digest) == 64
+    assert decide(cache, {**long, "user": "u-1"}).key == digest
+
+
+async def test_shared_keys_are_digests_every_replica_computes_alike() -> None:
+    namespaces = [connect("redis://127.0.0.1:1/0", "test") for _ in range(2)]
+    try:
+        one, two = (ResponseCache(make_config(), RedisCacheStore(ns, 5_000))
+                    for ns in namespaces)
+        decide(two, body(), route=Route("free", "inkeep", "x"))  # tags would differ now
+        key = decide(one, body()).key
+        assert key == decide(two, body()).key == cache_key(ROUTE, body(), "team:t1")
+        assert isinstance(key, str) and len(key) == 64
+    finally:
+        for ns in namespaces:
+            await ns.client.aclose()
 
 
 # -- policy -----------------------------------------------------------------------------------

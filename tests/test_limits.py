@@ -199,7 +199,9 @@ async def test_budget_exhausted_is_insufficient_quota() -> None:
 async def test_exactly_n_of_100_concurrent_requests_on_redis(redis_url: str) -> None:
     n = 17
     clients = [connect(redis_url, "gw") for _ in range(5)]
-    limiters = [Limiter(config(), RedisLimitStore(ns)) for ns in clients]
+    failed_open: list[int] = []
+    limiters = [Limiter(config(), RedisLimitStore(ns),
+                        on_unavailable=lambda: failed_open.append(1)) for ns in clients]
     p = principal(rpm=n)
 
     async def one(i: int) -> bool:
@@ -211,7 +213,8 @@ async def test_exactly_n_of_100_concurrent_requests_on_redis(redis_url: str) -> 
 
     try:
         results = await asyncio.gather(*(one(i) for i in range(100)))
-        assert sum(results) == n
+        # a check that timed out on Redis is admitted locally (fail_open): say so if it happened
+        assert (sum(results), len(failed_open)) == (n, 0)
     finally:
         for ns in clients:
             await ns.client.aclose()

@@ -122,30 +122,33 @@ async def test_wait_is_bounded_by_the_timeout_and_the_lock_ttl(store: CacheStore
 
 def test_memory_store_evicts_least_recently_used_by_bytes() -> None:
     async def scenario() -> None:
-        store = MemoryCacheStore(300, 200, entry_overhead=0)  # values' bytes alone
+        store = MemoryCacheStore(303, 200, entry_overhead=0)  # keys' and values' bytes alone
         await store.set("a", b"a" * 100, 10)
         await store.set("b", b"b" * 100, 10)
         await store.set("c", b"c" * 100, 10)
         assert await store.get("a") is not None  # a is now the most recently used
-        await store.set("d", b"d" * 150, 10)  # 450 bytes: b then c must go
+        await store.set("d", b"d" * 150, 10)  # 454 bytes: b then c must go
         assert await store.get("b") is None
         assert await store.get("c") is None
         assert await store.get("a") is not None
         assert await store.get("d") is not None
         stats = store.stats()
-        assert (stats.entries, stats.bytes, stats.evictions) == (2, 250, 2)
+        assert (stats.entries, stats.bytes, stats.evictions) == (2, 252, 2)
         await store.set("a", b"A" * 10, 10)  # overwrite counts the new size only
-        assert store.stats().bytes == 160
+        assert store.stats().bytes == 162
+        await store.set(b"k" * 100, b"v" * 100, 10)  # a key's bytes count like a value's:
+        assert store.stats().bytes == 11 + 200  # 162 + 200 > 303, so "d" (least recent) went
+        assert await store.get("d") is None and await store.get(b"k" * 100) == b"v" * 100
 
     asyncio.run(scenario())
 
 
 def test_memory_bound_counts_what_each_entry_costs_beyond_its_value() -> None:
     async def scenario() -> None:
-        store = MemoryCacheStore(1000, 500, entry_overhead=200)
+        store = MemoryCacheStore(1000, 500, entry_overhead=199)
         for key in "abcd":
             await store.set(key, b"x" * 100, 10)
-        # 300 bytes each: the fourth entry pushes the first out
+        # 300 bytes each (key, value, overhead): the fourth entry pushes the first out
         assert (store.stats().entries, store.stats().bytes) == (3, 900)
         assert await store.get("a") is None
         assert MemoryCacheStore(1, 1).entry_overhead == ENTRY_OVERHEAD > 0

@@ -28,10 +28,15 @@ import redis.exceptions
 from gateway.config import GatewayConfig
 from gateway.stores.redis_base import RedisNamespace, unavailable
 
-# What an entry costs beyond its value's bytes (the key's str, the (value, expiry) tuple, the
-# float, the ordered dict's slot): measured 711 B of RSS for entries of 511 B, so the memory
-# bound counts this per entry to bound the memory really held.
-ENTRY_OVERHEAD = 200
+# What an entry costs beyond the bytes of its key and value (the two objects' headers, the
+# (value, expiry) tuple, the float, the ordered dict's slot): measured 711 B of RSS for entries
+# of 511 B under 64-character keys, so the memory bound counts this per entry to bound the
+# memory really held.
+ENTRY_OVERHEAD = 136
+
+# A shared store's keys are hex digests (str); the in-process store also takes the canonical
+# request itself (bytes, see gateway/cache.py).
+CacheKey = str | bytes
 POLL_FIRST = 0.005
 POLL_MAX = 0.025  # longest pause between two polls of a waiter on Redis (see module docstring)
 
@@ -45,19 +50,19 @@ class CacheStats:
 
 
 class CacheStore(Protocol):
-    async def get(self, key: str) -> bytes | None: ...
+    async def get(self, key: CacheKey) -> bytes | None: ...
 
-    async def set(self, key: str, value: bytes, ttl: float) -> bool:
+    async def set(self, key: CacheKey, value: bytes, ttl: float) -> bool:
         """Store unless the value is over the entry bound; True when stored."""
         ...
 
-    async def lock(self, key: str, ttl: float) -> bool:
+    async def lock(self, key: CacheKey, ttl: float) -> bool:
         """Become the one request computing `key` (single flight); False when taken."""
         ...
 
-    async def unlock(self, key: str) -> None: ...
+    async def unlock(self, key: CacheKey) -> None: ...
 
-    async def wait(self, key: str, within: float) -> bytes | None:
+    async def wait(self, key: CacheKey, within: float) -> bytes | None:
         """Wait until the lock holder stores the entry (returned) or gives up (None)."""
         ...
 
@@ -80,31 +85,33 @@ class MemoryCacheStore:
         self.evictions = 0
         self.refused = 0
         self._clock = clock
-        self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
-        self._locks: dict[str, tuple[asyncio.Event | None, float]] = {}
+        # key -> (value, expiry, what it counts against the bound)
+        self._entries: OrderedDict[CacheKey, tuple[bytes, float, int]] = OrderedDict()
+        self._locks: dict[CacheKey, tuple[asyncio.Event | None, float]] = {}
 
     # Each operation has a ``*_now`` form: nothing here waits, so the response cache calls
     # them without making a coroutine (the async forms are the `CacheStore` protocol).
 
-    async def get(self, key: str) -> bytes | None:
+    async def get(self, key: CacheKey) -> bytes | None:
         return self.get_now(key)
 
-    def get_now(self, key: str) -> bytes | None:
+    def get_now(self, key: CacheKey) -> bytes | None:
         found = self._entries.get(key)
         if found is None:
             return None
-        value, expires = found
+        value, expires, _ = found
         if expires <= self._clock():
             self._drop(key)
             return None
         self._entries.move_to_end(key)
         return value
 
-    async def set(self, key: str, value: bytes, ttl: float) -> bool:
+    async def set(self, key: CacheKey, value: bytes, ttl: float) -> bool:
         return self.set_now(key, value, ttl)
 
-    def set_now(self, key: str, value: bytes, ttl: float) -> bool:
-        if len(value) > self.max_entry_bytes or len(value) > self.max_bytes:
+    def set_now(self, key: CacheKey, value: bytes, ttl: float) -> bool:
+        cost = len(key) + len(value) + self.entry_overhead
+        if len(value) > self.max_entry_bytes or cost > self.max_bytes:
             self.refused += 1
             return False
         # a right-sized copy: orjson's output keeps its whole ~4 KB working buffer, which
@@ -112,24 +119,23 @@ class MemoryCacheStore:
         # entries of 237 B took 400 MB; copied, 27 MB)
         value = memoryview(value).tobytes()
         entries = self._entries
-        overhead = self.entry_overhead
-        if key in entries:
-            self.size -= len(entries.pop(key)[0]) + overhead
-        entries[key] = (value, self._clock() + ttl)
-        self.size += len(value) + overhead
+        replaced = entries.pop(key, None)
+        if replaced is not None:
+            self.size -= replaced[2]
+        entries[key] = (value, self._clock() + ttl, cost)
+        self.size += cost
         while self.size > self.max_bytes:
-            self.size -= len(entries.popitem(last=False)[1][0]) + overhead
+            self.size -= entries.popitem(last=False)[1][2]
             self.evictions += 1
         return True
 
-    def _drop(self, key: str) -> None:
-        value, _ = self._entries.pop(key)
-        self.size -= len(value) + self.entry_overhead
+    def _drop(self, key: CacheKey) -> None:
+        self.size -= self._entries.pop(key)[2]
 
-    async def lock(self, key: str, ttl: float) -> bool:
+    async def lock(self, key: CacheKey, ttl: float) -> bool:
         return self.lock_now(key, ttl)
 
-    def lock_now(self, key: str, ttl: float) -> bool:
+    def lock_now(self, key: CacheKey, ttl: float) -> bool:
         held = self._locks.get(key)
         now = self._clock()
         if held is not None and held[1] > now:
@@ -138,15 +144,15 @@ class MemoryCacheStore:
         self._locks[key] = (None, now + ttl)
         return True
 
-    async def unlock(self, key: str) -> None:
+    async def unlock(self, key: CacheKey) -> None:
         self.unlock_now(key)
 
-    def unlock_now(self, key: str) -> None:
+    def unlock_now(self, key: CacheKey) -> None:
         held = self._locks.pop(key, None)
         if held is not None and held[0] is not None:
             held[0].set()
 
-    async def wait(self, key: str, within: float) -> bytes | None:
+    async def wait(self, key: CacheKey, within: float) -> bytes | None:
         held = self._locks.get(key)
         if held is not None:
             event, expires = held
@@ -171,22 +177,25 @@ class RedisCacheStore:
         self.max_entry_bytes = max_entry_bytes
         self.refused = 0
         self._token = os.urandom(8).hex()  # this process's locks, so it frees only its own
-        self._pollers: dict[str, asyncio.Future[bytes | None]] = {}
+        self._pollers: dict[CacheKey, asyncio.Future[bytes | None]] = {}
 
-    def _keys(self, key: str) -> tuple[str, str]:
+    def _keys(self, key: CacheKey) -> tuple[str, str]:
+        # the response cache hands a shared store digests only: an in-process key (the
+        # canonical body behind a process-local tag) would mean nothing to another replica
+        assert isinstance(key, str), "Redis cache keys are digests"
         return self.ns.key(f"c:{key}", "v"), self.ns.key(f"c:{key}", "lock")
 
     # get, set and lock go through the namespace's auto-pipelining: the lookups and writes of
     # the requests of one loop turn share one round trip
 
-    async def get(self, key: str) -> bytes | None:
+    async def get(self, key: CacheKey) -> bytes | None:
         try:
             value = await self.ns.batch.call("GET", self._keys(key)[0])
         except (redis.exceptions.RedisError, OSError) as exc:
             raise unavailable(exc) from exc
         return value if isinstance(value, bytes) else None
 
-    async def set(self, key: str, value: bytes, ttl: float) -> bool:
+    async def set(self, key: CacheKey, value: bytes, ttl: float) -> bool:
         if len(value) > self.max_entry_bytes:
             self.refused += 1
             return False
@@ -197,7 +206,7 @@ class RedisCacheStore:
             raise unavailable(exc) from exc
         return True
 
-    async def lock(self, key: str, ttl: float) -> bool:
+    async def lock(self, key: CacheKey, ttl: float) -> bool:
         def abandoned(taken: object) -> None:
             if taken:  # the caller went away holding the lock: free it for the waiters
                 self.ns.batch.cast_script(self.ns.script("cache_unlock"), [self._keys(key)[1]],
@@ -211,13 +220,13 @@ class RedisCacheStore:
             raise unavailable(exc) from exc
         return bool(taken)
 
-    async def unlock(self, key: str) -> None:
+    async def unlock(self, key: CacheKey) -> None:
         try:
             await self.ns.script("cache_unlock")(keys=[self._keys(key)[1]], args=[self._token])
         except redis.exceptions.RedisError as exc:
             raise unavailable(exc) from exc
 
-    async def wait(self, key: str, within: float) -> bytes | None:
+    async def wait(self, key: CacheKey, within: float) -> bytes | None:
         # Waiters of one key in this process share one poller: Redis sees one poll per
         # process and key, not one per waiting request.
         poller = self._pollers.get(key)
@@ -230,13 +239,13 @@ class RedisCacheStore:
         except TimeoutError:
             return None
 
-    def _poller_done(self, key: str, poller: asyncio.Future[bytes | None]) -> None:
+    def _poller_done(self, key: CacheKey, poller: asyncio.Future[bytes | None]) -> None:
         if self._pollers.get(key) is poller:
             del self._pollers[key]
         if not poller.cancelled():
             poller.exception()  # retrieved here too: its waiters may all have timed out
 
-    async def _poll(self, key: str, within: float) -> bytes | None:
+    async def _poll(self, key: CacheKey, within: float) -> bytes | None:
         value_key, lock_key = self._keys(key)
         deadline = time.monotonic() + within
         delay = POLL_FIRST
