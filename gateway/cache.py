@@ -50,6 +50,8 @@ _VERSION = 2
 # memory bound like values); longer ones are hashed, so that a big RAG prompt held as a key
 # does not crowd answers out of the cache.
 EXACT_KEY_BYTES = 512
+# Tags for in-process keys, unique in the process: caches sharing a store never mix them up.
+_TAGS = itertools.count()
 
 
 @dataclass(slots=True)
@@ -182,7 +184,6 @@ class ResponseCache:
         # (model, scope) -> its prefix; tags are never reused, so entries keyed under a
         # forgotten prefix are only left to age out of the LRU, never read for another route
         self._prefixes: dict[tuple[str, str], _KeyPrefix] = {}
-        self._tags = itertools.count()
 
     def decide(self, route: Route, chat: ChatRequest, body: dict[str, Any], team: str,
                cache_control_header: str | None) -> CacheDecision:
@@ -217,7 +218,7 @@ class ResponseCache:
         if len(self._prefixes) >= 4096:
             self._prefixes.clear()
         prefix = self._prefixes[(route.model, scope)] = _KeyPrefix(
-            route, f"{next(self._tags)}:".encode(),
+            route, f"{next(_TAGS)}:".encode(),
             hashlib.blake2b(key_material(route, scope), digest_size=32))
         return prefix
 

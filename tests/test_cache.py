@@ -120,6 +120,13 @@ def test_in_process_keys_are_the_canonical_body_and_long_ones_a_digest() -> None
     assert decide(cache, {**long, "user": "u-1"}).key == digest
 
 
+def test_caches_sharing_an_in_process_store_never_share_a_tag() -> None:
+    store = MemoryCacheStore(10_000, 5_000)
+    one, two = ResponseCache(make_config(), store), ResponseCache(make_config(), store)
+    other = Route("docs", "inkeep", "inkeep-rag", {})
+    assert decide(one, body()).key != decide(two, body(), route=other).key
+
+
 async def test_shared_keys_are_digests_every_replica_computes_alike() -> None:
     namespaces = [connect("redis://127.0.0.1:1/0", "test") for _ in range(2)]
     try:

@@ -29,10 +29,10 @@ from gateway.config import GatewayConfig
 from gateway.stores.redis_base import RedisNamespace, unavailable
 
 # What an entry costs beyond the bytes of its key and value (the two objects' headers, the
-# (value, expiry) tuple, the float, the ordered dict's slot): measured 711 B of RSS for entries
-# of 511 B under 64-character keys, so the memory bound counts this per entry to bound the
-# memory really held.
-ENTRY_OVERHEAD = 136
+# (value, expiry, cost) tuple, the float, the ordered dict's slot): measured 711 B of RSS for
+# values of 511 B under 64-character keys with a 2-tuple (136 B beyond both), plus 8 B for the
+# third slot. The memory bound counts this per entry to bound the memory really held.
+ENTRY_OVERHEAD = 144
 
 # A shared store's keys are hex digests (str); the in-process store also takes the canonical
 # request itself (bytes, see gateway/cache.py).
