@@ -13,6 +13,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from gateway.stores.redis_base import PackedConnection, connect
 from gateway.stores.redis_batch import Batcher
+from gateway.testing.redis_server import redis_server
 
 pytestmark = pytest.mark.redis
 
@@ -114,3 +115,22 @@ async def test_a_reply_for_a_cancelled_caller_goes_to_abandoned(redis_url: str) 
         assert abandoned == [1]  # the command ran: the callback may undo it
     finally:
         await ns.aclose()
+
+
+async def test_pooled_connections_survive_a_redis_restart() -> None:
+    """Connections pooled before a restart are dead: the first command on each is retried
+    once on a new connection instead of failing the request that drew it."""
+    with redis_server() as server:
+        ns = connect(server.url, "test", max_connections=4)
+        try:
+            script = ns.client.register_script(ECHO)
+            await asyncio.gather(*(ns.client.incr("n") for _ in range(8)))  # fill the pool
+            assert await ns.batch.call("INCR", "n") == 9
+            assert await ns.batch.run_script(script, ["a"], [1]) == [b"a", b"1"]
+            server.start_again()  # empty again: nothing saved, no script loaded
+            assert await ns.batch.call("INCR", "n") == 1  # a pipeline on a dead connection
+            assert await ns.batch.run_script(script, ["b"], [2]) == [b"b", b"2"]
+            assert sorted(await asyncio.gather(*(ns.client.incr("n") for _ in range(8)))) \
+                == list(range(2, 10))
+        finally:
+            await ns.aclose()

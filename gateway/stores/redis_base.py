@@ -18,12 +18,15 @@ from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
+import redis.exceptions
 from redis.asyncio.connection import (
     AbstractConnection,
     Connection,
     SSLConnection,
     UnixDomainSocketConnection,
 )
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 from gateway.errors import ServiceUnavailable
@@ -98,6 +101,13 @@ def connect(url: str, prefix: str = "gw", *, max_connections: int = 64,
         socket_connect_timeout=1.0,
         socket_timeout=timeout,
         health_check_interval=10,
+        # A connection pooled before Redis restarted is dead, and redis-py retries nothing by
+        # default: each one failed the request that drew it (a 503 on a key load). One retry
+        # on a new connection, for connection errors only: a timeout may mean the command ran,
+        # and waiting twice as long helps nobody. (A reply lost after the command ran would
+        # reserve twice: limits err on the side of refusing, never of admitting.)
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[redis.exceptions.ConnectionError],
         retry_on_timeout=False,
     )
     pool.connection_class = _PACKED.get(pool.connection_class, pool.connection_class)
