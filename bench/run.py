@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 
@@ -48,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="smoke run: 3 s per measurement, 1 s warm-up")
     parser.add_argument("--only", action="append", choices=VARIANTS, metavar="NAME",
                         help=f"run only this variant (repeatable): {', '.join(VARIANTS)}")
+    parser.add_argument("--rounds", type=int, metavar="N",
+                        help=f"rounds of each paired comparison (default {FULL.rounds}): more "
+                             "rounds narrow a ratio's noise on a busy machine")
     parser.add_argument("--strict", action="store_true",
                         help="exit 1 when a target FAILs or cannot be measured")
     return parser.parse_args(argv)
@@ -59,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     # also when started with SIGINT ignored (`cmd &` in a script): Ctrl-C must clean up
     signal.signal(signal.SIGINT, signal.default_int_handler)
     timing = QUICK if args.quick else FULL
+    if args.rounds:
+        timing = replace(timing, rounds=args.rounds)
     selected = [v for v in VARIANTS if not args.only or v in args.only]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results = Results(meta={"started": stamp, "quick": args.quick, "variants": selected,
