@@ -120,12 +120,18 @@ class _KeyPrefix:
 
 
 def encode_answer(answer: Answer, created: float) -> bytes:
-    """An entry: a JSON array (no field names to write or read on every miss and hit)."""
-    return orjson.dumps([
+    """An entry: a JSON array (no field names to write or read on every miss and hit).
+
+    Right-sized: orjson's output keeps its whole ~4 KB working buffer, which made every entry
+    of the in-process store cost ~4 KB of RSS whatever its size (measured: 100k entries of
+    237 B took 400 MB; 50k of 520 B 206 MB, right-sized 28 MB). Slicing off an appended
+    newline copies it into an object of its own length, for 0.8k instructions where a
+    `memoryview(...).tobytes()` copy took 2k."""
+    return orjson.dumps((
         _VERSION, created, answer.content, answer.reasoning,
-        [answer.tool_calls[i] for i in sorted(answer.tool_calls)] if answer.tool_calls else [],
+        [answer.tool_calls[i] for i in sorted(answer.tool_calls)] if answer.tool_calls else (),
         answer.finish_reason, answer.usage, answer.extensions,
-    ])
+    ), option=orjson.OPT_APPEND_NEWLINE)[:-1]
 
 
 def decode_answer(data: bytes) -> tuple[Answer, float] | None:

@@ -120,6 +120,25 @@ async def test_wait_is_bounded_by_the_timeout_and_the_lock_ttl(store: CacheStore
     assert time.monotonic() - started < 0.5
 
 
+async def test_memory_claim_reads_or_leads_in_one_call() -> None:
+    now = [100.0]
+    store = MemoryCacheStore(100_000, MAX_ENTRY, clock=lambda: now[0])
+    assert store.claim_now("k", 10) is True  # a miss: this caller leads
+    assert store.claim_now("k", 10) is False  # the next one waits for it
+    waiter = asyncio.create_task(store.wait("k", 5))
+    await asyncio.sleep(0)
+    assert store.set_now("k", b"answer", 10, unlock=True)  # stored, and the lock freed with it
+    assert await asyncio.wait_for(waiter, 1) == b"answer"
+    assert store.claim_now("k", 10) == b"answer"
+    now[0] += 11  # the entry expired: the next caller leads again
+    assert store.claim_now("k", 10) is True
+    assert store.claim_now("k", 10) is False
+    now[0] += 11  # so did that lock (its holder died)
+    assert store.claim_now("k", 10) is True
+    assert not store.set_now("k", b"x" * (MAX_ENTRY + 1), 10, unlock=True)  # refused ...
+    assert store.claim_now("k", 10) is True  # ... but the lock went with it
+
+
 def test_memory_store_evicts_least_recently_used_by_bytes() -> None:
     async def scenario() -> None:
         store = MemoryCacheStore(303, 200, entry_overhead=0)  # keys' and values' bytes alone

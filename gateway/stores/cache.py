@@ -29,10 +29,10 @@ from gateway.config import GatewayConfig
 from gateway.stores.redis_base import RedisNamespace, unavailable
 
 # What an entry costs beyond the bytes of its key and value (the two objects' headers, the
-# (value, expiry, cost) tuple, the float, the ordered dict's slot): measured 711 B of RSS for
-# values of 511 B under 64-character keys with a 2-tuple (136 B beyond both), plus 8 B for the
-# third slot. The memory bound counts this per entry to bound the memory really held.
-ENTRY_OVERHEAD = 144
+# (value, expiry) tuple, the float, the ordered dict's slot): measured 711 B of RSS for
+# values of 511 B under 64-character keys (136 B beyond both). The memory bound counts this
+# per entry to bound the memory really held.
+ENTRY_OVERHEAD = 136
 
 # A shared store's keys are hex digests (str); the in-process store also takes the canonical
 # request itself (bytes, see gateway/cache.py).
@@ -85,9 +85,12 @@ class MemoryCacheStore:
         self.evictions = 0
         self.refused = 0
         self._clock = clock
-        # key -> (value, expiry, what it counts against the bound)
-        self._entries: OrderedDict[CacheKey, tuple[bytes, float, int]] = OrderedDict()
-        self._locks: dict[CacheKey, tuple[asyncio.Event | None, float]] = {}
+        # key -> (value, expiry); what an entry counts against the bound is `_cost`
+        self._entries: OrderedDict[CacheKey, tuple[bytes, float]] = OrderedDict()
+        self._locks: dict[CacheKey, float] = {}  # key -> when its lock expires
+        # key -> the event its waiters wait on, made by the first of them (most leaders have
+        # no waiter); set and dropped when the lock is freed
+        self._waiters: dict[CacheKey, asyncio.Event] = {}
 
     # Each operation has a ``*_now`` form: nothing here waits, so the response cache calls
     # them without making a coroutine (the async forms are the `CacheStore` protocol).
@@ -95,42 +98,61 @@ class MemoryCacheStore:
     async def get(self, key: CacheKey) -> bytes | None:
         return self.get_now(key)
 
+    def claim_now(self, key: CacheKey, lock_seconds: float) -> bytes | bool:
+        """`get_now`, and on a miss `lock_now`, in one call (the miss path of every cacheable
+        request): the entry; else True when this request now holds the key's lock, False
+        when another one does."""
+        now = self._clock()
+        found = self._entries.get(key)
+        if found is not None:
+            if found[1] > now:
+                self._entries.move_to_end(key)
+                return found[0]
+            self._drop(key)
+        held = self._locks.get(key)
+        if held is not None and held > now:
+            return False
+        self._locks[key] = now + lock_seconds
+        return True
+
     def get_now(self, key: CacheKey) -> bytes | None:
         found = self._entries.get(key)
         if found is None:
             return None
-        value, expires, _ = found
-        if expires <= self._clock():
+        if found[1] <= self._clock():
             self._drop(key)
             return None
         self._entries.move_to_end(key)
-        return value
+        return found[0]
 
     async def set(self, key: CacheKey, value: bytes, ttl: float) -> bool:
         return self.set_now(key, value, ttl)
 
-    def set_now(self, key: CacheKey, value: bytes, ttl: float) -> bool:
+    def set_now(self, key: CacheKey, value: bytes, ttl: float, *, unlock: bool = False
+                ) -> bool:
+        """`set`; with `unlock`, the caller's lock on the key is freed too (stored or not), so
+        that its waiters read the entry at once. `value` is kept as it is: it must not hold
+        more memory than its length (see `encode_answer`)."""
+        if unlock:  # its waiters run once this returns, with the entry in place
+            self.unlock_now(key)
         cost = len(key) + len(value) + self.entry_overhead
         if len(value) > self.max_entry_bytes or cost > self.max_bytes:
             self.refused += 1
             return False
-        # a right-sized copy: orjson's output keeps its whole ~4 KB working buffer, which
-        # made every cached entry cost ~4 KB of RSS whatever its size (measured: 100k
-        # entries of 237 B took 400 MB; copied, 27 MB)
-        value = memoryview(value).tobytes()
         entries = self._entries
-        replaced = entries.pop(key, None)
-        if replaced is not None:
-            self.size -= replaced[2]
-        entries[key] = (value, self._clock() + ttl, cost)
+        if key in entries:
+            self._drop(key)
+        entries[key] = (value, self._clock() + ttl)
         self.size += cost
         while self.size > self.max_bytes:
-            self.size -= entries.popitem(last=False)[1][2]
+            old, (old_value, _) = entries.popitem(last=False)
+            self.size -= len(old) + len(old_value) + self.entry_overhead
             self.evictions += 1
         return True
 
     def _drop(self, key: CacheKey) -> None:
-        self.size -= self._entries.pop(key)[2]
+        value = self._entries.pop(key)[0]
+        self.size -= len(key) + len(value) + self.entry_overhead
 
     async def lock(self, key: CacheKey, ttl: float) -> bool:
         return self.lock_now(key, ttl)
@@ -138,32 +160,35 @@ class MemoryCacheStore:
     def lock_now(self, key: CacheKey, ttl: float) -> bool:
         held = self._locks.get(key)
         now = self._clock()
-        if held is not None and held[1] > now:
+        if held is not None and held > now:
             return False
-        # the event is made by the first waiter: most leaders have none
-        self._locks[key] = (None, now + ttl)
+        self._locks[key] = now + ttl
         return True
 
     async def unlock(self, key: CacheKey) -> None:
         self.unlock_now(key)
 
     def unlock_now(self, key: CacheKey) -> None:
-        held = self._locks.pop(key, None)
-        if held is not None and held[0] is not None:
-            held[0].set()
+        self._locks.pop(key, None)
+        if self._waiters:
+            event = self._waiters.pop(key, None)
+            if event is not None:
+                event.set()
 
     async def wait(self, key: CacheKey, within: float) -> bytes | None:
-        held = self._locks.get(key)
-        if held is not None:
-            event, expires = held
-            if event is None:
-                event = asyncio.Event()
-                self._locks[key] = (event, expires)
+        expires = self._locks.get(key)
+        if expires is not None:
             remaining = min(within, expires - self._clock())
             if remaining > 0:
+                event = self._waiters.get(key)
+                if event is None:
+                    event = self._waiters[key] = asyncio.Event()
                 try:
                     await asyncio.wait_for(event.wait(), remaining)
                 except TimeoutError:
+                    if not event.is_set() and self._waiters.get(key) is event \
+                            and self._locks.get(key, 0.0) <= self._clock():
+                        del self._waiters[key]  # its leader died: nobody will set it
                     return None
         return await self.get(key)
 
