@@ -35,7 +35,6 @@ from gateway.backends.base import Route
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.stores.cache import CacheKey, CacheStore, MemoryCacheStore
-from gateway.wire import ChatRequest
 
 log = structlog.get_logger("gateway.cache")
 
@@ -179,18 +178,23 @@ class ResponseCache:
         }
         self._global = config.cache.scope == "global"
         self._lock_seconds = config.cache.lock_seconds
-        # (model, scope) -> its prefix; tags are never reused, so entries keyed under a
-        # forgotten prefix are only left to age out of the LRU, never read for another route
-        self._prefixes: dict[tuple[str, str], _KeyPrefix] = {}
+        # (model, team; None when global) -> its prefix; tags are never reused, so entries
+        # keyed under a forgotten prefix are only left to age out of the LRU, never read for
+        # another route
+        self._prefixes: dict[tuple[str, str | None], _KeyPrefix] = {}
 
-    def decide(self, route: Route, chat: ChatRequest, body: dict[str, Any], team: str,
+    def decide(self, route: Route, body: dict[str, Any], team: str,
                cache_control_header: str | None) -> CacheDecision:
+        """What the cache may do for a request whose body the wire model has validated.
+        ``temperature`` and ``n`` are read off the body: an attribute of the pydantic model
+        costs three times a dict read (its ``__getattr__`` hook), and a value in any other
+        spelling than a plain number (``"0"``, which lax validation accepts) bypasses."""
         enabled, deterministic_only, ttl = self._policies.get(route.model, self._default)
         if not enabled:
             return BYPASS
-        if deterministic_only and chat.temperature not in (None, 0):
+        if deterministic_only and body.get("temperature") not in (None, 0):
             return BYPASS
-        if (chat.n or 1) > 1:
+        if body.get("n") not in (None, 1):
             return BYPASS
         if cache_control_header:
             read, write = cache_control(cache_control_header)
@@ -198,11 +202,14 @@ class ResponseCache:
                 return BYPASS
         else:
             read = write = True
-        scope = "global" if self._global else "team:" + team
-        prefix = self._prefixes.get((route.model, scope))
+        owner = None if self._global else team
+        prefix = self._prefixes.get((route.model, owner))
         if prefix is None or prefix.route is not route:
-            prefix = self._prefix(route, scope)
-        canonical = canonical_body(body)
+            prefix = self._prefix(route, owner)
+        # `canonical_body`, inline: a call is a tenth of what this costs
+        relevant = body if IRRELEVANT.isdisjoint(body) else {
+            k: v for k, v in body.items() if k not in IRRELEVANT}
+        canonical = orjson.dumps(relevant, option=orjson.OPT_SORT_KEYS)
         key: CacheKey
         if self._local is not None and len(canonical) <= EXACT_KEY_BYTES:
             key = prefix.tag + canonical  # digits and ":", then "{": the split is unambiguous
@@ -212,13 +219,15 @@ class ResponseCache:
             key = hasher.hexdigest()
         return CacheDecision(key, read, write, ttl)
 
-    def _prefix(self, route: Route, scope: str) -> _KeyPrefix:
-        """A new tag, and the digest's state after the route's material. BLAKE2b rather than
-        SHA-256: OpenSSL 3 fetches its SHA-256 implementation on every call, which made
-        SHA-256 cost twice as much here (11.8k against 6.4k instructions per key)."""
+    def _prefix(self, route: Route, owner: str | None) -> _KeyPrefix:
+        """A new tag, and the digest's state after the route's material (`owner`: the team,
+        None when entries are global). BLAKE2b rather than SHA-256: OpenSSL 3 fetches its
+        SHA-256 implementation on every call, which made SHA-256 cost twice as much here
+        (11.8k against 6.4k instructions per key)."""
         if len(self._prefixes) >= 4096:
             self._prefixes.clear()
-        prefix = self._prefixes[(route.model, scope)] = _KeyPrefix(
+        scope = "global" if owner is None else "team:" + owner
+        prefix = self._prefixes[(route.model, owner)] = _KeyPrefix(
             route, f"{next(_TAGS)}:".encode(),
             hashlib.blake2b(key_material(route, scope), digest_size=32))
         return prefix
@@ -249,19 +258,23 @@ class ResponseCache:
     def lookup_now(self, decision: CacheDecision) -> tuple[CachedAnswer | None, bool] | None:
         """`lookup` without a coroutine when the store is in-process and nobody else holds
         the key's lock; None: await `lookup`."""
-        if decision.key is None:
+        key = decision.key
+        if key is None:
             return None, False
         local = self._local
         if local is None:
             return None
-        data = local.get_now(decision.key)
-        found = None if data is None else self._cached(data)
-        if found is not None or not decision.write:
-            return found, False
-        if local.lock_now(decision.key, self._lock_seconds):
+        if not decision.write:
+            return self._cached(local.get_now(key)), False
+        found = local.claim_now(key, self._lock_seconds)
+        if found is True:
             decision.leader = True
             return None, False
-        return None  # another request leads: wait for it
+        if found is False:
+            return None  # another request leads: wait for it
+        hit = self._cached(found)
+        # an entry that does not decode is not an answer: `lookup` leads in its place
+        return None if hit is None else (hit, False)
 
     def _cached(self, data: bytes | None) -> CachedAnswer | None:
         if data is None:
@@ -296,11 +309,18 @@ class ResponseCache:
             return None
 
     def put_now(self, decision: CacheDecision, answer: Answer) -> bool | None:
-        """`put` without a coroutine when the store is in-process; None: call `put`."""
-        if self._local is None:
+        """`put` without a coroutine when the store is in-process; None: call `put`. Storing
+        ends the request's lead: its waiters read the entry at once."""
+        key = decision.key
+        if key is None or not decision.write or not answer.finish_reason:
+            return False
+        local = self._local
+        if local is None:
             return None
-        data = self._entry(decision, answer)
-        if data is None or not self._local.set_now(decision.key or b"", data, decision.ttl):
+        leader = decision.leader
+        decision.leader = False
+        data = encode_answer(answer, time.time())
+        if not local.set_now(key, data, decision.ttl, unlock=leader):
             return False
         self.stored_bytes += len(data)
         return True
@@ -310,9 +330,7 @@ class ResponseCache:
         done = self.put_now(decision, answer)
         if done is not None:
             return done
-        data = self._entry(decision, answer)
-        if data is None:
-            return False
+        data = encode_answer(answer, time.time())
         try:
             stored = await self.store.set(decision.key or "", data, decision.ttl)
         except GatewayError as exc:
@@ -321,13 +339,6 @@ class ResponseCache:
         if stored:
             self.stored_bytes += len(data)
         return stored
-
-    @staticmethod
-    def _entry(decision: CacheDecision, answer: Answer) -> bytes | None:
-        """The encoded entry, or None when this answer must not be stored."""
-        if decision.key is None or not decision.write or not answer.finish_reason:
-            return None
-        return encode_answer(answer, time.time())
 
     def release_now(self, decision: CacheDecision) -> bool:
         """Release without a task when the store is in-process; False: call `release`."""

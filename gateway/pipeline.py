@@ -77,13 +77,14 @@ class CachedAnswer(Protocol):
 
 
 class CacheDecision(Protocol):
-    key: str | None
+    key: str | bytes | None
     read: bool
     write: bool
+    leader: bool  # holds the key's single-flight lock until its answer is stored or it ends
 
 
 class ResponseCache(Protocol):
-    def decide(self, route: Route, chat: ChatRequest, body: dict[str, Any], team: str,
+    def decide(self, route: Route, body: dict[str, Any], team: str,
                cache_control: str | None) -> Any: ...
 
     async def lookup(self, decision: Any) -> tuple[Any, bool]: ...
@@ -138,7 +139,6 @@ class Exchange:
     ttft: float | None = None
     error: dict[str, Any] | None = None
     upstream_wait: float = 0.0
-    locked: bool = False
     finished: bool = False
     extra_headers: dict[str, str] = field(default_factory=dict)
 
@@ -258,7 +258,7 @@ class Pipeline:
     async def _cached(self, ex: Exchange) -> Any:
         if self.cache is None:
             return None
-        decision = self.cache.decide(ex.route, ex.chat, ex.body, ex.principal.team,
+        decision = self.cache.decide(ex.route, ex.body, ex.principal.team,
                                      ex.headers.get("cache-control"))
         ex.decision = decision
         status = "bypass"
@@ -266,7 +266,6 @@ class Pipeline:
         if decision.read:
             found = self.cache.lookup_now(decision)
             hit, coalesced = found if found is not None else await self.cache.lookup(decision)
-            ex.locked = decision.write  # released in `_finish` if this request leads
             status = "hit" if hit is not None else "miss"
             if coalesced:
                 key = (ex.route.model, "coalesced")
@@ -412,8 +411,11 @@ class Pipeline:
         if ex.finished:
             return
         ex.finished = True
-        if ex.locked and self.cache is not None and not self.cache.release_now(ex.decision):
-            self._spawn(self.cache.release(ex.decision))
+        decision = ex.decision
+        # a leader that stored its answer has released its lock with it
+        if decision is not None and decision.leader and self.cache is not None \
+                and not self.cache.release_now(decision):
+            self._spawn(self.cache.release(decision))
         answer = ex.answer
         usage = answer.usage or self._usage(ex)
         answer.usage = usage

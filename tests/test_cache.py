@@ -50,7 +50,8 @@ def body(**extra: Any) -> dict[str, Any]:
 
 def decide(cache: ResponseCache, raw: dict[str, Any], *, team: str = "t1",
            header: str | None = None, route: Route = ROUTE) -> Any:
-    return cache.decide(route, ChatRequest.model_validate(raw), raw, team, header)
+    ChatRequest.model_validate(raw)  # as the pipeline does before it asks the cache
+    return cache.decide(route, raw, team, header)
 
 
 def answer(text: str = "Hello there, world") -> Answer:
@@ -156,7 +157,12 @@ def test_policy_decisions(cache: ResponseCache) -> None:
     assert (no_store.key, no_store.read, no_store.write) == (None, False, False)
     assert decide(cache, body(temperature=0.5)).key is None  # not deterministic
     assert decide(cache, body(temperature=0)).read
+    assert decide(cache, body(temperature=0.0, n=1, top_p=1)).read
+    assert decide(cache, body(temperature=None)).read
     assert decide(cache, body(n=2)).key is None
+    # spellings lax validation accepts but that are not plain numbers bypass (never a wrong hit)
+    assert decide(cache, body(temperature="0.5")).key is None
+    assert decide(cache, body(n="2")).key is None
     disabled = decide(cache, body(model="chat"), route=Route("chat", "inkeep", "x"))
     assert disabled.key is None  # no per-model policy and the default is off
     free = decide(cache, body(temperature=0.9), route=Route("free", "inkeep", "x"))
@@ -310,6 +316,26 @@ async def test_a_waiter_takes_over_from_a_failed_leader(caches: list[ResponseCac
     assert second.leader  # the waiter leads now
     assert time.monotonic() - started < 0.5
     await caches[-1].release(second)
+
+
+async def test_an_in_process_leader_frees_its_waiters_as_it_stores(cache: ResponseCache) -> None:
+    leader = decide(cache, body())
+    assert cache.lookup_now(leader) == (None, False) and leader.leader
+    follower = decide(cache, body())
+    assert cache.lookup_now(follower) is None  # another request leads: await `lookup`
+    waiting = asyncio.create_task(cache.lookup(follower))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    assert await cache.put(leader, answer())
+    assert not leader.leader  # storing ended its lead: nothing is left for `release`
+    hit, coalesced = await asyncio.wait_for(waiting, 1)
+    assert coalesced and hit is not None and hit.answer.text == "Hello there, world"
+    assert not follower.leader
+    await cache.release(leader)  # harmless, and frees nobody else's lock
+    third = decide(cache, body(max_tokens=9))
+    assert cache.lookup_now(third) == (None, False) and third.leader
+    await cache.release(leader)
+    assert cache.lookup_now(decide(cache, body(max_tokens=9))) is None  # still led by third
 
 
 async def test_waiters_fall_back_to_upstream_after_lock_seconds() -> None:
