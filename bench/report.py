@@ -4,7 +4,9 @@ table, and the machine-readable JSON written to ``bench/results/``.
 
 from __future__ import annotations
 
+import math
 import platform
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,16 +80,30 @@ def _rate(row_id: str, floor: float) -> Callable[[Results], Verdict | str]:
     return check
 
 
+def _round_ratios(got: Row, base: Row) -> list[float]:
+    return [b / a for b, a in zip(got.rounds, base.rounds, strict=False) if a]
+
+
 def round_ratio(got: Row, base: Row) -> float:
     """B / A of a pair: the median of its rounds' ratios (each round's two sides ran back to
     back, so a burst of other load skews one round, not the figure), else the totals'."""
-    pairs = [b / a for b, a in zip(got.rounds, base.rounds, strict=False) if a]
+    pairs = _round_ratios(got, base)
     if len(pairs) != len(got.rounds) or not pairs:
         return got.result.rps / base.result.rps if got.result and base.result and \
             base.result.rps else 0.0
     pairs.sort()
     middle = len(pairs) // 2
     return pairs[middle] if len(pairs) % 2 else (pairs[middle - 1] + pairs[middle]) / 2
+
+
+def round_error(got: Row, base: Row) -> str:
+    """`` ±x%``: the standard error of the median of a pair's round ratios (1.25 · their
+    standard deviation / √N), so that a reader sees when a figure is within the noise of its
+    threshold; empty below 3 rounds."""
+    pairs = _round_ratios(got, base)
+    if len(pairs) < 3:
+        return ""
+    return f" ±{1.2533 * statistics.stdev(pairs) / math.sqrt(len(pairs)):.1%}"
 
 
 def _pair(res: Results, row_id: str, base_id: str) -> tuple[Row, Row] | str:
@@ -106,7 +122,8 @@ def _ratio(row_id: str, base_id: str, floor: float) -> Callable[[Results], Verdi
             return pair
         got, base = pair
         share = round_ratio(got, base)
-        return Verdict("", f"{share:.1%} (median of {len(got.rounds)} rounds; "
+        return Verdict("", f"{share:.1%} (median of {len(got.rounds)} rounds"
+                           f"{round_error(got, base)}; "
                            f"{_rps(got)} vs {_rps(base)})", share >= floor)
     return check
 
@@ -121,8 +138,8 @@ def _miss_cost(res: Results) -> Verdict | str:
         return pair
     miss, none = pair
     cost = 1 - round_ratio(miss, none)
-    return Verdict("", f"{cost:+.1%} (median of {len(miss.rounds)} rounds; {_rps(miss)} vs "
-                       f"{_rps(none)})", cost <= 0.05)
+    return Verdict("", f"{cost:+.1%} (median of {len(miss.rounds)} rounds"
+                       f"{round_error(miss, none)}; {_rps(miss)} vs {_rps(none)})", cost <= 0.05)
 
 
 def _added_p50(res: Results) -> Verdict | str:

@@ -14,7 +14,7 @@ from bench.gateways import CLIENT_KEY, GatewaySpec, render_config
 from bench.harness import chat_body, short_reason
 from bench.probe import count_chunks, probe
 from bench.processes import BenchProcessError
-from bench.report import Results, Row, render, round_ratio, verdicts
+from bench.report import Results, Row, render, round_error, round_ratio, verdicts
 from bench.upstream import Upstream, ask_body, completion_body, nginx_upstream, stream_body
 from bench.wrk import WrkResult, combine, parse_summary
 from gateway.config import parse_config
@@ -124,6 +124,9 @@ def test_pair_ratio_is_the_median_of_its_rounds() -> None:
     res.add(got)
     verdict = next(v for v in verdicts(res) if v.name.startswith("keys+limits (memory)"))
     assert verdict.passed is True and verdict.value.startswith("94.5% (median of 4 rounds")
+    # with its noise: 1.25 x the standard deviation of the round ratios / sqrt(4)
+    assert round_error(got, base) == " ±14.1%" and "rounds ±14.1%;" in verdict.value
+    assert round_error(Row("a", "a", 50, rounds=(1, 1)), Row("b", "b", 50, rounds=(1, 1))) == ""
     # rows without rounds (a quick run of one round each) compare their totals
     plain = Row("limits-memory", "limits", 50, result(3300))
     assert round_ratio(plain, Row("b", "core", 50, result(4000))) == pytest.approx(0.825)
