@@ -65,9 +65,13 @@ VARIANTS: dict[str, tuple[GatewaySpec, tuple[Window, ...]]] = {
     "cache-miss": (GatewaySpec("cache-miss", cache=True, cache_bytes=CACHE_MISS_BYTES),
                    (Window("no cache (unique bodies)", "bench-json", unique=True),
                     Window("cache miss (unique bodies)", "bench-cached", unique=True))),
+    # the mirror's whole cost: accepting the record, the outbox, delivery in batches of 64
+    "sink": (GatewaySpec("sink", sink=True, sink_batch=64),
+             (Window("one webhook sink (batch 64)", "bench-json"),)),
 }
 RATIOS = (("keys+limits (memory)", "core"), ("all limit types (memory)", "core"),
-          ("cache miss (unique bodies)", "no cache (unique bodies)"))
+          ("cache miss (unique bodies)", "no cache (unique bodies)"),
+          ("one webhook sink (batch 64)", "core"))
 
 
 def callgrind_control(*args: str) -> None:
