@@ -206,10 +206,7 @@ class ResponseCache:
         prefix = self._prefixes.get((route.model, owner))
         if prefix is None or prefix.route is not route:
             prefix = self._prefix(route, owner)
-        # `canonical_body`, inline: a call is a tenth of what this costs
-        relevant = body if IRRELEVANT.isdisjoint(body) else {
-            k: v for k, v in body.items() if k not in IRRELEVANT}
-        canonical = orjson.dumps(relevant, option=orjson.OPT_SORT_KEYS)
+        canonical = canonical_body(body)
         key: CacheKey
         if self._local is not None and len(canonical) <= EXACT_KEY_BYTES:
             key = prefix.tag + canonical  # digits and ":", then "{": the split is unambiguous
