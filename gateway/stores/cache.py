@@ -85,7 +85,8 @@ class MemoryCacheStore:
         self.evictions = 0
         self.refused = 0
         self._clock = clock
-        # key -> (value, expiry); what an entry counts against the bound is `_cost`
+        # key -> (value, expiry); an entry counts len(key) + len(value) + entry_overhead
+        # against the bound, computed where it is added or dropped (not stored: 8 B each)
         self._entries: OrderedDict[CacheKey, tuple[bytes, float]] = OrderedDict()
         self._locks: dict[CacheKey, float] = {}  # key -> when its lock expires
         # key -> the event its waiters wait on, made by the first of them (most leaders have
