@@ -132,6 +132,32 @@ def test_pair_ratio_is_the_median_of_its_rounds() -> None:
     assert round_ratio(plain, Row("b", "core", 50, result(4000))) == pytest.approx(0.825)
 
 
+def test_interleaved_figure_is_the_median_cost_with_its_error() -> None:
+    from bench.interleave import summarize
+
+    figure = summarize([1.04, 1.05, 1.06, 1.30])  # one round disturbed: the median drops it
+    assert figure["cost"] == pytest.approx(0.055)
+    assert figure["error"] == pytest.approx(1.2533 * figure["round_sd"] / 2)
+    assert summarize([1.0, 1.1])["error"] == 0.0  # too few rounds to tell
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("wrk") is None or (shutil.which("nginx") is None
+                                                    and not Path("/usr/sbin/nginx").exists()),
+                    reason="wrk or nginx is not installed")
+def test_interleaved_round_takes_turns_and_stops_both_loads(tmp_path: Path) -> None:
+    from bench.interleave import one_round
+
+    with nginx_upstream(tmp_path) as up:
+        url = f"{up.json_base}/chat/completions"
+        body = chat_body("x")
+        a, b = one_round(url, f"Bearer {CLIENT_KEY}", (body, body), slices=3,
+                         slice_seconds=0.1, first=1, connections=4)
+    # both sides ran (and were summarised after the SIGINT), neither saw an error
+    assert a.requests > 0 and b.requests > 0
+    assert a.error_count == b.error_count == 0
+
+
 def test_short_reason_picks_the_exception_line() -> None:
     exc = BenchProcessError("exited with status 3:\nTraceback\n  File x\n"
                             "ModuleNotFoundError: No module named 'gateway.cache'\n"

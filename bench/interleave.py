@@ -1,0 +1,166 @@
+"""A ratio of two loads on one gateway, alternated every fraction of a second: less noise.
+
+The paired rounds of ``bench/run.py`` load side A for 2 s, then side B for 2 s; on a shared VM
+the machine's speed moves between those two windows, and one round's ratio has a standard
+deviation of ~12%. Here both sides' wrk processes run for the whole round and take turns:
+each is resumed (SIGCONT) for one slice while the other is stopped (SIGSTOP), N slices each,
+so both see the same machine within a fraction of a second. A round's ratio is the requests
+of A over those of B (equal running times), and the figure is the median of the rounds.
+
+    .venv/bin/python bench/interleave.py                 # cache miss vs no cache, ~2.5 min
+    .venv/bin/python bench/interleave.py --pair same     # A/A: the method's own error
+
+Bias: when a side is stopped, the gateway still finishes its ~50 requests in flight (~11 ms
+at 4,500 req/s) inside the other side's slice. That spill pulls the ratio towards 1 (model:
+measured cost ≈ true cost · (1 − 2·50 / (slice · req/s)), ~4% of the cost for 0.5 s slices,
+~20% for 0.1 s): keep slices long next to that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.gateways import GatewaySpec, gateway_process  # noqa: E402
+from bench.harness import chat_body  # noqa: E402
+from bench.processes import BenchProcessError  # noqa: E402
+from bench.upstream import nginx_upstream  # noqa: E402
+from bench.variants import CACHE_MISS_BYTES  # noqa: E402
+from bench.wrk import SCRIPT, WrkResult, parse_summary, wrk_binary  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "interleave.json"
+# pair -> (its gateway, model of side A, model of side B); every body is unique
+PAIRS = {
+    "cache-miss": (GatewaySpec("cache-miss", cache=True, cache_bytes=CACHE_MISS_BYTES),
+                   "bench-json", "bench-cached"),
+    "same": (GatewaySpec("cache-miss", cache=True, cache_bytes=CACHE_MISS_BYTES),
+             "bench-json", "bench-json"),
+}
+
+
+def start_wrk(url: str, body: bytes, authorization: str, connections: int
+              ) -> subprocess.Popen[str]:
+    """A wrk run that lasts until it is interrupted (`stop_wrk`), stopped at once."""
+    env = dict(os.environ, BENCH_BODY=body.decode(), BENCH_AUTH=authorization,
+               BENCH_UNIQUE="1", BENCH_RUN=uuid.uuid4().hex[:12])
+    proc = subprocess.Popen(
+        [wrk_binary(), "-t1", f"-c{connections}", "-d3600s", "--timeout", "10s",
+         "-s", str(SCRIPT), url], env=env, stdout=subprocess.PIPE, text=True)
+    os.kill(proc.pid, signal.SIGSTOP)
+    return proc
+
+
+def stop_wrk(procs: Sequence[subprocess.Popen[str]]) -> list[WrkResult]:
+    """Interrupt stopped wrk runs together and read their summaries. A SIGINT may reach wrk's
+    worker thread (which then stops) instead of its main thread (asleep for ``-d``): it is
+    repeated until the process is gone."""
+    for proc in procs:
+        os.kill(proc.pid, signal.SIGINT)
+    for proc in procs:
+        os.kill(proc.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while any(p.poll() is None for p in procs):
+        if time.monotonic() > deadline:
+            for proc in procs:
+                proc.kill()
+            raise BenchProcessError("wrk did not stop on SIGINT")
+        time.sleep(0.2)
+        for proc in procs:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGINT)
+    return [parse_summary(proc.communicate(timeout=30)[0]) for proc in procs]
+
+
+def one_round(url: str, authorization: str, bodies: tuple[bytes, bytes], *,
+              slices: int, slice_seconds: float, first: int, connections: int
+              ) -> tuple[WrkResult, WrkResult]:
+    """`slices` turns of `slice_seconds` for each side, alternating, `first` side first."""
+    procs = [start_wrk(url, body, authorization, connections) for body in bodies]
+    try:
+        for turn in range(2 * slices):
+            proc = procs[(turn + first) % 2]
+            os.kill(proc.pid, signal.SIGCONT)
+            time.sleep(slice_seconds)
+            os.kill(proc.pid, signal.SIGSTOP)
+        a, b = stop_wrk(procs)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for side, result in (("A", a), ("B", b)):
+        if result.error_count:
+            raise BenchProcessError(f"side {side}: wrk saw errors {result.errors}")
+    return a, b
+
+
+def summarize(ratios: Sequence[float]) -> dict[str, float]:
+    """Median cost (A/B − 1) of the rounds, their standard deviation, and the standard error of
+    the median (1.2533 · sd / √N; 0 below 3 rounds)."""
+    sd = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
+    error = 1.2533 * sd / math.sqrt(len(ratios)) if len(ratios) >= 3 else 0.0
+    return {"cost": statistics.median(ratios) - 1, "round_sd": sd, "error": error}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--pair", choices=list(PAIRS), default="cache-miss")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--seconds", type=float, default=10,
+                        help="running time of each side per round")
+    parser.add_argument("--slice", type=float, default=0.5, dest="slice_seconds",
+                        help="seconds per turn (see the bias in the module docstring)")
+    parser.add_argument("--connections", type=int, default=50)
+    args = parser.parse_args(argv)
+    spec, model_a, model_b = PAIRS[args.pair]
+    bodies = (chat_body(model_a, unique=True), chat_body(model_b, unique=True))
+    slices = max(1, round(args.seconds / args.slice_seconds))
+    workdir = Path(tempfile.mkdtemp(prefix="gw-interleave-"))
+    rounds: list[dict[str, float]] = []
+    with ExitStack() as stack:
+        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+        upstream = stack.enter_context(nginx_upstream(workdir))
+        gateway = stack.enter_context(
+            gateway_process(spec, upstream, redis_url=None, workdir=workdir))
+
+        def run(first: int, slice_count: int) -> tuple[WrkResult, WrkResult]:
+            return one_round(gateway.chat_url, gateway.authorization, bodies,
+                             slices=slice_count, slice_seconds=args.slice_seconds,
+                             first=first, connections=args.connections)
+
+        run(0, max(1, slices // 2))  # warm-up: fills the cache to its bound
+        for index in range(args.rounds):
+            a, b = run(index % 2, slices)
+            ratio = a.requests / b.requests
+            rounds.append({"a": a.requests, "b": b.requests, "ratio": ratio})
+            print(f"round {index + 1}: A {a.requests:,}  B {b.requests:,}  "
+                  f"B costs {ratio - 1:+.2%}", flush=True)
+    figure = summarize([r["ratio"] for r in rounds])
+    print(f"\n{args.pair}: B costs {figure['cost']:+.2%} ±{figure['error']:.2%} over A "
+          f"(median of {len(rounds)} rounds; one round's sd {figure['round_sd']:.2%}; "
+          f"{args.slice_seconds:g} s slices, {slices} per side per round)")
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps({"pair": args.pair, "models": [model_a, model_b],
+                                   "slice_seconds": args.slice_seconds, "slices": slices,
+                                   "connections": args.connections, "rounds": rounds,
+                                   **figure}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
