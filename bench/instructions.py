@@ -36,7 +36,7 @@ from bench.harness import chat_body  # noqa: E402
 from bench.probe import probe  # noqa: E402
 from bench.processes import BenchProcessError  # noqa: E402
 from bench.upstream import Upstream, nginx_upstream  # noqa: E402
-from bench.variants import CACHE_MISS_BYTES  # noqa: E402
+from bench.variants import CACHE_MISS  # noqa: E402
 from bench.wrk import Load, run_wrk  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "instructions.json"
@@ -62,7 +62,7 @@ VARIANTS: dict[str, tuple[GatewaySpec, tuple[Window, ...]]] = {
     "limits-redis": (GatewaySpec("limits-redis", all_limits=True, redis=True, created_key=True),
                      (Window("keys+limits (redis)", "bench-json"),)),
     "cache-hit": (GatewaySpec("cache-hit", cache=True), (Window("cache hit", "bench-cached"),)),
-    "cache-miss": (GatewaySpec("cache-miss", cache=True, cache_bytes=CACHE_MISS_BYTES),
+    "cache-miss": (CACHE_MISS,
                    (Window("no cache (unique bodies)", "bench-json", unique=True),
                     Window("cache miss (unique bodies)", "bench-cached", unique=True))),
     # the mirror's whole cost: accepting the record, the outbox, delivery in batches of 64

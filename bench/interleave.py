@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import signal
@@ -29,38 +28,35 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.gateways import GatewaySpec, gateway_process  # noqa: E402
+from bench.gateways import gateway_process  # noqa: E402
 from bench.harness import chat_body  # noqa: E402
 from bench.processes import BenchProcessError  # noqa: E402
+from bench.report import median_error  # noqa: E402
 from bench.upstream import nginx_upstream  # noqa: E402
-from bench.variants import CACHE_MISS_BYTES  # noqa: E402
-from bench.wrk import SCRIPT, WrkResult, parse_summary, wrk_binary  # noqa: E402
+from bench.variants import CACHE_MISS  # noqa: E402
+from bench.wrk import Load, WrkResult, parse_summary, wrk_command  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "interleave.json"
 # pair -> (its gateway, model of side A, model of side B); every body is unique
 PAIRS = {
-    "cache-miss": (GatewaySpec("cache-miss", cache=True, cache_bytes=CACHE_MISS_BYTES),
-                   "bench-json", "bench-cached"),
-    "same": (GatewaySpec("cache-miss", cache=True, cache_bytes=CACHE_MISS_BYTES),
-             "bench-json", "bench-json"),
+    "cache-miss": (CACHE_MISS, "bench-json", "bench-cached"),
+    "same": (CACHE_MISS, "bench-json", "bench-json"),
 }
 
 
 def start_wrk(url: str, body: bytes, authorization: str, connections: int
               ) -> subprocess.Popen[str]:
-    """A wrk run that lasts until it is interrupted (`stop_wrk`), stopped at once."""
-    env = dict(os.environ, BENCH_BODY=body.decode(), BENCH_AUTH=authorization,
-               BENCH_UNIQUE="1", BENCH_RUN=uuid.uuid4().hex[:12])
-    proc = subprocess.Popen(
-        [wrk_binary(), "-t1", f"-c{connections}", "-d3600s", "--timeout", "10s",
-         "-s", str(SCRIPT), url], env=env, stdout=subprocess.PIPE, text=True)
+    """A wrk run of unique bodies that lasts until it is interrupted (`stop_wrk`), stopped
+    at once."""
+    argv, env = wrk_command(Load(url=url, body=body, authorization=authorization,
+                                 connections=connections, seconds=3600, unique=True))
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
     os.kill(proc.pid, signal.SIGSTOP)
     return proc
 
@@ -111,10 +107,10 @@ def one_round(url: str, authorization: str, bodies: tuple[bytes, bytes], *,
 
 def summarize(ratios: Sequence[float]) -> dict[str, float]:
     """Median cost (A/B − 1) of the rounds, their standard deviation, and the standard error of
-    the median (1.2533 · sd / √N; 0 below 3 rounds)."""
+    the median (0 below 3 rounds)."""
     sd = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
-    error = 1.2533 * sd / math.sqrt(len(ratios)) if len(ratios) >= 3 else 0.0
-    return {"cost": statistics.median(ratios) - 1, "round_sd": sd, "error": error}
+    return {"cost": statistics.median(ratios) - 1, "round_sd": sd,
+            "error": median_error(ratios)}
 
 
 def main(argv: list[str] | None = None) -> int:

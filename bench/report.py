@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import platform
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,14 +96,21 @@ def round_ratio(got: Row, base: Row) -> float:
     return pairs[middle] if len(pairs) % 2 else (pairs[middle - 1] + pairs[middle]) / 2
 
 
+def median_error(values: Sequence[float]) -> float:
+    """The standard error of the median of `values` (1.25 · their standard deviation / √N);
+    0 below 3 values."""
+    if len(values) < 3:
+        return 0.0
+    return 1.2533 * statistics.stdev(values) / math.sqrt(len(values))
+
+
 def round_error(got: Row, base: Row) -> str:
-    """`` ±x%``: the standard error of the median of a pair's round ratios (1.25 · their
-    standard deviation / √N), so that a reader sees when a figure is within the noise of its
-    threshold; empty below 3 rounds."""
+    """`` ±x%``: the standard error of the median of a pair's round ratios, so that a reader
+    sees when a figure is within the noise of its threshold; empty below 3 rounds."""
     pairs = _round_ratios(got, base)
     if len(pairs) < 3:
         return ""
-    return f" ±{1.2533 * statistics.stdev(pairs) / math.sqrt(len(pairs)):.1%}"
+    return f" ±{median_error(pairs):.1%}"
 
 
 def _pair(res: Results, row_id: str, base_id: str) -> tuple[Row, Row] | str:

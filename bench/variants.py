@@ -106,16 +106,16 @@ def run_cache_hit(bench: Bench) -> None:
 
 
 CACHE_MISS_BYTES = 1_000_000  # ~1,400 entries of the bench's answer: full after the warm-up
+# at its memory bound after the warm-up (as in a gateway that has run for a while): a miss
+# also evicts, and the cache no longer grows the process's memory
+CACHE_MISS = GatewaySpec("cache-miss", cache=True, cache_bytes=CACHE_MISS_BYTES)
 
 
 def run_cache_miss(bench: Bench) -> None:
     rows = [("no-cache", "no cache (unique bodies)", 50),
             ("cache-miss", "cache miss (memory, unique bodies)", 50)]
     with guarded(bench, rows):
-        # at its memory bound after the warm-up (as in a gateway that has run for a while):
-        # a miss also evicts, and the cache no longer grows the process's memory
-        spec = GatewaySpec("cache-miss", cache=True, cache_bytes=CACHE_MISS_BYTES)
-        with bench.gateway(spec) as gateway:
+        with bench.gateway(CACHE_MISS) as gateway:
             bench.paired(
                 Target(rows[0][0], rows[0][1], gateway.chat_url,
                        chat_body("bench-json", unique=True), server_pid=gateway.pid, unique=True,

@@ -90,13 +90,19 @@ def parse_summary(output: str) -> WrkResult:
     raise BenchProcessError(f"wrk printed no summary:\n{output[-2000:]}")
 
 
-def run_wrk(load: Load) -> WrkResult:
-    """Run wrk once (``-t1``) and return its summary."""
+def wrk_command(load: Load) -> tuple[list[str], dict[str, str]]:
+    """The argv (``-t1``) and environment of a wrk run of `load` with ``chat.lua``."""
     env = dict(os.environ)
     env.update(BENCH_BODY=load.body.decode(), BENCH_AUTH=load.authorization,
                BENCH_UNIQUE="1" if load.unique else "0", BENCH_RUN=uuid.uuid4().hex[:12])
     argv = [wrk_binary(), "-t1", f"-c{load.connections}", f"-d{load.seconds}s",
             "--timeout", "10s", "-s", str(SCRIPT), load.url]
+    return argv, env
+
+
+def run_wrk(load: Load) -> WrkResult:
+    """Run wrk once and return its summary."""
+    argv, env = wrk_command(load)
     done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False,
                           timeout=load.seconds + 60)
     if done.returncode != 0:
