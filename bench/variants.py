@@ -105,7 +105,7 @@ def run_cache_hit(bench: Bench) -> None:
                 bench.invalidate(row[0], "the cache let requests through to the upstream")
 
 
-CACHE_MISS_BYTES = 1_000_000  # ~1,400 entries of the bench's answer: full after the warm-up
+CACHE_MISS_BYTES = 1_000_000  # ~1,000 entries of the bench's answer: full after the warm-up
 # at its memory bound after the warm-up (as in a gateway that has run for a while): a miss
 # also evicts, and the cache no longer grows the process's memory
 CACHE_MISS = GatewaySpec("cache-miss", cache=True, cache_bytes=CACHE_MISS_BYTES)
