@@ -18,7 +18,7 @@ from bench.probe import Probe, probe
 from bench.processes import BenchProcessError
 from bench.report import Results, Row
 from bench.upstream import Upstream
-from bench.wrk import Load, WrkResult, combine, run_wrk
+from bench.wrk import Load, WrkResult, combine, one_round, run_wrk
 
 AUTH = f"Bearer {CLIENT_KEY}"
 BUSY_CORES = 0.25  # other processes' load above which a row is flagged as disturbed
@@ -31,10 +31,12 @@ class Timing:
     warmup: int  # before the first measurement of a target
     rounds: int  # paired comparisons alternate A, B this many times ...
     round_seconds: int  # ... for this long each
+    turns: int = 8  # interleaved pairs: each side's turns per round ...
+    turn_seconds: float = 0.5  # ... of this long (see `Bench.interleaved`)
 
 
 FULL = Timing(seconds=8, warmup=2, rounds=12, round_seconds=2)
-QUICK = Timing(seconds=3, warmup=1, rounds=1, round_seconds=2)
+QUICK = Timing(seconds=3, warmup=1, rounds=1, round_seconds=2, turns=2)
 
 
 def chat_body(model: str, *, stream: bool = False, unique: bool = False) -> bytes:
@@ -148,9 +150,52 @@ class Bench:
                          seen[target.row_id], paired=True,
                          rounds=tuple(r.rps for r, _ in done))
 
+    def interleaved(self, base: Target, variant: Target, connections: int) -> None:
+        """A pair on one server whose two loads take turns (`turns` of `turn_seconds` each
+        per round, the first turn alternating), as bench/interleave.py does: both sides meet
+        the same machine within half a second, where the 2 s windows of `paired` meet it
+        seconds apart (one round's ratio: sd ~2% against ~12% on a shared VM). The server's
+        CPU is shared by the two sides, so a row's note gives it per request over both;
+        latencies include the turns a side waited stopped, so they mean nothing here."""
+        if (base.url, base.server_pid, base.authorization) != \
+                (variant.url, variant.server_pid, variant.authorization):
+            raise BenchProcessError("an interleaved pair loads one server with one key")
+        seen = {t.row_id: self.check(t) for t in (base, variant)}
+        timing = self.timing
+        bodies = (base.body, variant.body)
+
+        def run(first: int, turns: int) -> tuple[WrkResult, WrkResult]:
+            return one_round(base.url, base.authorization, bodies, slices=turns,
+                             slice_seconds=timing.turn_seconds, first=first,
+                             connections=connections)
+
+        if timing.warmup:
+            run(0, max(1, round(timing.warmup / timing.turn_seconds)))
+        running = timing.turns * timing.turn_seconds  # each side's, per round
+        runs: dict[str, list[WrkResult]] = {base.row_id: [], variant.row_id: []}
+        cpu: CpuSample | None = None
+        for round_ in range(timing.rounds):
+            with cpu_window(base.server_pid) as window:
+                a, b = run(round_ % 2, timing.turns)
+            assert window.sample is not None
+            cpu = window.sample if cpu is None else cpu + window.sample
+            runs[base.row_id].append(replace(a, seconds=running))
+            runs[variant.row_id].append(replace(b, seconds=running))
+        assert cpu is not None
+        requests = sum(r.requests for done in runs.values() for r in done)
+        shared = f"{cpu.server_s / max(requests, 1) * 1e6:,.0f} µs CPU/req over both sides"
+        for target in (base, variant):
+            done = runs[target.row_id]
+            self._record(target, connections, combine(done), cpu, seen[target.row_id],
+                         rounds=tuple(r.rps for r in done), interleaved=shared)
+
     def _record(self, target: Target, connections: int, result: WrkResult, cpu: CpuSample,
-                seen: Probe, *, paired: bool = False, rounds: tuple[float, ...] = ()) -> None:
-        notes = [f"@{connections}", f"{cpu.us_per_request(result.requests):,.0f} µs CPU/req"]
+                seen: Probe, *, paired: bool = False, rounds: tuple[float, ...] = (),
+                interleaved: str = "") -> None:
+        """`interleaved`: the note on the CPU shared by an interleaved pair (then `cpu` is
+        both sides' and is not stored with the row)."""
+        per_request = interleaved or f"{cpu.us_per_request(result.requests):,.0f} µs CPU/req"
+        notes = [f"@{connections}", per_request]
         if cpu.other_cores > BUSY_CORES:
             notes.append(f"BUSY MACHINE: other load {cpu.other_cores:.2f} cores")
         if target.notes:
@@ -159,8 +204,12 @@ class Bench:
             notes.append(seen.note)
         if paired:
             notes.append(f"paired, {self.timing.rounds}x{self.timing.round_seconds}s")
+        if interleaved:
+            notes.append(f"interleaved, {self.timing.rounds} rounds of "
+                         f"{self.timing.turns}x{self.timing.turn_seconds:g}s turns")
         self.results.add(Row(target.row_id, target.label, connections, result,
-                             "; ".join(notes), cpu=cpu, rounds=rounds))
+                             "; ".join(notes), cpu=None if interleaved else cpu,
+                             rounds=rounds))
         print(f"  {target.label:<34} @{connections:<3} {result.rps:>9,.0f} req/s  "
               f"p50 {result.p50_ms:.2f} ms  p99 {result.p99_ms:.2f} ms  "
               f"server {cpu.server_cores:.2f} cores, other {cpu.other_cores:.2f}"

@@ -20,14 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -36,11 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.gateways import gateway_process  # noqa: E402
 from bench.harness import chat_body  # noqa: E402
-from bench.processes import BenchProcessError  # noqa: E402
 from bench.report import median_error  # noqa: E402
 from bench.upstream import nginx_upstream  # noqa: E402
 from bench.variants import CACHE_MISS  # noqa: E402
-from bench.wrk import Load, WrkResult, parse_summary, wrk_command  # noqa: E402
+from bench.wrk import WrkResult, one_round  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "interleave.json"
 # pair -> (its gateway, model of side A, model of side B); every body is unique
@@ -48,61 +43,6 @@ PAIRS = {
     "cache-miss": (CACHE_MISS, "bench-json", "bench-cached"),
     "same": (CACHE_MISS, "bench-json", "bench-json"),
 }
-
-
-def start_wrk(url: str, body: bytes, authorization: str, connections: int
-              ) -> subprocess.Popen[str]:
-    """A wrk run of unique bodies that lasts until it is interrupted (`stop_wrk`), stopped
-    at once."""
-    argv, env = wrk_command(Load(url=url, body=body, authorization=authorization,
-                                 connections=connections, seconds=3600, unique=True))
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
-    os.kill(proc.pid, signal.SIGSTOP)
-    return proc
-
-
-def stop_wrk(procs: Sequence[subprocess.Popen[str]]) -> list[WrkResult]:
-    """Interrupt stopped wrk runs together and read their summaries. A SIGINT may reach wrk's
-    worker thread (which then stops) instead of its main thread (asleep for ``-d``): it is
-    repeated until the process is gone."""
-    for proc in procs:
-        os.kill(proc.pid, signal.SIGINT)
-    for proc in procs:
-        os.kill(proc.pid, signal.SIGCONT)
-    deadline = time.monotonic() + 30
-    while any(p.poll() is None for p in procs):
-        if time.monotonic() > deadline:
-            for proc in procs:
-                proc.kill()
-            raise BenchProcessError("wrk did not stop on SIGINT")
-        time.sleep(0.2)
-        for proc in procs:
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGINT)
-    return [parse_summary(proc.communicate(timeout=30)[0]) for proc in procs]
-
-
-def one_round(url: str, authorization: str, bodies: tuple[bytes, bytes], *,
-              slices: int, slice_seconds: float, first: int, connections: int
-              ) -> tuple[WrkResult, WrkResult]:
-    """`slices` turns of `slice_seconds` for each side, alternating, `first` side first."""
-    procs = [start_wrk(url, body, authorization, connections) for body in bodies]
-    try:
-        for turn in range(2 * slices):
-            proc = procs[(turn + first) % 2]
-            os.kill(proc.pid, signal.SIGCONT)
-            time.sleep(slice_seconds)
-            os.kill(proc.pid, signal.SIGSTOP)
-        a, b = stop_wrk(procs)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for side, result in (("A", a), ("B", b)):
-        if result.error_count:
-            raise BenchProcessError(f"side {side}: wrk saw errors {result.errors}")
-    return a, b
 
 
 def summarize(ratios: Sequence[float]) -> dict[str, float]:

@@ -116,7 +116,7 @@ def run_cache_miss(bench: Bench) -> None:
             ("cache-miss", "cache miss (memory, unique bodies)", 50)]
     with guarded(bench, rows):
         with bench.gateway(CACHE_MISS) as gateway:
-            bench.paired(
+            bench.interleaved(
                 Target(rows[0][0], rows[0][1], gateway.chat_url,
                        chat_body("bench-json", unique=True), server_pid=gateway.pid, unique=True,
                        notes="model without cache"),

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,3 +130,60 @@ def combine(results: list[WrkResult]) -> WrkResult:
         mean_ms=round(sum(r.mean_ms for r in results) / n, 3),
         max_ms=max(r.max_ms for r in results),
     )
+
+
+# -- turns: two loads alternating on one server (bench/interleave.py, Bench.interleaved) ----
+
+def start_wrk(url: str, body: bytes, authorization: str, connections: int
+              ) -> subprocess.Popen[str]:
+    """A wrk run of unique bodies that lasts until it is interrupted (`stop_wrk`), stopped
+    at once."""
+    argv, env = wrk_command(Load(url=url, body=body, authorization=authorization,
+                                 connections=connections, seconds=3600, unique=True))
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
+    os.kill(proc.pid, signal.SIGSTOP)
+    return proc
+
+
+def stop_wrk(procs: Sequence[subprocess.Popen[str]]) -> list[WrkResult]:
+    """Interrupt stopped wrk runs together and read their summaries. A SIGINT may reach wrk's
+    worker thread (which then stops) instead of its main thread (asleep for ``-d``): it is
+    repeated until the process is gone."""
+    for proc in procs:
+        os.kill(proc.pid, signal.SIGINT)
+    for proc in procs:
+        os.kill(proc.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while any(p.poll() is None for p in procs):
+        if time.monotonic() > deadline:
+            for proc in procs:
+                proc.kill()
+            raise BenchProcessError("wrk did not stop on SIGINT")
+        time.sleep(0.2)
+        for proc in procs:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGINT)
+    return [parse_summary(proc.communicate(timeout=30)[0]) for proc in procs]
+
+
+def one_round(url: str, authorization: str, bodies: tuple[bytes, bytes], *,
+              slices: int, slice_seconds: float, first: int, connections: int
+              ) -> tuple[WrkResult, WrkResult]:
+    """`slices` turns of `slice_seconds` for each side, alternating, `first` side first."""
+    procs = [start_wrk(url, body, authorization, connections) for body in bodies]
+    try:
+        for turn in range(2 * slices):
+            proc = procs[(turn + first) % 2]
+            os.kill(proc.pid, signal.SIGCONT)
+            time.sleep(slice_seconds)
+            os.kill(proc.pid, signal.SIGSTOP)
+        a, b = stop_wrk(procs)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for side, result in (("A", a), ("B", b)):
+        if result.error_count:
+            raise BenchProcessError(f"side {side}: wrk saw errors {result.errors}")
+    return a, b

@@ -146,7 +146,7 @@ def test_interleaved_figure_is_the_median_cost_with_its_error() -> None:
                                                     and not Path("/usr/sbin/nginx").exists()),
                     reason="wrk or nginx is not installed")
 def test_interleaved_round_takes_turns_and_stops_both_loads(tmp_path: Path) -> None:
-    from bench.interleave import one_round
+    from bench.wrk import one_round
 
     with nginx_upstream(tmp_path) as up:
         url = f"{up.json_base}/chat/completions"
@@ -156,6 +156,34 @@ def test_interleaved_round_takes_turns_and_stops_both_loads(tmp_path: Path) -> N
     # both sides ran (and were summarised after the SIGINT), neither saw an error
     assert a.requests > 0 and b.requests > 0
     assert a.error_count == b.error_count == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("wrk") is None or (shutil.which("nginx") is None
+                                                    and not Path("/usr/sbin/nginx").exists()),
+                    reason="wrk or nginx is not installed")
+def test_interleaved_pair_records_each_round_at_its_running_time(tmp_path: Path) -> None:
+    from contextlib import ExitStack
+
+    from bench.harness import Bench, Target, Timing
+
+    timing = Timing(seconds=1, warmup=0, rounds=3, round_seconds=1, turns=2, turn_seconds=0.2)
+    results = Results()
+    with nginx_upstream(tmp_path) as up, ExitStack() as stack:
+        url = f"{up.json_base}/chat/completions"
+        bench = Bench(timing, tmp_path, up, stack, results)
+        a, b = (Target(row, row, url, chat_body(row, unique=True), server_pid=up.pid,
+                       unique=True) for row in ("no-cache", "cache-miss"))
+        bench.interleaved(a, b, 4)
+        with pytest.raises(BenchProcessError, match="one server"):
+            bench.interleaved(a, Target("x", "x", url + "?other", b.body, server_pid=0), 4)
+    for row_id in ("no-cache", "cache-miss"):
+        row = results.rows[row_id]
+        assert row.ok and len(row.rounds) == 3 and all(rps > 0 for rps in row.rounds)
+        assert row.result is not None
+        assert row.result.seconds == pytest.approx(3 * 2 * 0.2)  # running, not stopped, time
+        assert row.cpu is None and "over both sides" in row.notes  # one process served both
+    assert "cache miss cost" in render(results)
 
 
 def test_short_reason_picks_the_exception_line() -> None:
