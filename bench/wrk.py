@@ -1,4 +1,5 @@
-"""Drive load with wrk (one thread: this machine has two cores) and read back its summary.
+"""Drive load with wrk (one thread: this machine has two cores) and read back its summary;
+two loads taking turns on one server (`one_round`, for interleaved pairs).
 
 The Lua script (``bench/chat.lua``) POSTs the chat body with the client's key and prints one
 ``BENCH_JSON {...}`` line from wrk's ``done()`` hook: requests, duration, errors and latency

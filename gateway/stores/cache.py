@@ -151,7 +151,7 @@ class MemoryCacheStore:
         entries[key] = (value, self._clock() + ttl, cost)
         self.size += cost
         while self.size > self.max_bytes:
-            self.size -= entries.popitem(False)[1][2]
+            self.size -= entries.popitem(False)[1][2]  # the oldest (last=False, unparsed)
             self.evictions += 1
         return True
 
