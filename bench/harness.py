@@ -181,6 +181,9 @@ class Bench:
             cpu = window.sample if cpu is None else cpu + window.sample
             runs[base.row_id].append(replace(a, seconds=running))
             runs[variant.row_id].append(replace(b, seconds=running))
+            print(f"  round {round_ + 1}: {base.label} {a.requests:,}, {variant.label} "
+                  f"{b.requests:,} requests ({b.requests / max(a.requests, 1):.1%} of the "
+                  f"first)", flush=True)
         assert cpu is not None
         requests = sum(r.requests for done in runs.values() for r in done)
         shared = f"{cpu.server_s / max(requests, 1) * 1e6:,.0f} µs CPU/req over both sides"

@@ -30,12 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.gateways import gateway_process  # noqa: E402
-from bench.harness import chat_body  # noqa: E402
-from bench.report import median_error  # noqa: E402
+from bench.harness import Bench, Target, Timing, chat_body  # noqa: E402
+from bench.report import Results, median_error  # noqa: E402
 from bench.upstream import nginx_upstream  # noqa: E402
 from bench.variants import CACHE_MISS  # noqa: E402
-from bench.wrk import WrkResult, one_round  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "interleave.json"
 # pair -> (its gateway, model of side A, model of side B); every body is unique
@@ -64,28 +62,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=50)
     args = parser.parse_args(argv)
     spec, model_a, model_b = PAIRS[args.pair]
-    bodies = (chat_body(model_a, unique=True), chat_body(model_b, unique=True))
     slices = max(1, round(args.seconds / args.slice_seconds))
+    # warm-up: half a round, which fills the cache to its bound
+    timing = Timing(seconds=0, warmup=max(1, round(args.seconds / 2)), rounds=args.rounds,
+                    round_seconds=0, turns=slices, turn_seconds=args.slice_seconds)
     workdir = Path(tempfile.mkdtemp(prefix="gw-interleave-"))
-    rounds: list[dict[str, float]] = []
+    results = Results()
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, workdir, ignore_errors=True)
         upstream = stack.enter_context(nginx_upstream(workdir))
-        gateway = stack.enter_context(
-            gateway_process(spec, upstream, redis_url=None, workdir=workdir))
-
-        def run(first: int, slice_count: int) -> tuple[WrkResult, WrkResult]:
-            return one_round(gateway.chat_url, gateway.authorization, bodies,
-                             slices=slice_count, slice_seconds=args.slice_seconds,
-                             first=first, connections=args.connections)
-
-        run(0, max(1, slices // 2))  # warm-up: fills the cache to its bound
-        for index in range(args.rounds):
-            a, b = run(index % 2, slices)
-            ratio = a.requests / b.requests
-            rounds.append({"a": a.requests, "b": b.requests, "ratio": ratio})
-            print(f"round {index + 1}: A {a.requests:,}  B {b.requests:,}  "
-                  f"B costs {ratio - 1:+.2%}", flush=True)
+        bench = Bench(timing, workdir, upstream, stack, results)
+        gateway = stack.enter_context(bench.gateway(spec))
+        side_a, side_b = (Target(side, model, gateway.chat_url, chat_body(model, unique=True),
+                                 server_pid=gateway.pid, unique=True,
+                                 authorization=gateway.authorization)
+                          for side, model in (("A", model_a), ("B", model_b)))
+        bench.interleaved(side_a, side_b, args.connections)
+    running = slices * args.slice_seconds
+    rounds = [{"a": round(a * running), "b": round(b * running), "ratio": a / b}
+              for a, b in zip(results.rows["A"].rounds, results.rows["B"].rounds, strict=True)]
     figure = summarize([r["ratio"] for r in rounds])
     print(f"\n{args.pair}: B costs {figure['cost']:+.2%} ±{figure['error']:.2%} over A "
           f"(median of {len(rounds)} rounds; one round's sd {figure['round_sd']:.2%}; "

@@ -105,9 +105,9 @@ def run_cache_hit(bench: Bench) -> None:
                 bench.invalidate(row[0], "the cache let requests through to the upstream")
 
 
-CACHE_MISS_BYTES = 1_000_000  # ~1,000 entries of the bench's answer: full after the warm-up
-# at its memory bound after the warm-up (as in a gateway that has run for a while): a miss
-# also evicts, and the cache no longer grows the process's memory
+# ~1,000 entries of the bench's answer: at its memory bound after the warm-up (as in a gateway
+# that has run for a while), so a miss also evicts and the cache no longer grows the memory
+CACHE_MISS_BYTES = 1_000_000
 CACHE_MISS = GatewaySpec("cache-miss", cache=True, cache_bytes=CACHE_MISS_BYTES)
 
 
