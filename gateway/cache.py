@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +50,14 @@ _VERSION = 2
 # memory bound like values); longer ones are hashed, so that a big RAG prompt held as a key
 # does not crowd answers out of the cache.
 EXACT_KEY_BYTES = 512
+# A non-streamed answer's entry is this header (kind, the unix time it was stored) and then the
+# `chat.completion` body as it was sent: the bytes serialised for the client are stored as
+# they are, so a miss serialises nothing more (1.3k instructions for the header and one copy,
+# against 5k for `encode_answer`), and a hit sends the completion back with its own id and
+# time. A streamed answer's entry is the JSON array of `encode_answer` (kept with its pieces).
+_COMPLETION_HEADER = struct.Struct("<Bd")
+_COMPLETION_KIND = 3  # never the first byte of a JSON array entry ("[")
+_COMPLETION_TAG = bytes((_COMPLETION_KIND,))
 # Tags for in-process keys, unique in the process: caches sharing a store never mix them up.
 _TAGS = itertools.count()
 
@@ -78,6 +87,9 @@ class CachedAnswer:
     answer: Answer
     created: float
     age: float
+    # the completion as it was first sent, when the entry is a non-streamed answer's (a
+    # decoded copy of the hit's own: the caller may change it)
+    completion: dict[str, Any] | None = None
 
 
 def cache_control(header: str | None) -> tuple[bool, bool]:
@@ -133,13 +145,24 @@ def encode_answer(answer: Answer, created: float) -> bytes:
     ), option=orjson.OPT_APPEND_NEWLINE)[:-1]
 
 
-def decode_answer(data: bytes) -> tuple[Answer, float] | None:
+def encode_completion(completion: bytes, created: float) -> bytes:
+    """A non-streamed answer's entry: the header, then `completion` (the body sent). The
+    concatenation is a new object of its own length (see `encode_answer`)."""
+    return _COMPLETION_HEADER.pack(_COMPLETION_KIND, created) + completion
+
+
+def decode_answer(data: bytes) -> tuple[Answer, float, dict[str, Any] | None] | None:
+    """An entry of either kind: (the answer, when it was stored, the completion when the entry
+    is a non-streamed answer's); None for anything else (an entry left in Redis by an older
+    gateway, a value that does not decode)."""
+    if data[:1] == _COMPLETION_TAG:
+        return _decode_completion(data)
     try:
         raw = orjson.loads(data)
     except orjson.JSONDecodeError:
         return None
     if not isinstance(raw, list) or len(raw) != 8 or raw[0] != _VERSION:
-        return None  # not an entry of this version (e.g. left in Redis by an older gateway)
+        return None
     _, created, content, reasoning, tool_calls, finish_reason, usage, extensions = raw
     answer = Answer(
         content=list(content or []),
@@ -149,7 +172,24 @@ def decode_answer(data: bytes) -> tuple[Answer, float] | None:
         usage=usage,
         extensions=dict(extensions or {}),
     )
-    return answer, float(created or 0.0)
+    return answer, float(created or 0.0), None
+
+
+def _decode_completion(data: bytes) -> tuple[Answer, float, dict[str, Any]] | None:
+    header = _COMPLETION_HEADER.size
+    if len(data) <= header:
+        return None
+    _, created = _COMPLETION_HEADER.unpack_from(data)
+    try:
+        completion = orjson.loads(memoryview(data)[header:])
+    except orjson.JSONDecodeError:
+        return None
+    choices = completion.get("choices") if isinstance(completion, dict) else None
+    if not (isinstance(choices, list) and choices and isinstance(choices[0], dict)):
+        return None
+    answer = Answer()
+    answer.add_completion(completion)
+    return answer, created, completion
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,8 +319,8 @@ class ResponseCache:
         decoded = decode_answer(data)
         if decoded is None:
             return None
-        answer, created = decoded
-        return CachedAnswer(answer, created, max(0.0, time.time() - created))
+        answer, created, completion = decoded
+        return CachedAnswer(answer, created, max(0.0, time.time() - created), completion)
 
     async def acquire(self, decision: CacheDecision) -> CachedAnswer | None:
         """Lead (lock, return None) or wait for the leader's answer (returned). A leader that
@@ -305,7 +345,8 @@ class ResponseCache:
             self._failed("acquire", exc)
             return None
 
-    def put_now(self, decision: CacheDecision, answer: Answer) -> bool | None:
+    def put_now(self, decision: CacheDecision, answer: Answer, completion: bytes | None = None
+                ) -> bool | None:
         """`put` without a coroutine when the store is in-process; None: call `put`. Storing
         ends the request's lead: its waiters read the entry at once."""
         key = decision.key
@@ -316,18 +357,24 @@ class ResponseCache:
             return None
         leader = decision.leader
         decision.leader = False
-        data = encode_answer(answer, time.time())
+        created = time.time()
+        data = encode_answer(answer, created) if completion is None else \
+            encode_completion(completion, created)
         if not local.set_now(key, data, decision.ttl, unlock=leader):
             return False
         self.stored_bytes += len(data)
         return True
 
-    async def put(self, decision: CacheDecision, answer: Answer) -> bool:
-        """Store a complete, successful answer (never an errored or truncated one)."""
-        done = self.put_now(decision, answer)
+    async def put(self, decision: CacheDecision, answer: Answer,
+                  completion: bytes | None = None) -> bool:
+        """Store a complete, successful answer (never an errored or truncated one);
+        `completion`: the body sent for it when it was not streamed, stored as it is."""
+        done = self.put_now(decision, answer, completion)
         if done is not None:
             return done
-        data = encode_answer(answer, time.time())
+        created = time.time()
+        data = encode_answer(answer, created) if completion is None else \
+            encode_completion(completion, created)
         try:
             stored = await self.store.set(decision.key or "", data, decision.ttl)
         except GatewayError as exc:

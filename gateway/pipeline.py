@@ -74,6 +74,7 @@ class Admitter(Protocol):
 class CachedAnswer(Protocol):
     answer: Answer
     age: float
+    completion: dict[str, Any] | None  # as first sent, for an entry of a non-streamed answer
 
 
 class CacheDecision(Protocol):
@@ -91,9 +92,11 @@ class ResponseCache(Protocol):
 
     def lookup_now(self, decision: Any) -> tuple[Any, bool] | None: ...
 
-    async def put(self, decision: Any, answer: Answer) -> bool: ...
+    async def put(self, decision: Any, answer: Answer, completion: bytes | None = None
+                  ) -> bool: ...
 
-    def put_now(self, decision: Any, answer: Answer) -> bool | None: ...
+    def put_now(self, decision: Any, answer: Answer, completion: bytes | None = None
+                ) -> bool | None: ...
 
     async def release(self, decision: Any) -> None: ...
 
@@ -283,7 +286,12 @@ class Pipeline:
         ex.answer = hit.answer
         cid, created = _ids()
         if not ex.chat.stream:
-            completion = hit.answer.to_completion(cid, ex.route.model, created)
+            completion = hit.completion
+            if completion is None:
+                completion = hit.answer.to_completion(cid, ex.route.model, created)
+            else:  # as first sent, under this response's own id and time
+                completion["id"] = cid
+                completion["created"] = created
             return self._ok(ex, orjson.dumps(completion))
         chunks = hit.answer.replay_chunks(cid, ex.route.model, created,
                                           include_usage=ex.chat.include_usage, pieces=None)
@@ -315,9 +323,10 @@ class Pipeline:
             completion["usage"] = self._usage(ex)
         answer.usage = completion["usage"]
         ex.ttft = time.perf_counter() - ex.started
-        if not self._store_now(ex):
-            await self._store(ex)
-        return self._ok(ex, orjson.dumps(completion))
+        data = orjson.dumps(completion)
+        if not self._store_now(ex, data):
+            await self._store(ex, data)
+        return self._ok(ex, data)
 
     async def _relay(self, ex: Exchange, stream: ChunkStream) -> AsyncIterator[Piece]:
         """Re-emit upstream chunks as they arrive; one ``finally`` ends the exchange.
@@ -383,19 +392,19 @@ class Pipeline:
             completion += text_tokens(str((call.get("function") or {}).get("arguments") or ""))
         return usage_dict(ex.prompt_estimate, completion, estimated=True)
 
-    def _store_now(self, ex: Exchange) -> bool:
+    def _store_now(self, ex: Exchange, completion: bytes | None = None) -> bool:
         """Cache a finished answer without a coroutine where the store allows; False: the
-        caller awaits `_store`."""
+        caller awaits `_store`. `completion`: the body sent, for an answer not streamed."""
         decision = ex.decision
         if self.cache is None or decision is None or not decision.write:
             return True
         if ex.status != 200 or not ex.answer.finish_reason:
             return True
-        return self.cache.put_now(decision, ex.answer) is not None
+        return self.cache.put_now(decision, ex.answer, completion) is not None
 
-    async def _store(self, ex: Exchange) -> None:
+    async def _store(self, ex: Exchange, completion: bytes | None = None) -> None:
         assert self.cache is not None
-        await self.cache.put(ex.decision, ex.answer)
+        await self.cache.put(ex.decision, ex.answer, completion)
 
     # -- endings -----------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import pytest
 from structlog.testing import capture_logs
 
@@ -20,6 +21,7 @@ from gateway.cache import (
     canonical_body,
     decode_answer,
     encode_answer,
+    encode_completion,
     key_material,
 )
 from gateway.config import GatewayConfig
@@ -186,7 +188,8 @@ def test_answers_round_trip_with_their_chunk_boundaries() -> None:
                       extensions={"citations": [{"id": 1}]})
     decoded = decode_answer(encode_answer(original, 1000.0))
     assert decoded is not None
-    restored, created = decoded
+    restored, created, completion = decoded
+    assert completion is None
     assert created == 1000.0
     assert restored.content == original.content
     assert (restored.reasoning, restored.tool_calls, restored.finish_reason, restored.usage,
@@ -198,6 +201,29 @@ def test_answers_round_trip_with_their_chunk_boundaries() -> None:
 def test_entries_of_another_format_read_as_misses() -> None:
     old = b'{"v": 1, "created": 1.0, "content": ["hi"], "finish_reason": "stop"}'
     for data in (old, b"[1, 2]", b"not json", b'[3, 0, [], [], [], "stop", null, {}]'):
+        assert decode_answer(data) is None
+
+
+def test_completions_are_stored_as_sent_and_read_back_whole() -> None:
+    sent = {"id": "up-1", "object": "chat.completion", "created": 7, "model": "docs",
+            "system_fingerprint": "fp_1",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": "Hi", "citations": [1]}}],
+            "usage": {"total_tokens": 3}}
+    data = orjson.dumps(sent)
+    decoded = decode_answer(encode_completion(data, 1000.5))
+    assert decoded is not None
+    answer, created, completion = decoded
+    assert created == 1000.5 and completion == sent
+    assert (answer.content, answer.finish_reason, answer.usage, answer.extensions) == (
+        ["Hi"], "stop", {"total_tokens": 3}, {"citations": [1]})
+
+
+def test_broken_completion_entries_read_as_misses() -> None:
+    whole = encode_completion(b'{"choices": [{"message": {"content": "x"}}]}', 1.0)
+    assert decode_answer(whole) is not None
+    for data in (whole[:9], whole[:5], whole[:-1], encode_completion(b'{"choices": []}', 1.0),
+                 encode_completion(b'[1]', 1.0), encode_completion(b'{"choices": [2]}', 1.0)):
         assert decode_answer(data) is None
 
 

@@ -9,6 +9,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from gateway.cache import canonical_body
 from gateway.stores.cache import ENTRY_OVERHEAD
@@ -147,3 +151,40 @@ async def test_errors_are_never_cached(setup: tuple[str, Any]) -> None:
                 async for _ in stream:
                     pass
     assert upstream.state.calls == 4
+
+
+async def test_a_whole_hit_is_the_completion_first_sent_under_its_own_id() -> None:
+    """An upstream's own fields (here `system_fingerprint`, `service_tier` and a choice's
+    `logprobs`) come back on a hit, which has an id and time of its own."""
+    calls = 0
+
+    async def completions(request: Request) -> Response:
+        nonlocal calls
+        calls += 1
+        return JSONResponse({
+            "id": f"up-{calls}", "object": "chat.completion", "created": 1, "model": "m",
+            "system_fingerprint": "fp_42", "service_tier": "default",
+            "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                         "message": {"role": "assistant", "content": "Forty-two."}}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}})
+
+    upstream = Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])])
+    async with run_server(upstream) as url, \
+            serve_gateway(gateway_config(url, extra=CACHED)) as gateway:
+        async with async_client(gateway) as client:
+            first = await client.chat.completions.with_raw_response.create(
+                model="qa", messages=ask("the answer"))
+            second = await client.chat.completions.with_raw_response.create(
+                model="qa", messages=ask("the answer"))
+            stream = await client.chat.completions.create(
+                model="qa", messages=ask("the answer"), stream=True)
+            streamed = "".join([c.choices[0].delta.content or "" async for c in stream
+                                if c.choices])
+    assert [first.headers["x-gateway-cache"], second.headers["x-gateway-cache"]] == [
+        "miss", "hit"]
+    sent, hit = first.parse(), second.parse()
+    assert sent.id == "up-1" and hit.id != sent.id and hit.created > 1
+    assert hit.model_dump(exclude={"id", "created"}) == sent.model_dump(
+        exclude={"id", "created"})
+    assert hit.system_fingerprint == "fp_42" and hit.service_tier == "default"
+    assert streamed == "Forty-two." and calls == 1
