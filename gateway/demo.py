@@ -11,12 +11,14 @@ import hashlib
 from contextlib import AsyncExitStack
 from typing import Any
 
-from gateway.config import BackendConfig, GatewayConfig, ModelConfig, StaticKey
+from gateway.config import BackendConfig, CachePolicy, GatewayConfig, ModelConfig, StaticKey
 from gateway.testing.redis_server import free_port
 from gateway.testing.server import run_server
 
 DEMO_KEY = "gw-demo_sample-key-for-local-demo-only"
 DEMO_KBID = "demo-kb"
+# demo-nuclia's answers are cached, so that asking it twice shows `x-gateway-cache: hit`
+DEMO_CACHE = CachePolicy(enabled=True, ttl=300)
 
 
 def demo_config(config: GatewayConfig, inkeep_port: int, nuclia_port: int) -> GatewayConfig:
@@ -36,7 +38,8 @@ def demo_config(config: GatewayConfig, inkeep_port: int, nuclia_port: int) -> Ga
         backend="demo-inkeep-agents", upstream_model="agent",
         description="SAMPLE: local fake of Inkeep's agents API (no model/usage/[DONE])")
     models["demo-nuclia"] = ModelConfig(
-        backend="demo-nuclia", description="SAMPLE: local fake of a Nuclia Knowledge Box")
+        backend="demo-nuclia", cache=DEMO_CACHE,
+        description="SAMPLE: local fake of a Nuclia Knowledge Box (answers cached 5 min)")
     digest = hashlib.sha256(DEMO_KEY.encode()).hexdigest()
     keys = config.keys.model_copy(update={"static": [
         *config.keys.static,
@@ -62,7 +65,8 @@ def demo_app(config: GatewayConfig, host: str, port: int) -> tuple[Any, str]:
     banner = (
         f"gateway demo: SAMPLE upstreams on 127.0.0.1:{inkeep_port} (Inkeep) and "
         f"127.0.0.1:{nuclia_port} (Nuclia)\n"
-        f"  models: demo-inkeep-qa, demo-inkeep-agents, demo-nuclia (sample answers)\n"
+        f"  models: demo-inkeep-qa, demo-inkeep-agents, demo-nuclia (sample answers; "
+        f"demo-nuclia's are cached for {DEMO_CACHE.ttl:.0f} s)\n"
         f"  key:    {DEMO_KEY}\n"
         f"  try:    curl -N http://{host}:{port}/v1/chat/completions "
         f"-H 'Authorization: Bearer {DEMO_KEY}' -H 'Content-Type: application/json' "
