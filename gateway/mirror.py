@@ -73,7 +73,7 @@ def default_consumer() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-@dataclass
+@dataclass(slots=True)
 class _Held:
     item: OutboxItem
     record: ExchangeRecord | None  # None: undecodable data (dead-lettered)
@@ -237,8 +237,8 @@ class Mirror:
                 for conv, held in ready:
                     await self._failed(worker, conv, held, exc)
                 return
-            for conv, held in ready:
-                await self.outbox.ack(held.item)
+            await self.outbox.ack_many([held.item for _, held in ready])
+            for conv, _ in ready:
                 self._pop(worker, conv)
             self._count(name, "delivered", len(ready))
         except Exception:  # the outbox may be down: the records stay claimed, try later

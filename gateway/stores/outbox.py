@@ -28,9 +28,11 @@ from gateway.stores.redis_base import RedisNamespace, unavailable
 GROUP = "delivery"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OutboxItem:
-    """One record claimed for one sink. `attempts` counts failed deliveries so far."""
+    """One record claimed for one sink. `attempts` counts failed deliveries so far. Treated
+    as a value (`nack` returns a new one); not frozen, as a frozen dataclass is built field
+    by field through ``object.__setattr__`` (570 against 120 ns, one per record claimed)."""
 
     id: str
     sink: str
@@ -67,6 +69,10 @@ class Outbox(Protocol):
         """Delivered: forget the record for this sink."""
         ...
 
+    async def ack_many(self, items: list[OutboxItem]) -> None:
+        """`ack` for several records at once (a delivered batch): one write, one round trip."""
+        ...
+
     async def nack(self, item: OutboxItem, now: float | None = None) -> OutboxItem:
         """A failed attempt: returns the item with attempts + 1 and the first failure time
         recorded (durably, so another consumer continues the dead-letter clock). The item
@@ -97,6 +103,13 @@ class Outbox(Protocol):
 
     async def close(self) -> None:
         ...
+
+
+def _ids_by_sink(items: list[OutboxItem]) -> dict[str, list[str]]:
+    by_sink: dict[str, list[str]] = {}
+    for item in items:
+        by_sink.setdefault(item.sink, []).append(item.id)
+    return by_sink
 
 
 def _text(value: bytes | str) -> str:
@@ -190,12 +203,19 @@ class RedisOutbox:
         return items
 
     async def ack(self, item: OutboxItem) -> None:
-        stream = self._stream(item.sink)
+        await self.ack_many([item])
+
+    async def ack_many(self, items: list[OutboxItem]) -> None:
+        if not items:
+            return
         pipe = self.ns.client.pipeline(transaction=False)
-        pipe.xack(stream, GROUP, item.id)
-        pipe.xdel(stream, item.id)
-        if item.attempts:
-            pipe.hdel(self._failures(item.sink), item.id)
+        for sink, ids in _ids_by_sink(items).items():
+            stream = self._stream(sink)
+            pipe.xack(stream, GROUP, *ids)
+            pipe.xdel(stream, *ids)
+        failed = _ids_by_sink([item for item in items if item.attempts])
+        for sink, ids in failed.items():
+            pipe.hdel(self._failures(sink), *ids)
         try:
             await pipe.execute()
         except redis.exceptions.RedisError as exc:
@@ -212,13 +232,10 @@ class RedisOutbox:
         return failed
 
     async def touch(self, items: list[OutboxItem], consumer: str) -> None:
-        by_sink: dict[str, list[Any]] = {}
-        for item in items:
-            by_sink.setdefault(item.sink, []).append(item.id)
-        if not by_sink:
+        if not items:
             return
         pipe = self.ns.client.pipeline(transaction=False)
-        for sink, ids in by_sink.items():
+        for sink, ids in _ids_by_sink(items).items():
             pipe.xclaim(self._stream(sink), GROUP, consumer, 0, ids, justid=True)
         try:
             await pipe.execute()

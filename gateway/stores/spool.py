@@ -3,13 +3,15 @@
 File format (``<spool_dir>/outbox-<n>.log``): one JSON object per line, applied in order on
 open to rebuild the queues:
 
-    {"op":"put","id":7,"key":"<idempotency key>","sinks":["a","b"],"data":"<record JSON>"}
+    {"op":"put","id":7,"key":"<idempotency key>","sinks":["a","b"],"data":{<the record>}}
     {"op":"ack","id":7,"sink":"a"}
     {"op":"fail","id":7,"sink":"b","attempts":3,"first":1763860000.5}
     {"op":"dead","id":7,"sink":"b","reason":"...","time":1763863600.0}
     {"op":"replay","id":7,"sink":"b"}
 
-A record is gone once every sink acked it. When the file has grown past ``compact_bytes`` and
+A record's JSON is embedded as it is (``orjson.Fragment``: not re-encoded as an escaped string,
+which cost a decode and an escaping pass per record); data that is not a JSON object, and the
+lines of older files, hold it as a string. A record is gone once every sink acked it. When the file has grown past ``compact_bytes`` and
 most of its records are gone it is rewritten (temp file + rename) with only the live ones.
 A torn last line (a crash mid-write) is ignored. Each process takes the first file it can
 lock (``flock``), so several workers never share a file and a restarted one adopts the
@@ -38,9 +40,22 @@ from gateway.stores.outbox import DeadLetter, OutboxItem
 # Batches up to this many lines are appended on the event loop (one write() into the page
 # cache, no fsync: tens of µs); larger ones, reads and compaction go to a thread.
 INLINE_LINES = 256
+_LINE = orjson.OPT_APPEND_NEWLINE
+_ACK = b'{"op":"ack","id":%d,"sink":%b}\n'
 
 
-@dataclass
+def _put_line(rid: int, key: str, sinks: list[str], data: bytes) -> bytes:
+    value = orjson.Fragment(data) if data[:1] == b"{" else data.decode()
+    return orjson.dumps({"op": "put", "id": rid, "key": key, "sinks": sinks, "data": value},
+                        option=_LINE)
+
+
+def _put_data(value: Any) -> bytes:
+    """A put line's record, as the bytes that were put (a string: an older file's line)."""
+    return value.encode() if isinstance(value, str) else orjson.dumps(value)
+
+
+@dataclass(slots=True)
 class _Entry:
     id: int
     key: str
@@ -81,6 +96,7 @@ class SpoolOutbox:
                  compact_bytes: int = 4 * 1024 * 1024, path: Path | None = None,
                  readonly: bool = False) -> None:
         self.sinks = tuple(sinks)
+        self._sink_json = {sink: orjson.dumps(sink) for sink in sinks}
         self.max_resident = max_resident
         self.compact_bytes = compact_bytes
         self.readonly = readonly
@@ -135,7 +151,7 @@ class SpoolOutbox:
         kind, rid = op["op"], int(op["id"])
         if kind == "put":
             sinks = [s for s in op["sinks"] if s in self._pending]
-            data = op["data"].encode()
+            data = _put_data(op["data"])
             resident = self._resident < self.max_resident
             entry = _Entry(rid, op["key"], data if resident else None, offset, length,
                            set(sinks))
@@ -176,7 +192,7 @@ class SpoolOutbox:
                 self._resident -= 1
 
     def _log(self, op: dict[str, Any], entry: _Entry | None = None) -> None:
-        self._buffer.append((orjson.dumps(op) + b"\n", entry))
+        self._buffer.append((orjson.dumps(op, option=_LINE), entry))
 
     def _write(self, batch: list[tuple[bytes, _Entry | None]]) -> None:
         """(thread) Append a batch with one write, then note where each put landed."""
@@ -219,8 +235,7 @@ class SpoolOutbox:
 
     def _read_data(self, entry: _Entry) -> bytes:
         line = os.pread(self._fd, entry.length, entry.offset)
-        data: str = orjson.loads(line)["data"]
-        return data.encode()
+        return _put_data(orjson.loads(line)["data"])
 
     def _snapshot(self) -> list[tuple[_Entry, list[bytes]]]:
         """(event loop) The live records already in the file, with their fail/dead lines."""
@@ -233,12 +248,13 @@ class SpoolOutbox:
                 fail = self._failures.get((sink, entry.id))
                 if fail:
                     extra.append(orjson.dumps({"op": "fail", "id": entry.id, "sink": sink,
-                                               "attempts": fail[0], "first": fail[1]}) + b"\n")
+                                               "attempts": fail[0], "first": fail[1]},
+                                              option=_LINE))
                 dead = self._dead.get((sink, entry.id))
                 if dead:
                     extra.append(orjson.dumps({"op": "dead", "id": entry.id, "sink": sink,
-                                               "reason": dead.reason, "time": dead.time})
-                                 + b"\n")
+                                               "reason": dead.reason, "time": dead.time},
+                                              option=_LINE))
             snap.append((entry, extra))
         return snap
 
@@ -248,9 +264,7 @@ class SpoolOutbox:
         lines: list[tuple[bytes, _Entry | None]] = []
         for (entry, extra), live in zip(snap, sinks, strict=True):
             data = entry.data if entry.data is not None else self._read_data(entry)
-            put = {"op": "put", "id": entry.id, "key": entry.key, "sinks": live,
-                   "data": data.decode()}
-            lines.append((orjson.dumps(put) + b"\n", entry))
+            lines.append((_put_line(entry.id, entry.key, live, data), entry))
             lines.extend((line, None) for line in extra)
         with open(tmp, "wb") as out:
             out.write(b"".join(line for line, _ in lines))
@@ -276,6 +290,7 @@ class SpoolOutbox:
         """Queue records in memory and buffer their put lines; `flush()` makes them durable."""
         if not self.sinks:
             return
+        sinks = list(self.sinks)
         for data, key in entries:
             data = memoryview(data).tobytes()  # right-sized (see MemoryCacheStore.set)
             rid, self._next_id = self._next_id, self._next_id + 1
@@ -284,8 +299,7 @@ class SpoolOutbox:
             self._resident += 1
             for sink in self.sinks:
                 self._pending[sink][rid] = None
-            self._log({"op": "put", "id": rid, "key": key, "sinks": list(self.sinks),
-                       "data": data.decode()}, entry)
+            self._buffer.append((_put_line(rid, key, sinks, data), entry))
 
     async def claim(self, sink: str, n: int, consumer: str,
                     block_ms: int | None = None) -> list[OutboxItem]:
@@ -307,11 +321,15 @@ class SpoolOutbox:
         return items
 
     async def ack(self, item: OutboxItem) -> None:
-        rid = int(item.id)
-        self._claimed[item.sink].discard(rid)
-        if self._pending[item.sink].pop(rid, 1) is None:
-            self._forget(item.sink, rid)
-            self._log({"op": "ack", "id": rid, "sink": item.sink})
+        await self.ack_many([item])
+
+    async def ack_many(self, items: list[OutboxItem]) -> None:
+        for item in items:
+            rid = int(item.id)
+            self._claimed[item.sink].discard(rid)
+            if self._pending[item.sink].pop(rid, 1) is None:
+                self._forget(item.sink, rid)
+                self._buffer.append((_ACK % (rid, self._sink_json[item.sink]), None))
 
     async def nack(self, item: OutboxItem, now: float | None = None) -> OutboxItem:
         first = item.first_failure or (time.time() if now is None else now)
