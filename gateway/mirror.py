@@ -143,13 +143,17 @@ class Mirror:
             return
         try:
             key = idempotency_key(record)
-            self._accepted.append((orjson.dumps(record), key))
+            accepted = self._accepted
+            # right-sized by the slice: orjson's output keeps its whole ~4 KB working buffer
+            # (see `gateway.cache.encode_answer`), and the in-process outbox holds the data
+            accepted.append((orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)[:-1], key))
             self._local[key] = [record, len(self.sinks)]
             if len(self._local) > LOCAL_RECORDS:
                 del self._local[next(iter(self._local))]
-            if len(self._accepted) == self.max_queue:
-                log.warning("outbox_backlog", accepted=len(self._accepted))
-            self._put_wake.set()
+            if len(accepted) == 1:  # the writer clears the event when it takes the list
+                self._put_wake.set()
+            elif len(accepted) == self.max_queue:
+                log.warning("outbox_backlog", accepted=len(accepted))
         except Exception:  # an observer must never raise into the pipeline
             log.exception("mirror_accept_failed", request_id=record.request_id)
 

@@ -44,10 +44,14 @@ _LINE = orjson.OPT_APPEND_NEWLINE
 _ACK = b'{"op":"ack","id":%d,"sink":%b}\n'
 
 
-def _put_line(rid: int, key: str, sinks: list[str], data: bytes) -> bytes:
-    value = orjson.Fragment(data) if data[:1] == b"{" else data.decode()
-    return orjson.dumps({"op": "put", "id": rid, "key": key, "sinks": sinks, "data": value},
-                        option=_LINE)
+_PUT = b'{"op":"put","id":%d,"key":%b,"sinks":%b,"data":%b}\n'
+
+
+def _put_line(rid: int, key: str, sinks: bytes, data: bytes) -> bytes:
+    """`sinks`: their JSON array. Formatted rather than built as a dict for orjson: 0.6 µs
+    against 1.4 µs per record."""
+    value = data if data[:1] == b"{" else orjson.dumps(data.decode())
+    return _PUT % (rid, orjson.dumps(key), sinks, value)
 
 
 def _put_data(value: Any) -> bytes:
@@ -264,7 +268,7 @@ class SpoolOutbox:
         lines: list[tuple[bytes, _Entry | None]] = []
         for (entry, extra), live in zip(snap, sinks, strict=True):
             data = entry.data if entry.data is not None else self._read_data(entry)
-            lines.append((_put_line(entry.id, entry.key, live, data), entry))
+            lines.append((_put_line(entry.id, entry.key, orjson.dumps(live), data), entry))
             lines.extend((line, None) for line in extra)
         with open(tmp, "wb") as out:
             out.write(b"".join(line for line, _ in lines))
@@ -290,11 +294,10 @@ class SpoolOutbox:
         """Queue records in memory and buffer their put lines; `flush()` makes them durable."""
         if not self.sinks:
             return
-        sinks = list(self.sinks)
-        for data, key in entries:
-            data = memoryview(data).tobytes()  # right-sized (see MemoryCacheStore.set)
+        sinks = orjson.dumps(self.sinks)
+        for data, key in entries:  # `data` is held as it is: the mirror's is right-sized
             rid, self._next_id = self._next_id, self._next_id + 1
-            entry = _Entry(rid, key, data, live=set(self.sinks))
+            entry = _Entry(rid, key, data, -1, 0, set(self.sinks))
             self._entries[rid] = entry
             self._resident += 1
             for sink in self.sinks:
