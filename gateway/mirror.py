@@ -200,19 +200,24 @@ class Mirror:
         if room <= 0:
             return
         items = await self.outbox.claim(worker.sink.name, room, self.consumer)
+        ids, convs, local = worker.ids, worker.convs, self._local
         for item in items:
-            if item.id in worker.ids:
+            if item.id in ids:
                 continue
             record: ExchangeRecord | None
             try:
-                local = self._local.get(item.key)
-                record = (local[0] if local is not None
+                mine = local.get(item.key)
+                record = (mine[0] if mine is not None
                           else ExchangeRecord.from_dict(orjson.loads(item.data)))
                 conv = record.conversation_id or record.request_id
             except (orjson.JSONDecodeError, TypeError, ValueError):
                 record, conv = None, f"bad-{item.id}"
-            worker.ids.add(item.id)
-            worker.convs.setdefault(conv, deque()).append(_Held(item, record))
+            ids.add(item.id)
+            queue = convs.get(conv)
+            if queue is None:
+                convs[conv] = deque((_Held(item, record),))
+            else:
+                queue.append(_Held(item, record))
 
     async def _deliver(self, worker: _SinkWorker, group: list[tuple[str, _Held]]) -> None:
         """Deliver the heads of some conversations: one record, or one batch (a batch
@@ -242,16 +247,14 @@ class Mirror:
                     await self._failed(worker, conv, held, exc)
                 return
             await self.outbox.ack_many([held.item for _, held in ready])
-            for conv, _ in ready:
-                self._pop(worker, conv)
+            self._pop(worker, [conv for conv, _ in ready])
             self._count(name, "delivered", len(ready))
         except Exception:  # the outbox may be down: the records stay claimed, try later
             log.warning("sink_delivery_failed", sink=name, exc_info=True)
             for _, held in group:
                 held.due = time.monotonic() + 1.0
         finally:
-            for conv, _ in group:
-                worker.busy.discard(conv)
+            worker.busy.difference_update([conv for conv, _ in group])
             worker.inflight -= 1
             worker.wake.set()
 
@@ -278,19 +281,22 @@ class Mirror:
         self._count(worker.sink.name, "dead_lettered")
         log.warning("sink_dead_letter", sink=worker.sink.name, reason=reason,
                     attempts=held.item.attempts)
-        self._pop(worker, conv)
+        self._pop(worker, [conv])
 
-    def _pop(self, worker: _SinkWorker, conv: str) -> None:
-        queue = worker.convs[conv]
-        item = queue.popleft().item
-        worker.ids.discard(item.id)
-        local = self._local.get(item.key)
-        if local is not None:
-            local[1] -= 1
-            if local[1] <= 0:
-                del self._local[item.key]
-        if not queue:
-            del worker.convs[conv]
+    def _pop(self, worker: _SinkWorker, done: list[str]) -> None:
+        """Drop the heads of these conversations: their records are done with for the sink."""
+        convs, ids, local = worker.convs, worker.ids, self._local
+        for conv in done:
+            queue = convs[conv]
+            item = queue.popleft().item
+            ids.discard(item.id)
+            mine = local.get(item.key)
+            if mine is not None:
+                mine[1] -= 1
+                if mine[1] <= 0:
+                    del local[item.key]
+            if not queue:
+                del convs[conv]
 
     async def _work(self, worker: _SinkWorker) -> None:
         tasks: set[asyncio.Task[None]] = set()

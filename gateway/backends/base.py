@@ -24,8 +24,11 @@ class Route:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UpstreamCall:
+    """One per request, read by the backend and never changed (not frozen: a frozen
+    dataclass's ``__init__`` cost 9.6k instructions here against 3.3k)."""
+
     request_id: str
     route: Route
     chat: ChatRequest

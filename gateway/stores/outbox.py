@@ -105,8 +105,8 @@ class Outbox(Protocol):
         ...
 
 
-def _ids_by_sink(items: list[OutboxItem]) -> dict[str, list[str]]:
-    by_sink: dict[str, list[str]] = {}
+def _ids_by_sink(items: list[OutboxItem]) -> dict[str, list[Any]]:
+    by_sink: dict[str, list[Any]] = {}
     for item in items:
         by_sink.setdefault(item.sink, []).append(item.id)
     return by_sink

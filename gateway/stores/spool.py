@@ -9,10 +9,11 @@ open to rebuild the queues:
     {"op":"dead","id":7,"sink":"b","reason":"...","time":1763863600.0}
     {"op":"replay","id":7,"sink":"b"}
 
-A record's JSON is embedded as it is (``orjson.Fragment``: not re-encoded as an escaped string,
-which cost a decode and an escaping pass per record); data that is not a JSON object, and the
-lines of older files, hold it as a string. A record is gone once every sink acked it. When the file has grown past ``compact_bytes`` and
-most of its records are gone it is rewritten (temp file + rename) with only the live ones.
+A record's JSON is written into its put line as it is, not re-encoded as an escaped string
+(which cost a decode and an escaping pass per record); data that is not a JSON object, and the
+lines of older files, hold it as a string. A record is gone once every sink acked it. When the
+file has grown past ``compact_bytes`` and most of its records are gone it is rewritten (temp
+file + rename) with only the live ones.
 A torn last line (a crash mid-write) is ignored. Each process takes the first file it can
 lock (``flock``), so several workers never share a file and a restarted one adopts the
 records its predecessor left. Appends are buffered; `flush()` (and `close()`) write them with
@@ -29,6 +30,7 @@ import fcntl
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,7 +175,7 @@ class SpoolOutbox:
             return
         if kind == "ack":
             self._pending[sink].pop(rid, None)
-            self._forget(sink, rid)
+            self._forget(sink, (rid,))
         elif kind == "fail":
             self._failures[(sink, rid)] = (int(op["attempts"]), float(op["first"]))
         elif kind == "dead":
@@ -184,16 +186,20 @@ class SpoolOutbox:
             if self._dead.pop((sink, rid), None) is not None:
                 self._pending[sink][rid] = None
 
-    def _forget(self, sink: str, rid: int) -> None:
-        self._failures.pop((sink, rid), None)
-        entry = self._entries.get(rid)
-        if entry is None:
-            return
-        entry.live.discard(sink)
-        if not entry.live:
-            del self._entries[rid]
-            if entry.data is not None:
-                self._resident -= 1
+    def _forget(self, sink: str, rids: Iterable[int]) -> None:
+        """`sink` is done with these records: each is gone once no sink owes it anything."""
+        entries, failures = self._entries, self._failures
+        for rid in rids:
+            if failures:
+                failures.pop((sink, rid), None)
+            entry = entries.get(rid)
+            if entry is None:
+                continue
+            entry.live.discard(sink)
+            if not entry.live:
+                del entries[rid]
+                if entry.data is not None:
+                    self._resident -= 1
 
     def _log(self, op: dict[str, Any], entry: _Entry | None = None) -> None:
         self._buffer.append((orjson.dumps(op, option=_LINE), entry))
@@ -307,18 +313,19 @@ class SpoolOutbox:
     async def claim(self, sink: str, n: int, consumer: str,
                     block_ms: int | None = None) -> list[OutboxItem]:
         pending, claimed = self._pending[sink], self._claimed[sink]
+        entries, failures = self._entries, self._failures
         items: list[OutboxItem] = []
         for rid in pending:
             if len(items) >= n:
                 break
             if rid in claimed:
                 continue
-            entry = self._entries[rid]
+            entry = entries[rid]
             data = entry.data
             if data is None:
                 async with self._io:
                     data = await asyncio.to_thread(self._read_data, entry)
-            attempts, first = self._failures.get((sink, rid), (0, None))
+            attempts, first = failures.get((sink, rid), (0, None)) if failures else (0, None)
             items.append(OutboxItem(str(rid), sink, entry.key, data, attempts, first))
             claimed.add(rid)
         return items
@@ -327,12 +334,15 @@ class SpoolOutbox:
         await self.ack_many([item])
 
     async def ack_many(self, items: list[OutboxItem]) -> None:
+        by_sink: dict[str, list[int]] = {}
         for item in items:
-            rid = int(item.id)
-            self._claimed[item.sink].discard(rid)
-            if self._pending[item.sink].pop(rid, 1) is None:
-                self._forget(item.sink, rid)
-                self._buffer.append((_ACK % (rid, self._sink_json[item.sink]), None))
+            by_sink.setdefault(item.sink, []).append(int(item.id))
+        for sink, rids in by_sink.items():
+            claimed, pending, name = self._claimed[sink], self._pending[sink], self._sink_json[sink]
+            acked = [rid for rid in rids if pending.pop(rid, 1) is None]
+            claimed.difference_update(rids)
+            self._forget(sink, acked)
+            self._buffer.extend([(_ACK % (rid, name), None) for rid in acked])
 
     async def nack(self, item: OutboxItem, now: float | None = None) -> OutboxItem:
         first = item.first_failure or (time.time() if now is None else now)
