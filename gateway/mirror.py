@@ -5,7 +5,8 @@ writer task moves that list into the outbox (spool append, or one pipelined XADD
 once per ``write_interval`` (10 ms) so that a loaded gateway writes batches rather than one
 record per event-loop turn. One delivery worker per sink claims records from the outbox and
 delivers them, at most one at a time per conversation (turn 2 never overtakes turn 1); a sink
-with ``batch`` > 1 gets the heads of up to that many conversations in one call. Failures
+with ``batch`` > 1 gets the heads of up to that many conversations in one call (one batch
+that is not full in flight at a time, so that under load the POSTs fill up). Failures
 (429, 5xx, timeouts) are retried with exponential backoff and full jitter; a record that has
 kept failing for ``dead_letter_after`` seconds (or that a sink refused outright) is
 dead-lettered. `stop()` moves every accepted record into the outbox, delivers what it can
@@ -86,6 +87,7 @@ class _SinkWorker:
     convs: dict[str, deque[_Held]] = field(default_factory=dict)
     busy: set[str] = field(default_factory=set)
     inflight: int = 0  # delivery tasks running (each one record or one batch)
+    partial: bool = False  # one of them is a batch smaller than the sink's
     ids: set[str] = field(default_factory=set)
     task: asyncio.Task[None] | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -219,7 +221,8 @@ class Mirror:
             else:
                 queue.append(_Held(item, record))
 
-    async def _deliver(self, worker: _SinkWorker, group: list[tuple[str, _Held]]) -> None:
+    async def _deliver(self, worker: _SinkWorker, group: list[tuple[str, _Held]],
+                       partial: bool = False) -> None:
         """Deliver the heads of some conversations: one record, or one batch (a batch
         succeeds or fails as a whole; each of its records is then retried on its own
         schedule, so later turns of a conversation still wait for earlier ones)."""
@@ -256,6 +259,7 @@ class Mirror:
         finally:
             worker.busy.difference_update([conv for conv, _ in group])
             worker.inflight -= 1
+            worker.partial = worker.partial and not partial
             worker.wake.set()
 
     async def _failed(self, worker: _SinkWorker, conv: str, held: _Held,
@@ -336,8 +340,14 @@ class Mirror:
                     if len(group) >= size:
                         self._start(tasks, worker, group)
                         group = []
-                if group:
-                    self._start(tasks, worker, group)
+                if group and not worker.partial:
+                    self._start(tasks, worker, group, partial=True)
+                elif group:
+                    # A batch that is not full waits while another one is in flight (which
+                    # wakes this loop when it ends): under load the records that arrive
+                    # meanwhile go with it, in fewer and fuller POSTs; alone, a record goes at
+                    # once. Full batches never wait.
+                    worker.busy.difference_update([conv for conv, _ in group])
                 await wait_event(worker.wake, max(0.0, next_due - now))
         finally:
             for task in tasks:
@@ -346,9 +356,10 @@ class Mirror:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
     def _start(self, tasks: set[asyncio.Task[None]], worker: _SinkWorker,
-               group: list[tuple[str, _Held]]) -> None:
+               group: list[tuple[str, _Held]], partial: bool = False) -> None:
         worker.inflight += 1
-        task = asyncio.create_task(self._deliver(worker, group))
+        worker.partial = worker.partial or partial
+        task = asyncio.create_task(self._deliver(worker, group, partial))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
@@ -404,6 +415,7 @@ class Mirror:
             worker.ids.clear()
             worker.busy.clear()
             worker.inflight = 0
+            worker.partial = False
         with contextlib.suppress(Exception):
             await self.outbox.release(held)
         left = {}

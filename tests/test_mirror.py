@@ -115,6 +115,33 @@ async def test_batched_webhook_delivers_each_record_once_in_order_through_faults
     check_exactly_once_in_order(state, records, "/hook")
 
 
+async def test_batches_fill_up_while_one_is_in_flight(
+        analytics: tuple[str, AnalyticsState], tmp_path: Path) -> None:
+    """A lone record goes at once; the records that arrive while its POST is in flight go
+    together in the next one, not one POST per outbox write."""
+    url, state = analytics
+    state.delay = 0.4
+    config = make_config(tmp_path, url, webhook=True, batch=8)
+    config = config.model_copy(update={"analytics": config.analytics.model_copy(
+        update={"sinks": config.analytics.sinks[1:]})})  # the webhook alone
+    mirror = build(config)
+    await mirror.start()
+    records = [record(request_id=f"c{i}-t0", conversation_id=f"conv-{i}") for i in range(8)]
+    try:
+        started = time.monotonic()
+        mirror.exchange_finished(records[0])
+        for rec in records[1:]:  # one outbox write each (the writer's interval is 10 ms)
+            await asyncio.sleep(0.03)
+            mirror.exchange_finished(rec)
+        await until(lambda: len(state.by_key("/hook")) >= len(records))
+        elapsed = time.monotonic() - started
+    finally:
+        await mirror.stop()
+    assert state.batches == [1, 7]
+    assert elapsed < 1.2  # two POSTs one after the other, not eight
+    check_exactly_once_in_order(state, records, "/hook")
+
+
 async def test_deliveries_do_not_stall_between_rounds(
         analytics: tuple[str, AnalyticsState], tmp_path: Path) -> None:
     """More records than the delivery concurrency: each finished delivery starts the next at

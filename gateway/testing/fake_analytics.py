@@ -70,6 +70,7 @@ class AnalyticsState:
     abandoned: int = 0  # of those, the ones whose client had gone away by then
     conversations: dict[str, dict[str, Any]] = field(default_factory=dict)
     batches: list[int] = field(default_factory=list)  # sizes of the webhook batches received
+    delay: float = 0.0  # seconds every answer takes (a slow sink that still succeeds)
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def by_key(self, path: str | None = None) -> dict[str, list[Received]]:
@@ -94,6 +95,8 @@ def create_fake_analytics_app(api_key: str | None = None, *,
     st = state or AnalyticsState(api_key=api_key)
 
     async def gate(request: Request, *, auth: bool) -> Response | None:
+        if st.delay:
+            await asyncio.sleep(st.delay)
         if st.faults.take(request.url.path):
             if st.faults.hang:
                 st.hung += 1
