@@ -98,6 +98,17 @@ async def test_nack_counts_attempts_and_keeps_the_first_failure(make: Make) -> N
     assert (await box.depth())["ink"] == 0
 
 
+async def test_released_records_come_back_first_in_their_order(make: Make) -> None:
+    box = await make()
+    await box.put_many(recs(6))
+    first = await box.claim("ink", 4, "c1")
+    await box.ack(first[1])
+    await box.release([first[3], first[0], first[2]])
+    await asyncio.sleep(IDLE * 2)  # Redis: a released record is taken once idle
+    again = await box.claim("ink", 10, "c2")
+    assert [i.key for i in again] == ["key-0", "key-2", "key-3", "key-4", "key-5"]
+
+
 async def test_dead_letters_list_and_replay(make: Make) -> None:
     box = await make()
     await box.put_many(recs(3))
@@ -185,6 +196,17 @@ async def test_spool_spills_data_beyond_max_resident_and_reads_it_back(tmp_path:
     await box.put_many(recs(5))
     items = await box.claim("ink", 5, "c")
     assert [i.data for i in items] == [b'{"n":%d}' % i for i in range(5)]
+    await box.close()
+
+
+async def test_spool_takes_an_ack_of_a_record_never_claimed(tmp_path: Path) -> None:
+    box = SpoolOutbox(tmp_path, ["ink"])
+    await box.put_many(recs(3))
+    [one, _, _] = await box.claim("ink", 3, "c")
+    await box.release([one])
+    await box.ack(one)  # acked while back in line: it must not be handed out again
+    assert [i.key for i in await box.claim("ink", 3, "c")] == []
+    assert (await box.depth())["ink"] == 2
     await box.close()
 
 

@@ -122,6 +122,9 @@ class SpoolOutbox:
         self._entries: dict[int, _Entry] = {}
         self._pending: dict[str, OrderedDict[int, None]] = {s: OrderedDict() for s in sinks}
         self._claimed: dict[str, set[int]] = {s: set() for s in sinks}
+        # the pending records not claimed, in order: a claim takes from the front instead of
+        # stepping over the claimed ones at the head of `_pending` on every call
+        self._unclaimed: dict[str, OrderedDict[int, None]] = {s: OrderedDict() for s in sinks}
         self._failures: dict[tuple[str, int], tuple[int, float]] = {}
         self._dead: dict[tuple[str, int], _Dead] = {}
         self._next_id = 1
@@ -166,6 +169,7 @@ class SpoolOutbox:
                 self._entries[rid] = entry
                 for sink in sinks:
                     self._pending[sink][rid] = None
+                    self._unclaimed[sink][rid] = None
             else:
                 self._resident -= resident
             self._next_id = max(self._next_id, rid + 1)
@@ -175,16 +179,19 @@ class SpoolOutbox:
             return
         if kind == "ack":
             self._pending[sink].pop(rid, None)
+            self._unclaimed[sink].pop(rid, None)
             self._forget(sink, (rid,))
         elif kind == "fail":
             self._failures[(sink, rid)] = (int(op["attempts"]), float(op["first"]))
         elif kind == "dead":
             self._pending[sink].pop(rid, None)
+            self._unclaimed[sink].pop(rid, None)
             self._dead[(sink, rid)] = _Dead(op["reason"], float(op["time"]),
                                             self._failures.pop((sink, rid), (0, 0.0))[0])
         elif kind == "replay":
             if self._dead.pop((sink, rid), None) is not None:
                 self._pending[sink][rid] = None
+                self._unclaimed[sink][rid] = None
 
     def _forget(self, sink: str, rids: Iterable[int]) -> None:
         """`sink` is done with these records: each is gone once no sink owes it anything."""
@@ -308,23 +315,26 @@ class SpoolOutbox:
             self._resident += 1
             for sink in self.sinks:
                 self._pending[sink][rid] = None
+                self._unclaimed[sink][rid] = None
             self._buffer.append((_put_line(rid, key, sinks, data), entry))
 
     async def claim(self, sink: str, n: int, consumer: str,
                     block_ms: int | None = None) -> list[OutboxItem]:
-        pending, claimed = self._pending[sink], self._claimed[sink]
+        unclaimed, claimed = self._unclaimed[sink], self._claimed[sink]
         entries, failures = self._entries, self._failures
         items: list[OutboxItem] = []
-        for rid in pending:
-            if len(items) >= n:
-                break
-            if rid in claimed:
-                continue
+        while unclaimed and len(items) < n:
+            rid, _ = unclaimed.popitem(False)
             entry = entries[rid]
             data = entry.data
             if data is None:
-                async with self._io:
-                    data = await asyncio.to_thread(self._read_data, entry)
+                try:
+                    async with self._io:
+                        data = await asyncio.to_thread(self._read_data, entry)
+                except BaseException:
+                    unclaimed[rid] = None  # still first in line
+                    unclaimed.move_to_end(rid, False)
+                    raise
             attempts, first = failures.get((sink, rid), (0, None)) if failures else (0, None)
             items.append(OutboxItem(str(rid), sink, entry.key, data, attempts, first))
             claimed.add(rid)
@@ -341,6 +351,10 @@ class SpoolOutbox:
             claimed, pending, name = self._claimed[sink], self._pending[sink], self._sink_json[sink]
             acked = [rid for rid in rids if pending.pop(rid, 1) is None]
             claimed.difference_update(rids)
+            # pending is claimed + unclaimed, unless some of these were acked unclaimed
+            if len(claimed) + len(self._unclaimed[sink]) != len(pending):
+                for rid in acked:
+                    self._unclaimed[sink].pop(rid, None)
             self._forget(sink, acked)
             self._buffer.extend([(_ACK % (rid, name), None) for rid in acked])
 
@@ -358,10 +372,15 @@ class SpoolOutbox:
     async def release(self, items: list[OutboxItem]) -> None:
         for item in items:
             self._claimed[item.sink].discard(int(item.id))
+        for sink in {item.sink for item in items}:  # back in line, in their order
+            claimed = self._claimed[sink]
+            self._unclaimed[sink] = OrderedDict(
+                (rid, None) for rid in self._pending[sink] if rid not in claimed)
 
     async def dead_letter(self, item: OutboxItem, reason: str) -> None:
         rid = int(item.id)
         self._claimed[item.sink].discard(rid)
+        self._unclaimed[item.sink].pop(rid, None)
         if self._pending[item.sink].pop(rid, 1) is None:
             self._failures.pop((item.sink, rid), None)
             self._dead[(item.sink, rid)] = _Dead(reason, time.time(), item.attempts)
@@ -388,6 +407,7 @@ class SpoolOutbox:
                 continue
             del self._dead[(sink, rid)]
             self._pending[sink][rid] = None
+            self._unclaimed[sink][rid] = None
             self._log({"op": "replay", "id": rid, "sink": sink})
             count += 1
         await self.flush()
