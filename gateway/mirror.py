@@ -22,7 +22,6 @@ import random
 import secrets
 import socket
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -84,7 +83,9 @@ class _Held:
 @dataclass
 class _SinkWorker:
     sink: Sink
-    convs: dict[str, deque[_Held]] = field(default_factory=dict)
+    # a conversation's held records, oldest first: a list, as it seldom holds more than one
+    # (a deque cost 2.4k instructions to make against 0.2k)
+    convs: dict[str, list[_Held]] = field(default_factory=dict)
     busy: set[str] = field(default_factory=set)
     inflight: int = 0  # delivery tasks running (each one record or one batch)
     partial: bool = False  # one of them is a batch smaller than the sink's
@@ -217,7 +218,7 @@ class Mirror:
             ids.add(item.id)
             queue = convs.get(conv)
             if queue is None:
-                convs[conv] = deque((_Held(item, record),))
+                convs[conv] = [_Held(item, record)]
             else:
                 queue.append(_Held(item, record))
 
@@ -292,7 +293,7 @@ class Mirror:
         convs, ids, local = worker.convs, worker.ids, self._local
         for conv in done:
             queue = convs[conv]
-            item = queue.popleft().item
+            item = queue.pop(0).item
             ids.discard(item.id)
             mine = local.get(item.key)
             if mine is not None:
