@@ -57,7 +57,8 @@ class Outbox(Protocol):
     sinks: tuple[str, ...]
 
     async def put_many(self, entries: list[tuple[bytes, str]]) -> None:
-        """Add records (data, idempotency key) for every sink; durable when this returns."""
+        """Add records (data: the record's JSON; idempotency key) for every sink; durable when
+        this returns."""
         ...
 
     async def claim(self, sink: str, n: int, consumer: str) -> list[OutboxItem]:

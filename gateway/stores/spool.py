@@ -43,15 +43,13 @@ from gateway.stores.outbox import DeadLetter, OutboxItem
 # cache, no fsync: tens of µs); larger ones, reads and compaction go to a thread.
 INLINE_LINES = 256
 _LINE = orjson.OPT_APPEND_NEWLINE
+_PUT = b'{"op":"put","id":%d,"key":%b,"sinks":%b,"data":%b}\n'
 _ACK = b'{"op":"ack","id":%d,"sink":%b}\n'
 
 
-_PUT = b'{"op":"put","id":%d,"key":%b,"sinks":%b,"data":%b}\n'
-
-
 def _put_line(rid: int, key: str, sinks: bytes, data: bytes) -> bytes:
-    """`sinks`: their JSON array. Formatted rather than built as a dict for orjson: 0.6 µs
-    against 1.4 µs per record."""
+    """`sinks`: their JSON array. The record's JSON goes in as it is: 5.1k instructions per
+    800-byte record, where a dict for orjson with the record as an escaped string took 17.6k."""
     value = data if data[:1] == b"{" else orjson.dumps(data.decode())
     return _PUT % (rid, orjson.dumps(key), sinks, value)
 
