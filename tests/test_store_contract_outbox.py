@@ -98,6 +98,22 @@ async def test_nack_counts_attempts_and_keeps_the_first_failure(make: Make) -> N
     assert (await box.depth())["ink"] == 0
 
 
+async def test_ack_many_acks_a_batch_for_its_sink_only(make: Make) -> None:
+    box = await make()
+    await box.put_many(recs(4))
+    items = await box.claim("ink", 4, "c1")
+    failed = await box.nack(items[1], now=1000.0)
+    await box.ack_many([items[0], failed, items[3]])
+    await box.ack_many([])
+    assert (await box.depth())["ink"] == 1
+    assert [i.key for i in await box.claim("hook", 10, "c1")] == [f"key-{i}" for i in range(4)]
+    again = await make()  # a restart (or another replica): the acked stay gone
+    await box.release([items[2]])
+    await asyncio.sleep(IDLE * 2)
+    left = await again.claim("ink", 10, "c2")
+    assert [(i.key, i.attempts) for i in left] == [("key-2", 0)]
+
+
 async def test_released_records_come_back_first_in_their_order(make: Make) -> None:
     box = await make()
     await box.put_many(recs(6))
