@@ -260,7 +260,8 @@ class Mirror:
         finally:
             worker.busy.difference_update([conv for conv, _ in group])
             worker.inflight -= 1
-            worker.partial = worker.partial and not partial
+            if partial:
+                worker.partial = False
             worker.wake.set()
 
     async def _failed(self, worker: _SinkWorker, conv: str, held: _Held,
@@ -359,7 +360,8 @@ class Mirror:
     def _start(self, tasks: set[asyncio.Task[None]], worker: _SinkWorker,
                group: list[tuple[str, _Held]], partial: bool = False) -> None:
         worker.inflight += 1
-        worker.partial = worker.partial or partial
+        if partial:
+            worker.partial = True
         task = asyncio.create_task(self._deliver(worker, group, partial))
         tasks.add(task)
         task.add_done_callback(tasks.discard)

@@ -215,7 +215,7 @@ async def test_spool_spills_data_beyond_max_resident_and_reads_it_back(tmp_path:
     await box.close()
 
 
-async def test_spool_takes_an_ack_of_a_record_never_claimed(tmp_path: Path) -> None:
+async def test_spool_takes_an_ack_of_a_record_back_in_line(tmp_path: Path) -> None:
     box = SpoolOutbox(tmp_path, ["ink"])
     await box.put_many(recs(3))
     [one, _, _] = await box.claim("ink", 3, "c")

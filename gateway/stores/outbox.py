@@ -106,7 +106,8 @@ class Outbox(Protocol):
         ...
 
 
-def _ids_by_sink(items: list[OutboxItem]) -> dict[str, list[Any]]:
+def ids_by_sink(items: list[OutboxItem]) -> dict[str, list[Any]]:
+    """The items' ids, grouped by sink, in order."""
     by_sink: dict[str, list[Any]] = {}
     for item in items:
         by_sink.setdefault(item.sink, []).append(item.id)
@@ -210,11 +211,11 @@ class RedisOutbox:
         if not items:
             return
         pipe = self.ns.client.pipeline(transaction=False)
-        for sink, ids in _ids_by_sink(items).items():
+        for sink, ids in ids_by_sink(items).items():
             stream = self._stream(sink)
             pipe.xack(stream, GROUP, *ids)
             pipe.xdel(stream, *ids)
-        failed = _ids_by_sink([item for item in items if item.attempts])
+        failed = ids_by_sink([item for item in items if item.attempts])
         for sink, ids in failed.items():
             pipe.hdel(self._failures(sink), *ids)
         try:
@@ -236,7 +237,7 @@ class RedisOutbox:
         if not items:
             return
         pipe = self.ns.client.pipeline(transaction=False)
-        for sink, ids in _ids_by_sink(items).items():
+        for sink, ids in ids_by_sink(items).items():
             pipe.xclaim(self._stream(sink), GROUP, consumer, 0, ids, justid=True)
         try:
             await pipe.execute()

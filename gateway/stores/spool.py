@@ -37,7 +37,7 @@ from typing import Any
 
 import orjson
 
-from gateway.stores.outbox import DeadLetter, OutboxItem
+from gateway.stores.outbox import DeadLetter, OutboxItem, ids_by_sink
 
 # Batches up to this many lines are appended on the event loop (one write() into the page
 # cache, no fsync: tens of µs); larger ones, reads and compaction go to a thread.
@@ -105,6 +105,7 @@ class SpoolOutbox:
                  readonly: bool = False) -> None:
         self.sinks = tuple(sinks)
         self._sink_json = {sink: orjson.dumps(sink) for sink in sinks}
+        self._sinks_json = orjson.dumps(self.sinks)  # every put line's "sinks"
         self.max_resident = max_resident
         self.compact_bytes = compact_bytes
         self.readonly = readonly
@@ -309,7 +310,7 @@ class SpoolOutbox:
         """Queue records in memory and buffer their put lines; `flush()` makes them durable."""
         if not self.sinks:
             return
-        sinks = orjson.dumps(self.sinks)
+        sinks = self._sinks_json
         for data, key in entries:  # `data` is held as it is: the mirror's is right-sized
             rid, self._next_id = self._next_id, self._next_id + 1
             entry = _Entry(rid, key, data, -1, 0, set(self.sinks))
@@ -346,10 +347,8 @@ class SpoolOutbox:
         await self.ack_many([item])
 
     async def ack_many(self, items: list[OutboxItem]) -> None:
-        by_sink: dict[str, list[int]] = {}
-        for item in items:
-            by_sink.setdefault(item.sink, []).append(int(item.id))
-        for sink, rids in by_sink.items():
+        for sink, ids in ids_by_sink(items).items():
+            rids = [int(rid) for rid in ids]
             claimed, pending, name = self._claimed[sink], self._pending[sink], self._sink_json[sink]
             acked = [rid for rid in rids if pending.pop(rid, 1) is None]
             claimed.difference_update(rids)
