@@ -10,10 +10,10 @@ the key, which is the safe way to be wrong. Scope is per team by default (``cach
 global`` shares entries).
 
 A shared store (Redis) gets a BLAKE2b hash (256 bits) of that canonical form, the same on every
-replica. The in-process store gets the canonical body itself behind a short tag for the route
-and scope, up to `EXACT_KEY_BYTES` (longer bodies are hashed as for Redis): its dict compares
-keys whole, so two requests can never share an entry by a hash collision, and a miss or hit
-skips the hash (~7.7k instructions, a sixth of what a miss costs).
+replica. The in-process store gets the canonical body itself, as ``[tag, body]`` where the tag
+(a number) stands for the route and scope, up to `EXACT_KEY_BYTES` (longer ones are hashed as
+for Redis): its dict compares keys whole, so two requests can never share an entry by a hash
+collision, and a miss or hit skips the hash (~7.7k instructions, a sixth of what a miss cost).
 
 The cache never fails a request: a store error is logged, counted and treated as a miss.
 """
@@ -56,6 +56,7 @@ EXACT_KEY_BYTES = 512
 # against 5k for `encode_answer`), and a hit sends the completion back with its own id and
 # time. A streamed answer's entry is the JSON array of `encode_answer` (kept with its pieces).
 _COMPLETION_HEADER = struct.Struct("<Bd")
+_pack_header = _COMPLETION_HEADER.pack
 _COMPLETION_KIND = 3  # never the first byte of a JSON array entry ("[")
 _COMPLETION_TAG = bytes((_COMPLETION_KIND,))
 # Tags for in-process keys, unique in the process: caches sharing a store never mix them up.
@@ -64,22 +65,24 @@ _TAGS = itertools.count()
 
 @dataclass(slots=True)
 class CacheDecision:
-    """What the cache may do for one request. Not frozen: `acquire` marks the leader, so that
-    `release` frees the single-flight lock only for the request that holds it."""
+    """What the cache may do for one request, and what `begin` found. Not frozen: `begin` and
+    `acquire` mark the leader, so that `release` frees the single-flight lock only for the
+    request that holds it.
+
+    `status` is what the response tells (``x-gateway-cache``): ``bypass``, ``miss`` or
+    ``hit`` (with `hit`); ``pending`` after `begin` when the answer is to be awaited from
+    `lookup` (a shared store, or another request computing it)."""
 
     key: CacheKey | None
     read: bool
     write: bool
     ttl: float = 0.0
     leader: bool = False
-
-    @property
-    def status(self) -> str:
-        """``bypass`` or ``miss`` before a lookup (a found entry makes it a ``hit``)."""
-        return "bypass" if self.key is None else "miss"
+    status: str = "miss"
+    hit: CachedAnswer | None = None
 
 
-BYPASS = CacheDecision(None, False, False)
+BYPASS = CacheDecision(None, False, False, status="bypass")
 
 
 @dataclass(slots=True)  # one per hit: not frozen, whose __init__ costs 3x as much
@@ -113,11 +116,16 @@ def key_material(route: Route, scope: str) -> bytes:
     ) + b"\n"
 
 
+def relevant(body: dict[str, Any]) -> dict[str, Any]:
+    """The body without the fields that do not change the answer (itself when it has none)."""
+    if IRRELEVANT.isdisjoint(body):
+        return body
+    return {k: v for k, v in body.items() if k not in IRRELEVANT}
+
+
 def canonical_body(body: dict[str, Any]) -> bytes:
-    """The body as the key sees it: sorted keys, the irrelevant fields left out."""
-    relevant = body if IRRELEVANT.isdisjoint(body) else {
-        k: v for k, v in body.items() if k not in IRRELEVANT}
-    return orjson.dumps(relevant, option=orjson.OPT_SORT_KEYS)
+    """The body as a shared key sees it: sorted keys, the irrelevant fields left out."""
+    return orjson.dumps(relevant(body), option=orjson.OPT_SORT_KEYS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +134,7 @@ class _KeyPrefix:
     after the shared material (copied for each request)."""
 
     route: Route
-    tag: bytes
+    tag: int
     hasher: Any
 
 
@@ -148,7 +156,7 @@ def encode_answer(answer: Answer, created: float) -> bytes:
 def encode_completion(completion: bytes, created: float) -> bytes:
     """A non-streamed answer's entry: the header, then `completion` (the body sent). The
     concatenation is a new object of its own length (see `encode_answer`)."""
-    return _COMPLETION_HEADER.pack(_COMPLETION_KIND, created) + completion
+    return _pack_header(_COMPLETION_KIND, created) + completion
 
 
 def decode_answer(data: bytes) -> tuple[Answer, float, dict[str, Any] | None] | None:
@@ -225,7 +233,17 @@ class ResponseCache:
 
     def decide(self, route: Route, body: dict[str, Any], team: str,
                cache_control_header: str | None) -> CacheDecision:
-        """What the cache may do for a request whose body the wire model has validated.
+        """What the cache may do for a request, without looking in the store (`begin`)."""
+        return self.begin(route, body, team, cache_control_header, look=False)
+
+    def begin(self, route: Route, body: dict[str, Any], team: str,
+              cache_control_header: str | None, look: bool = True) -> CacheDecision:
+        """What the cache may do for a request whose body the wire model has validated, and
+        with the in-process store the lookup too (with `look`), in one call: this is the path
+        of every cacheable request. The decision then has a `hit`, or is a ``miss`` that
+        leads (when it may write), or is ``pending``: await `lookup` (a shared store, or
+        another request leads).
+
         ``temperature`` and ``n`` are read off the body: an attribute of the pydantic model
         costs three times a dict read (its ``__getattr__`` hook), and a value in any other
         spelling than a plain number (``"0"``, which lax validation accepts) bypasses."""
@@ -246,15 +264,41 @@ class ResponseCache:
         prefix = self._prefixes.get((route.model, owner))
         if prefix is None or prefix.route is not route:
             prefix = self._prefix(route, owner)
-        canonical = canonical_body(body)
-        key: CacheKey
-        if self._local is not None and len(canonical) <= EXACT_KEY_BYTES:
-            key = prefix.tag + canonical  # digits and ":", then "{": the split is unambiguous
-        else:
+        local = self._local
+        if local is None:
             hasher = prefix.hasher.copy()
-            hasher.update(canonical)
+            hasher.update(canonical_body(body))
+            decision = CacheDecision(hasher.hexdigest(), read, write, ttl)
+            if read and look:
+                decision.status = "pending"
+            return decision
+        # ``[tag, body]``: the tag stands for the route and scope, written with the body in one
+        # call (a concatenation copied the key once more)
+        key: CacheKey = orjson.dumps(
+            (prefix.tag, body if IRRELEVANT.isdisjoint(body) else relevant(body)),
+            option=orjson.OPT_SORT_KEYS)
+        if len(key) > EXACT_KEY_BYTES:
+            hasher = prefix.hasher.copy()
+            hasher.update(key)
             key = hasher.hexdigest()
-        return CacheDecision(key, read, write, ttl)
+        decision = CacheDecision(key, read, write, ttl)
+        if not (read and look):  # ``no-cache``: straight to the upstream
+            return decision
+        found: bytes | bool | None = local.claim_now(key, self._lock_seconds) if write \
+            else local.get_now(key)
+        if found is True:
+            decision.leader = True
+            return decision
+        if found is False:
+            decision.status = "pending"  # another request leads: wait for it
+            return decision
+        hit = self._cached(found)
+        if hit is not None:
+            decision.status = "hit"
+            decision.hit = hit
+        elif found is not None:
+            decision.status = "pending"  # an entry that does not decode: `lookup` leads
+        return decision
 
     def _prefix(self, route: Route, owner: str | None) -> _KeyPrefix:
         """A new tag, and the digest's state after the route's material (`owner`: the team,
@@ -265,7 +309,7 @@ class ResponseCache:
             self._prefixes.clear()
         scope = "global" if owner is None else "team:" + owner
         prefix = self._prefixes[(route.model, owner)] = _KeyPrefix(
-            route, f"{next(_TAGS)}:".encode(),
+            route, next(_TAGS),
             hashlib.blake2b(key_material(route, scope), digest_size=32))
         return prefix
 
@@ -282,36 +326,11 @@ class ResponseCache:
     async def lookup(self, decision: CacheDecision) -> tuple[CachedAnswer | None, bool]:
         """`get`, then on a miss (when the decision may write) `acquire`, in one call:
         (the answer, whether it came from a leader we waited for)."""
-        found = self.lookup_now(decision)
-        if found is not None:
-            return found
-        if self._local is None:
-            hit = await self.get(decision)
-            if hit is not None or not decision.write:
-                return hit, False
+        hit = await self.get(decision)
+        if hit is not None or not decision.write:
+            return hit, False
         hit = await self.acquire(decision)
         return hit, hit is not None
-
-    def lookup_now(self, decision: CacheDecision) -> tuple[CachedAnswer | None, bool] | None:
-        """`lookup` without a coroutine when the store is in-process and nobody else holds
-        the key's lock; None: await `lookup`."""
-        key = decision.key
-        if key is None:
-            return None, False
-        local = self._local
-        if local is None:
-            return None
-        if not decision.write:
-            return self._cached(local.get_now(key)), False
-        found = local.claim_now(key, self._lock_seconds)
-        if found is True:
-            decision.leader = True
-            return None, False
-        if found is False:
-            return None  # another request leads: wait for it
-        hit = self._cached(found)
-        # an entry that does not decode is not an answer: `lookup` leads in its place
-        return None if hit is None else (hit, False)
 
     def _cached(self, data: bytes | None) -> CachedAnswer | None:
         if data is None:
@@ -358,8 +377,9 @@ class ResponseCache:
         leader = decision.leader
         decision.leader = False
         created = time.time()
+        # `encode_completion` inline: this is every miss's path
         data = encode_answer(answer, created) if completion is None else \
-            encode_completion(completion, created)
+            _pack_header(_COMPLETION_KIND, created) + completion
         if not local.set_now(key, data, decision.ttl, unlock=leader):
             return False
         self.stored_bytes += len(data)

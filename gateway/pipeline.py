@@ -82,15 +82,15 @@ class CacheDecision(Protocol):
     read: bool
     write: bool
     leader: bool  # holds the key's single-flight lock until its answer is stored or it ends
+    status: str  # bypass | miss | hit (with `hit`) | pending: await `lookup`
+    hit: Any
 
 
 class ResponseCache(Protocol):
-    def decide(self, route: Route, body: dict[str, Any], team: str,
-               cache_control: str | None) -> Any: ...
+    def begin(self, route: Route, body: dict[str, Any], team: str,
+              cache_control: str | None) -> Any: ...
 
     async def lookup(self, decision: Any) -> tuple[Any, bool]: ...
-
-    def lookup_now(self, decision: Any) -> tuple[Any, bool] | None: ...
 
     async def put(self, decision: Any, answer: Answer, completion: bytes | None = None
                   ) -> bool: ...
@@ -259,22 +259,20 @@ class Pipeline:
     # -- cache -------------------------------------------------------------------------------
 
     async def _cached(self, ex: Exchange) -> Any:
-        if self.cache is None:
+        cache = self.cache
+        if cache is None:
             return None
-        decision = self.cache.decide(ex.route, ex.body, ex.principal.team,
-                                     ex.headers.get("cache-control"))
+        decision = cache.begin(ex.route, ex.body, ex.principal.team,
+                               ex.headers.get("cache-control"))
         ex.decision = decision
-        status = "bypass"
-        hit = None
-        if decision.read:
-            found = self.cache.lookup_now(decision)
-            hit, coalesced = found if found is not None else await self.cache.lookup(decision)
+        status = decision.status
+        hit = decision.hit
+        if status == "pending":
+            hit, coalesced = await cache.lookup(decision)
             status = "hit" if hit is not None else "miss"
             if coalesced:
                 key = (ex.route.model, "coalesced")
                 self._cache_events[key] = self._cache_events.get(key, 0) + 1
-        elif decision.write:
-            status = "miss"
         key = (ex.route.model, status)
         self._cache_events[key] = self._cache_events.get(key, 0) + 1
         ex.extra_headers["x-gateway-cache"] = status
@@ -324,8 +322,11 @@ class Pipeline:
         answer.usage = completion["usage"]
         ex.ttft = time.perf_counter() - ex.started
         data = orjson.dumps(completion)
-        if not self._store_now(ex, data):
-            await self._store(ex, data)
+        decision = ex.decision  # `_store_now` inline (every miss's path): the status is 200
+        if decision is not None and decision.write:
+            assert self.cache is not None  # it made the decision
+            if self.cache.put_now(decision, answer, data) is None:
+                await self._store(ex, data)
         return self._ok(ex, data)
 
     async def _relay(self, ex: Exchange, stream: ChunkStream) -> AsyncIterator[Piece]:
@@ -396,10 +397,9 @@ class Pipeline:
         """Cache a finished answer without a coroutine where the store allows; False: the
         caller awaits `_store`. `completion`: the body sent, for an answer not streamed."""
         decision = ex.decision
-        if self.cache is None or decision is None or not decision.write:
-            return True
-        if ex.status != 200 or not ex.answer.finish_reason:
-            return True
+        if decision is None or not decision.write or ex.status != 200:
+            return True  # (`put_now` checks the rest: a finished answer)
+        assert self.cache is not None  # it made the decision
         return self.cache.put_now(decision, ex.answer, completion) is not None
 
     async def _store(self, ex: Exchange, completion: bytes | None = None) -> None:

@@ -113,11 +113,13 @@ def test_scope_team_by_default_global_when_configured() -> None:
 def test_in_process_keys_are_the_canonical_body_and_long_ones_a_digest() -> None:
     cache = ResponseCache(make_config(), MemoryCacheStore(10_000, 5_000))
     short = decide(cache, body(max_tokens=5)).key
-    assert isinstance(short, bytes) and short.endswith(canonical_body(body(max_tokens=5)))
-    # the tag before the first ":" stands for the route and scope: another team has another
+    assert isinstance(short, bytes)
+    tag, canonical = orjson.loads(short)  # [tag, the body], sorted keys
+    assert isinstance(tag, int) and orjson.dumps(canonical) == canonical_body(body(max_tokens=5))
+    # the tag stands for the route and scope: another team has another
     other_team = decide(cache, body(max_tokens=5), team="t2").key
     assert isinstance(other_team, bytes) and other_team != short
-    assert other_team.partition(b":")[2] == short.partition(b":")[2]
+    assert orjson.loads(other_team)[1] == canonical
     long = body(messages=[{"role": "user", "content": "x" * EXACT_KEY_BYTES}])
     digest = decide(cache, long).key
     assert isinstance(digest, str) and len(digest) == 64
@@ -344,11 +346,16 @@ async def test_a_waiter_takes_over_from_a_failed_leader(caches: list[ResponseCac
     await caches[-1].release(second)
 
 
+def begin(cache: ResponseCache, raw: dict[str, Any]) -> Any:
+    ChatRequest.model_validate(raw)
+    return cache.begin(ROUTE, raw, "t1", None)
+
+
 async def test_an_in_process_leader_frees_its_waiters_as_it_stores(cache: ResponseCache) -> None:
-    leader = decide(cache, body())
-    assert cache.lookup_now(leader) == (None, False) and leader.leader
-    follower = decide(cache, body())
-    assert cache.lookup_now(follower) is None  # another request leads: await `lookup`
+    leader = begin(cache, body())
+    assert (leader.status, leader.hit, leader.leader) == ("miss", None, True)
+    follower = begin(cache, body())
+    assert follower.status == "pending" and not follower.leader  # another request leads
     waiting = asyncio.create_task(cache.lookup(follower))
     await asyncio.sleep(0.01)
     assert not waiting.done()
@@ -358,10 +365,31 @@ async def test_an_in_process_leader_frees_its_waiters_as_it_stores(cache: Respon
     assert coalesced and hit is not None and hit.answer.text == "Hello there, world"
     assert not follower.leader
     await cache.release(leader)  # harmless, and frees nobody else's lock
-    third = decide(cache, body(max_tokens=9))
-    assert cache.lookup_now(third) == (None, False) and third.leader
+    found = begin(cache, body())  # the entry, at once
+    assert found.status == "hit" and found.hit.answer.text == "Hello there, world"
+    assert not found.leader
+    third = begin(cache, body(max_tokens=9))
+    assert third.status == "miss" and third.leader
     await cache.release(leader)
-    assert cache.lookup_now(decide(cache, body(max_tokens=9))) is None  # still led by third
+    assert begin(cache, body(max_tokens=9)).status == "pending"  # still led by third
+
+
+def test_begin_bypasses_and_refreshes_without_looking(cache: ResponseCache) -> None:
+    assert cache.begin(ROUTE, body(), "t1", "no-store").status == "bypass"
+    refresh = cache.begin(ROUTE, body(), "t1", "no-cache")  # no lookup, no lock: a write
+    assert (refresh.status, refresh.write, refresh.leader) == ("miss", True, False)
+    other = Route("chat", "inkeep", "inkeep-qa", {})  # no cache policy
+    assert cache.begin(other, body(model="chat"), "t1", None).status == "bypass"
+
+
+async def test_an_entry_that_does_not_decode_is_led_again(cache: ResponseCache) -> None:
+    key = decide(cache, body()).key
+    assert key is not None
+    await cache.store.set(key, b"not an entry", 60)
+    decision = begin(cache, body())
+    assert decision.status == "pending"  # `lookup` leads in its place
+    assert await cache.lookup(decision) == (None, False) and decision.leader
+    await cache.release(decision)
 
 
 async def test_waiters_fall_back_to_upstream_after_lock_seconds() -> None:

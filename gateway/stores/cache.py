@@ -113,10 +113,13 @@ class MemoryCacheStore:
                 self._entries.move_to_end(key)
                 return found[0]
             self._drop(key)
-        held = self._locks.get(key)
-        if held is not None and held > now:
+        expires = now + lock_seconds
+        held = self._locks.setdefault(key, expires)
+        if held is expires:
+            return True
+        if held > now:
             return False
-        self._locks[key] = now + lock_seconds
+        self._locks[key] = expires  # a lock left to expire by a leader that went away
         return True
 
     def get_now(self, key: CacheKey) -> bytes | None:
@@ -141,18 +144,24 @@ class MemoryCacheStore:
             self._locks.pop(key, None)  # this returns, with the entry in place
             if self._waiters:
                 self._wake(key)
-        cost = len(key) + len(value) + self.entry_overhead
-        if len(value) > self.max_entry_bytes or cost > self.max_bytes:
+        length = len(value)
+        cost = len(key) + length + self.entry_overhead
+        if length > self.max_entry_bytes or cost > self.max_bytes:
             self.refused += 1
             return False
         entries = self._entries
         if key in entries:
             self._drop(key)
         entries[key] = (value, self._clock() + ttl, cost)
-        self.size += cost
-        while self.size > self.max_bytes:
-            self.size -= entries.popitem(False)[1][2]  # the oldest (last=False, unparsed)
-            self.evictions += 1
+        size = self.size + cost
+        if size > self.max_bytes:  # evict the oldest (popitem(False)), read as little as can be
+            limit = self.max_bytes
+            evicted = 0
+            while size > limit:
+                size -= entries.popitem(False)[1][2]
+                evicted += 1
+            self.evictions += evicted
+        self.size = size
         return True
 
     def _drop(self, key: CacheKey) -> None:
