@@ -57,6 +57,7 @@ EXACT_KEY_BYTES = 512
 # time. A streamed answer's entry is the JSON array of `encode_answer` (kept with its pieces).
 _COMPLETION_HEADER = struct.Struct("<Bd")
 _pack_header = _COMPLETION_HEADER.pack
+_KEY_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE  # the newline is sliced off
 _COMPLETION_KIND = 3  # never the first byte of a JSON array entry ("[")
 _COMPLETION_TAG = bytes((_COMPLETION_KIND,))
 # Tags for in-process keys, unique in the process: caches sharing a store never mix them up.
@@ -272,11 +273,12 @@ class ResponseCache:
             if read and look:
                 decision.status = "pending"
             return decision
-        # ``[tag, body]``: the tag stands for the route and scope, written with the body in one
-        # call (a concatenation copied the key once more)
+        # ``[tag, body]``: the tag stands for the route and scope. The key is kept in the store,
+        # so it is right-sized like an entry (see `encode_answer`): as orjson returns it, each
+        # key held ~4 KB (50k keys of 259 B: 206 MB of RSS, sliced 16 MB)
         key: CacheKey = orjson.dumps(
             (prefix.tag, body if IRRELEVANT.isdisjoint(body) else relevant(body)),
-            option=orjson.OPT_SORT_KEYS)
+            option=_KEY_OPTIONS)[:-1]
         if len(key) > EXACT_KEY_BYTES:
             hasher = prefix.hasher.copy()
             hasher.update(key)
