@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+import tracemalloc
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -124,6 +125,22 @@ def test_in_process_keys_are_the_canonical_body_and_long_ones_a_digest() -> None
     digest = decide(cache, long).key
     assert isinstance(digest, str) and len(digest) == 64
     assert decide(cache, {**long, "user": "u-1"}).key == digest
+
+
+def test_in_process_keys_hold_no_more_memory_than_their_length() -> None:
+    # kept in the store: a key that kept orjson's ~4 KB working buffer made the byte bound
+    # undercount the memory held ~10x
+    cache = ResponseCache(make_config(), MemoryCacheStore(10_000, 5_000))
+    bodies = [body(max_tokens=i) for i in range(500)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        keys = [cache.decide(ROUTE, raw, "t1", None).key for raw in bodies]
+        held = (tracemalloc.get_traced_memory()[0] - before) / len(keys)
+    finally:
+        tracemalloc.stop()
+    assert all(isinstance(key, bytes) for key in keys)
+    assert held < 2 * max(len(key or b"") for key in keys)
 
 
 def test_caches_sharing_an_in_process_store_never_share_a_tag() -> None:
