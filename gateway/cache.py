@@ -56,7 +56,6 @@ EXACT_KEY_BYTES = 512
 # against 5k for `encode_answer`), and a hit sends the completion back with its own id and
 # time. A streamed answer's entry is the JSON array of `encode_answer` (kept with its pieces).
 _COMPLETION_HEADER = struct.Struct("<Bd")
-_pack_header = _COMPLETION_HEADER.pack
 _KEY_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE  # the newline is sliced off
 _COMPLETION_KIND = 3  # never the first byte of a JSON array entry ("[")
 _COMPLETION_TAG = bytes((_COMPLETION_KIND,))
@@ -138,6 +137,12 @@ class _KeyPrefix:
     tag: int
     hasher: Any
 
+    def digest(self, data: bytes) -> str:
+        """The hex digest of the route's material, then `data`."""
+        hasher = self.hasher.copy()
+        hasher.update(data)
+        return str(hasher.hexdigest())
+
 
 def encode_answer(answer: Answer, created: float) -> bytes:
     """An entry: a JSON array (no field names to write or read on every miss and hit).
@@ -157,7 +162,7 @@ def encode_answer(answer: Answer, created: float) -> bytes:
 def encode_completion(completion: bytes, created: float) -> bytes:
     """A non-streamed answer's entry: the header, then `completion` (the body sent). The
     concatenation is a new object of its own length (see `encode_answer`)."""
-    return _pack_header(_COMPLETION_KIND, created) + completion
+    return _COMPLETION_HEADER.pack(_COMPLETION_KIND, created) + completion
 
 
 def decode_answer(data: bytes) -> tuple[Answer, float, dict[str, Any] | None] | None:
@@ -267,22 +272,15 @@ class ResponseCache:
             prefix = self._prefix(route, owner)
         local = self._local
         if local is None:
-            hasher = prefix.hasher.copy()
-            hasher.update(canonical_body(body))
-            decision = CacheDecision(hasher.hexdigest(), read, write, ttl)
+            decision = CacheDecision(prefix.digest(canonical_body(body)), read, write, ttl)
             if read and look:
                 decision.status = "pending"
             return decision
         # ``[tag, body]``: the tag stands for the route and scope. The key is kept in the store,
         # so it is right-sized like an entry (see `encode_answer`): as orjson returns it, each
         # key held ~4 KB (50k keys of 259 B: 206 MB of RSS, sliced 16 MB)
-        key: CacheKey = orjson.dumps(
-            (prefix.tag, body if IRRELEVANT.isdisjoint(body) else relevant(body)),
-            option=_KEY_OPTIONS)[:-1]
-        if len(key) > EXACT_KEY_BYTES:
-            hasher = prefix.hasher.copy()
-            hasher.update(key)
-            key = hasher.hexdigest()
+        exact = orjson.dumps((prefix.tag, relevant(body)), option=_KEY_OPTIONS)[:-1]
+        key: CacheKey = exact if len(exact) <= EXACT_KEY_BYTES else prefix.digest(exact)
         decision = CacheDecision(key, read, write, ttl)
         if not (read and look):  # ``no-cache``: straight to the upstream
             return decision
@@ -379,9 +377,8 @@ class ResponseCache:
         leader = decision.leader
         decision.leader = False
         created = time.time()
-        # `encode_completion` inline: this is every miss's path
         data = encode_answer(answer, created) if completion is None else \
-            _pack_header(_COMPLETION_KIND, created) + completion
+            encode_completion(completion, created)
         if not local.set_now(key, data, decision.ttl, unlock=leader):
             return False
         self.stored_bytes += len(data)

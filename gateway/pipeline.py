@@ -322,11 +322,8 @@ class Pipeline:
         answer.usage = completion["usage"]
         ex.ttft = time.perf_counter() - ex.started
         data = orjson.dumps(completion)
-        decision = ex.decision  # `_store_now` inline (every miss's path): the status is 200
-        if decision is not None and decision.write:
-            assert self.cache is not None  # it made the decision
-            if self.cache.put_now(decision, answer, data) is None:
-                await self._store(ex, data)
+        if not self._store_now(ex, data):
+            await self._store(ex, data)
         return self._ok(ex, data)
 
     async def _relay(self, ex: Exchange, stream: ChunkStream) -> AsyncIterator[Piece]:

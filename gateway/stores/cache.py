@@ -154,13 +154,9 @@ class MemoryCacheStore:
             self._drop(key)
         entries[key] = (value, self._clock() + ttl, cost)
         size = self.size + cost
-        if size > self.max_bytes:  # evict the oldest (popitem(False)), read as little as can be
-            limit = self.max_bytes
-            evicted = 0
-            while size > limit:
-                size -= entries.popitem(False)[1][2]
-                evicted += 1
-            self.evictions += evicted
+        while size > self.max_bytes:
+            size -= entries.popitem(False)[1][2]  # the oldest (last=False, unparsed)
+            self.evictions += 1
         self.size = size
         return True
 
