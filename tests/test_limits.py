@@ -195,6 +195,44 @@ async def test_budget_exhausted_is_insufficient_quota() -> None:
     assert "resets at 2000-01-02T00:00:00Z (in 12h0m0s)" in err.value.message
 
 
+@pytest.mark.parametrize("rpm", [7, 13, 17, 99])
+async def test_a_full_burst_at_one_instant_is_admitted_whole(rpm: int) -> None:
+    # `rpm` intervals of 60000 / rpm ms can sum to a hair over the minute in floating point
+    def instant() -> float:
+        return 1_764_806_400.0
+
+    limiter = Limiter(config(), MemoryLimitStore(instant), clock=instant)
+    p = principal(rpm=rpm)
+    remaining = [(await limiter.admit(p, "qa", 10)).headers["x-ratelimit-remaining-requests"]
+                 for _ in range(rpm)]
+    assert remaining == [str(left) for left in range(rpm - 1, -1, -1)]
+    with pytest.raises(RateLimited):
+        await limiter.admit(p, "qa", 10)
+
+
+@pytest.mark.redis
+async def test_a_full_burst_within_one_millisecond_is_admitted_whole_on_redis(
+        redis_url: str) -> None:
+    # 18 checks pipelined in one round trip run within about a millisecond of Redis' clock,
+    # where 17 intervals of 60000 / 17 ms sum to a hair over the minute
+    ns = connect(redis_url, "gw-burst")
+    limiter = Limiter(config(), RedisLimitStore(ns))
+
+    async def admitted(p: Principal) -> bool:
+        try:
+            await limiter.admit(p, "qa", 10)
+            return True
+        except RateLimited:
+            return False
+
+    try:
+        for burst in range(20):
+            p = principal(key_id=f"burst-{burst}", rpm=17)
+            assert sum(await asyncio.gather(*(admitted(p) for _ in range(18)))) == 17
+    finally:
+        await ns.client.aclose()
+
+
 @pytest.mark.redis
 async def test_exactly_n_of_100_concurrent_requests_on_redis(redis_url: str) -> None:
     n = 17

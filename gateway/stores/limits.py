@@ -29,6 +29,12 @@ from gateway.stores.redis_base import RedisNamespace, unavailable
 
 PERIOD = 60.0  # rpm / tpm: every bucket refills over one minute
 _PERIOD_MS = PERIOD * 1000
+# What the GCRA checks and the remaining figures compare against: the period plus 10 µs of
+# slack for floating point. A bucket's TAT sums `limit` emission intervals of period / limit
+# ms, which can come to a hair over the period (17 x (60000 / 17) at the same `now`): without
+# the slack the last request of a full burst within one clock tick was refused, rpm 17
+# admitting 16. limits_acquire.lua has the same slack.
+_WINDOW_MS = _PERIOD_MS + 0.01
 # named tuples made on the hot path skip their Python-level __new__ (same fields, in order)
 _new = tuple.__new__
 Kind = Literal["requests", "tokens"]
@@ -253,7 +259,7 @@ class MemoryLimitStore:
         first, then commits, so that a refusal changes nothing. `now`: ms, else the clock's."""
         if now is None:
             now = self.clock() * 1000.0
-        period = _PERIOD_MS
+        period = _WINDOW_MS
         for cell, interval, limit, cost in bound.requests:
             tat = cell.tat
             if (tat if tat > now else now) + (cost if cost < limit else limit) * interval \
@@ -347,13 +353,13 @@ class MemoryLimitStore:
                 tat = cell.tat
             else:  # what this request would leave, where it fits
                 tat = max(before[n - 1], now)
-                allow_at = tat + min(cost, limit) * interval - _PERIOD_MS
+                allow_at = tat + min(cost, limit) * interval - _WINDOW_MS
                 if allow_at <= now:
                     tat += cost * interval
                 elif not denied:
                     denied, retry = n, allow_at - now
             ahead = tat - now
-            left = int((_PERIOD_MS - ahead) // interval)
+            left = int((_WINDOW_MS - ahead) // interval)
             figures.append(Figure(b.name, b.kind, limit, max(left, 0), math.ceil(ahead) / 1000))
         for g, (_, limit, cost, end), spent in zip(request.budgets, bound.budgets, used,
                                                   strict=True):
