@@ -168,7 +168,7 @@ def admin_routes(
         return _json(record.to_dict())
 
     async def get_usage(request: Request) -> Response:
-        from gateway.cli_usage import default_range, usage_report
+        from gateway.cli.usage import default_range, usage_report
 
         if usage is None:
             raise NotFound("Usage metering is not enabled on this gateway.")

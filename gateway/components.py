@@ -33,11 +33,11 @@ async def _nothing() -> None:
 async def build_components(
     config: GatewayConfig, stack: AsyncExitStack, metrics: Metrics
 ) -> Components:
-    from gateway.analytics import build_analytics
+    from gateway.analytics.assembly import build_analytics
     from gateway.auth import KeyAuthority
-    from gateway.cache import CacheHooks
-    from gateway.cache import ResponseCache as Cache
-    from gateway.limits import Limiter
+    from gateway.response_cache import CacheHooks
+    from gateway.response_cache import ResponseCache as Cache
+    from gateway.limiter import Limiter
     from gateway.stores.cache import make_cache_store
     from gateway.stores.keys import make_key_store
     from gateway.stores.limits import make_limit_store

@@ -182,7 +182,7 @@ async def feedback(request: Request) -> Response:
     """``POST /v1/feedback``: thumbs up/down for an answer, by the id the chat response gave
     in ``x-gateway-message-id``, forwarded to the Inkeep Analytics ``/feedback`` endpoint;
     the reply is the Analytics API's feedback object."""
-    from gateway.feedback import forward_feedback
+    from gateway.analytics.feedback import forward_feedback
 
     state: GatewayState = request.state.gateway
     try:

@@ -99,7 +99,7 @@ def test_verdicts_pass_fail_and_missing() -> None:
     res.add(Row("cache-miss", "miss", 50, result(1950)))
     res.add(Row("sink", "sink", 50, result(2000, errors=3)))
     res.add(Row("no-sink", "no sink", 50, result(2000)))
-    res.add(Row("cache-hit", "hit", 50, skipped="ModuleNotFoundError: gateway.cache"))
+    res.add(Row("cache-hit", "hit", 50, skipped="ModuleNotFoundError: gateway.response_cache"))
     res.rss_mb["core idle"] = 70.0
     by_name = {v.name.split(" >=")[0].split(" <=")[0]: v for v in verdicts(res)}
     assert by_name["core non-stream @50"].passed is True
@@ -188,9 +188,9 @@ def test_interleaved_pair_records_each_round_at_its_running_time(tmp_path: Path)
 
 def test_short_reason_picks_the_exception_line() -> None:
     exc = BenchProcessError("exited with status 3:\nTraceback\n  File x\n"
-                            "ModuleNotFoundError: No module named 'gateway.cache'\n"
+                            "ModuleNotFoundError: No module named 'gateway.response_cache'\n"
                             "ERROR:    Application startup failed. Exiting.")
-    assert short_reason(exc) == "ModuleNotFoundError: No module named 'gateway.cache'"
+    assert short_reason(exc) == "ModuleNotFoundError: No module named 'gateway.response_cache'"
 
 
 @pytest.mark.slow

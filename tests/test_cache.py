@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 
 from gateway.answer import Answer
 from gateway.backends.base import Route
-from gateway.cache import (
+from gateway.response_cache import (
     EXACT_KEY_BYTES,
     CacheHooks,
     ResponseCache,

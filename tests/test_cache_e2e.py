@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.cache import canonical_body
+from gateway.response_cache import canonical_body
 from gateway.stores.cache import ENTRY_OVERHEAD
 from gateway.testing.fake_inkeep import answer_text, create_fake_inkeep_app
 from gateway.testing.server import run_server

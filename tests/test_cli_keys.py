@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.auth import KeyAuthority
-from gateway.cli import main
+from gateway.cli.main import main
 from gateway.config import load_config
 from gateway.stores.keys import make_key_store
 from gateway.stores.redis_base import connect

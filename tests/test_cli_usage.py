@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli_usage import default_range, main, render, usage_report
+from gateway.cli.usage import default_range, main, render, usage_report
 from gateway.config import load_config
 from gateway.stores.outbox import make_outbox
 from gateway.stores.redis_base import connect

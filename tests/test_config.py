@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli import main
+from gateway.cli.main import main
 from gateway.config import ConfigError, interpolate, load_config, parse_config
 
 GOOD = textwrap.dedent("""

@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 from gateway.auth import Principal, TeamLimits
 from gateway.config import GatewayConfig, parse_config
 from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
-from gateway.limits import UNLIMITED, Limiter, format_reset
+from gateway.limiter import UNLIMITED, Limiter, format_reset
 from gateway.stores.keys import ModelLimit
 from gateway.stores.limits import (
     AcquireRequest,

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.exchange import ExchangeRecord, Outcome
-from gateway.metering import Meter, MeterCounters
+from gateway.analytics.metering import Meter, MeterCounters
 from gateway.metrics import Metrics
 from gateway.stores.redis_base import connect
 from gateway.stores.usage import MemoryUsageStore, RedisUsageStore, UsageDelta, UsageStore

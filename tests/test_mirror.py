@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry
 
 from gateway.config import GatewayConfig
 from gateway.metrics import Metrics
-from gateway.mirror import Backoff, Mirror, idempotency_key
-from gateway.sinks import Sink, make_sinks
+from gateway.analytics.mirror import Backoff, Mirror, idempotency_key
+from gateway.analytics.sinks import Sink, make_sinks
 from gateway.stores.outbox import Outbox, RedisOutbox, make_outbox
 from gateway.stores.redis_base import RedisNamespace, connect
 from gateway.testing.fake_analytics import AnalyticsState, create_fake_analytics_app

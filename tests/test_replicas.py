@@ -24,7 +24,7 @@ from gateway.testing.redis_server import free_port
 from gateway.testing.server import run_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
-pytest.importorskip("gateway.cache", reason="the gateway's components are not all in yet")
+pytest.importorskip("gateway.response_cache", reason="the gateway's components are not all in yet")
 
 UPSTREAM_KEY = "upstream-secret-replicas"
 N = 12

@@ -20,8 +20,8 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.feedback import forward_feedback
-from gateway.sinks import (
+from gateway.analytics.feedback import forward_feedback
+from gateway.analytics.sinks import (
     InkeepAnalyticsSink,
     WebhookSink,
     fit,

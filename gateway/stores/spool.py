@@ -57,7 +57,7 @@ def _put_line(rid: int, key: str, sinks: bytes, data: bytes) -> bytes:
 def _put_data(value: Any) -> bytes:
     """A put line's record, as the bytes that were put (a string: an older file's line);
     right-sized by the slice, as records loaded at start stay resident (see
-    `gateway.cache.encode_answer`)."""
+    `gateway.response_cache.encode_answer`)."""
     if isinstance(value, str):
         return value.encode()
     return orjson.dumps(value, option=_LINE)[:-1]

@@ -50,7 +50,7 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir)
         try:
-            uvicorn.run("gateway.cli:app_factory", factory=True, workers=workers, **options)
+            uvicorn.run("gateway.cli.main:app_factory", factory=True, workers=workers, **options)
         finally:
             shutil.rmtree(metrics_dir, ignore_errors=True)
         return 0
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config")
     check.set_defaults(func=_check_config)
 
-    for module in ("gateway.cli_keys", "gateway.cli_usage"):
+    for module in ("gateway.cli.keys", "gateway.cli.usage"):
         try:
             register = __import__(module, fromlist=["register"]).register
         except ModuleNotFoundError:

@@ -33,10 +33,10 @@ from gateway.config import GatewayConfig
 from gateway.errors import UpstreamError
 from gateway.exchange import ExchangeRecord
 from gateway.metrics import Metrics
-from gateway.sinks import BatchSink, Sink, retryable
+from gateway.analytics.sinks import BatchSink, Sink, retryable
 from gateway.stores.outbox import Outbox, OutboxItem
 
-log = structlog.get_logger("gateway.mirror")
+log = structlog.get_logger("gateway.analytics.mirror")
 LOCAL_RECORDS = 4096
 
 
@@ -148,7 +148,7 @@ class Mirror:
             key = idempotency_key(record)
             accepted = self._accepted
             # right-sized by the slice: orjson's output keeps its whole ~4 KB working buffer
-            # (see `gateway.cache.encode_answer`), and the in-process outbox holds the data
+            # (see `gateway.response_cache.encode_answer`), and the in-process outbox holds the data
             accepted.append((orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)[:-1], key))
             self._local[key] = [record, len(self.sinks)]
             if len(self._local) > LOCAL_RECORDS:

@@ -43,7 +43,7 @@ from gateway.stores.limits import (
 # named tuples made on the hot path skip their Python-level __new__ (same fields, in order)
 _new = tuple.__new__
 
-log = structlog.get_logger("gateway.limits")
+log = structlog.get_logger("gateway.limiter")
 
 _TEMPLATES = 4096  # cached plans (key × model) before the cache starts over
 _NAMES = {"rpm": "requests per minute (rpm)", "tpm": "tokens per minute (tpm)"}

@@ -37,7 +37,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.stores.cache import CacheKey, CacheStore, MemoryCacheStore
 
-log = structlog.get_logger("gateway.cache")
+log = structlog.get_logger("gateway.response_cache")
 
 # Request fields that do not change the answer. (``model`` stays in: the route it names is
 # in the key anyway, and two public names of one upstream have their own cache policies.)

@@ -1,7 +1,7 @@
 """End-user feedback (thumbs up/down) forwarded to the Inkeep Analytics ``/feedback`` endpoint.
 
 The message ids a client refers to are the deterministic ones the Inkeep sink gives each
-exchange (`gateway.sinks.message_ids`), returned on the chat response in
+exchange (`gateway.analytics.sinks.message_ids`), returned on the chat response in
 ``x-gateway-message-id``. Reasons are accepted as strings or ``{"label", "details"}``
 objects and forwarded as objects.
 """
@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.errors import InvalidRequest
-from gateway.sinks import InkeepAnalyticsSink, message_ids
+from gateway.analytics.sinks import InkeepAnalyticsSink, message_ids
 
 __all__ = ["FeedbackRequest", "forward_feedback", "message_ids", "validate_feedback"]
 

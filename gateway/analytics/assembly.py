@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 from gateway.config import GatewayConfig
 from gateway.exchange import ExchangeObserver
-from gateway.metering import Meter, MeterCounters
+from gateway.analytics.metering import Meter, MeterCounters
 from gateway.metrics import Metrics
-from gateway.mirror import Mirror
-from gateway.sinks import InkeepAnalyticsSink, make_sinks, message_ids
+from gateway.analytics.mirror import Mirror
+from gateway.analytics.sinks import InkeepAnalyticsSink, make_sinks, message_ids
 from gateway.stores.outbox import Outbox, make_outbox
 from gateway.stores.redis_base import RedisNamespace
 from gateway.stores.usage import UsageStore, make_usage_store

@@ -20,7 +20,7 @@ import structlog
 from gateway.exchange import ExchangeRecord
 from gateway.stores.usage import UsageDelta, UsageStore, day_of
 
-log = structlog.get_logger("gateway.metering")
+log = structlog.get_logger("gateway.analytics.metering")
 
 Cell = tuple[date, str, str, str]
 

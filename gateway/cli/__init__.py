@@ -1,0 +1,1 @@
+"""The ``gateway`` command line: serve, check-config, keys, teams, usage and the outbox."""
