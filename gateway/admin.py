@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway.analytics.reports import default_range, usage_report
 from gateway.auth import KeyAuthority, create_key, parse_duration
 from gateway.config import GatewayConfig, format_validation_error
 from gateway.errors import AuthenticationFailed, GatewayError, InvalidRequest, NotFound
@@ -168,8 +169,6 @@ def admin_routes(
         return _json(record.to_dict())
 
     async def get_usage(request: Request) -> Response:
-        from gateway.cli.usage import default_range, usage_report
-
         if usage is None:
             raise NotFound("Usage metering is not enabled on this gateway.")
         since, until = default_range()

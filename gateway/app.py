@@ -23,8 +23,11 @@ from starlette.responses import Response
 from starlette.routing import Route as HTTPRoute
 
 from gateway import endpoints
+from gateway.admin import admin_routes
 from gateway.backends.base import Backend, Route
+from gateway.backends.nuclia import NucliaBackend
 from gateway.backends.openai_compat import OpenAICompatBackend
+from gateway.components import build_components
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.exchange import ExchangeObserver
@@ -62,10 +65,7 @@ def build_backend(name: str, config: GatewayConfig, connector: Any = None) -> Ba
     spec = config.backends[name]
     client = UpstreamClient(name, spec, connector=connector)
     if spec.kind == "nuclia":
-        from gateway.backends.nuclia import NucliaBackend
-
-        nuclia: Backend = NucliaBackend(name, spec, client)
-        return nuclia
+        return NucliaBackend(name, spec, client)
     return OpenAICompatBackend(name, spec, client)
 
 
@@ -149,7 +149,7 @@ class FastPath:
                 await self.chat(scope, receive, send)
                 return
             if path.startswith("/admin/") or path == "/admin":
-                admin = scope["state"]["gateway"].components.get("admin")
+                admin = scope["state"]["gateway"].admin
                 if admin is not None:
                     await admin(scope, receive, send)
                     return
@@ -169,8 +169,6 @@ async def assemble(
     observers: Sequence[ExchangeObserver] = (),
 ) -> GatewayState:
     """Build every resource in dependency order; `stack` closes them in reverse."""
-    from gateway.components import build_components
-
     routes = build_routes(config)
     backends: dict[str, Backend] = {}
     for name in config.backends:
@@ -181,35 +179,25 @@ async def assemble(
     pipeline = Pipeline(
         routes=routes,
         backends=backends,
-        authenticator=parts.authenticator,
-        admitter=parts.admitter,
+        authenticator=parts.authority,
+        admitter=parts.limiter,
         cache=parts.cache,
-        observers=[*parts.observers, *observers],
+        observers=[*parts.analytics.observers, *observers],
         metrics=metrics,
         default_max_tokens=config.limits.default_max_tokens,
         conversation_header=config.analytics.conversation_header,
         user_header=config.analytics.user_header,
-        message_ids=parts.message_ids,
     )
     stack.push_async_callback(pipeline.drain)
+    admin = None
     if config.server.admin_key and config.server.admin_key.get_secret_value():
-        from gateway.admin import admin_routes
-
-        parts.extra["admin"] = Starlette(
-            routes=admin_routes(config, parts.extra["key_store"], parts.extra["authority"],
-                                parts.extra["analytics"].usage_store),
+        admin = Starlette(
+            routes=admin_routes(config, parts.key_store, parts.authority,
+                                parts.analytics.usage_store),
             exception_handlers={HTTPException: _http_error, Exception: _server_error},
         )
     log.info("gateway_ready", models=len(routes), backends=len(backends),
              store="redis" if config.redis_url else "memory")
-    return GatewayState(
-        config=config,
-        metrics=metrics,
-        routes=routes,
-        backends=backends,
-        authenticator=parts.authenticator,
-        pipeline=pipeline,
-        ping_store=parts.ping,
-        started=int(time.time()),
-        components=parts.extra,
-    )
+    return GatewayState(config=config, metrics=metrics, routes=routes, backends=backends,
+                        pipeline=pipeline, components=parts, started=int(time.time()),
+                        admin=admin)

@@ -1,62 +1,97 @@
-"""Assembly of the pipeline's collaborators from the config: stores, auth, limits, cache,
-metering and analytics mirroring — on Redis when a URL is configured, in-process otherwise.
+"""Assembly: the stores and the pipeline's collaborators, built from the config.
+
+Everything lives on Redis when the config names one (``store: redis://...``), in process
+otherwise. The stores themselves never read the config: the ``make_*`` factories here turn
+its settings into constructor arguments, for the gateway's lifespan and the CLI alike.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
 
+from gateway.analytics.assembly import Analytics, build_analytics
+from gateway.auth import KeyAuthority
 from gateway.config import GatewayConfig
-from gateway.exchange import ExchangeObserver
+from gateway.limiter import Limiter
 from gateway.metrics import Metrics
-from gateway.pipeline import Admitter, Authenticator, ResponseCache
+from gateway.response_cache import CacheHooks, ResponseCache
+from gateway.stores.cache import make_cache_store
+from gateway.stores.keys import KeyStore, MemoryKeyStore, RedisKeyStore
+from gateway.stores.limits import make_limit_store
+from gateway.stores.outbox import OutboxStore, RedisOutbox
+from gateway.stores.redis_base import RedisNamespace, connect
+from gateway.stores.spool import SpoolOutbox
+from gateway.stores.usage import MemoryUsageStore, RedisUsageStore, UsageStore
 
 
-@dataclass
+def connect_store(config: GatewayConfig) -> RedisNamespace | None:
+    """The Redis connection every store shares, or None for the in-process stores."""
+    if not config.redis_url:
+        return None
+    return connect(config.redis_url, config.store_prefix)
+
+
+def make_key_store(config: GatewayConfig, ns: RedisNamespace | None) -> KeyStore:
+    """Redis, else the key file ``keys.file`` next to the config."""
+    if ns is not None:
+        return RedisKeyStore(ns)
+    return MemoryKeyStore(config.resolve(config.keys.file))
+
+
+def usage_file(config: GatewayConfig) -> Path:
+    """Where the in-process usage store appends: ``usage.jsonl`` beside the spool dir."""
+    return config.resolve(config.analytics.outbox.spool_dir).parent / "usage.jsonl"
+
+
+def make_usage_store(config: GatewayConfig, ns: RedisNamespace | None) -> UsageStore:
+    if ns is not None:
+        return RedisUsageStore(ns)
+    return MemoryUsageStore(usage_file(config))
+
+
+def make_outbox(config: GatewayConfig, ns: RedisNamespace | None) -> OutboxStore:
+    """Redis streams, else the spool under ``analytics.outbox.spool_dir``."""
+    sinks = [s.name for s in config.analytics.sinks]
+    box = config.analytics.outbox
+    if ns is not None:
+        return RedisOutbox(ns, sinks, claim_idle_seconds=box.claim_idle_seconds)
+    return SpoolOutbox(config.resolve(box.spool_dir), sinks, max_resident=box.max_queue)
+
+
+@dataclass(frozen=True)
 class Components:
-    authenticator: Authenticator
-    admitter: Admitter | None
-    cache: ResponseCache | None
-    observers: list[ExchangeObserver]
-    ping: Callable[[], Awaitable[Any]]
-    message_ids: Callable[[str], dict[str, str]] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    """What the lifespan hands on: the pipeline's collaborators and what the admin API and
+    the operational endpoints read."""
+
+    redis: RedisNamespace | None
+    key_store: KeyStore
+    authority: KeyAuthority
+    limiter: Limiter
+    cache: ResponseCache
+    analytics: Analytics
+    ping: Callable[[], Awaitable[object]]
 
 
 async def _nothing() -> None:
     return None
 
 
-async def build_components(
-    config: GatewayConfig, stack: AsyncExitStack, metrics: Metrics
-) -> Components:
-    from gateway.analytics.assembly import build_analytics
-    from gateway.auth import KeyAuthority
-    from gateway.response_cache import CacheHooks
-    from gateway.response_cache import ResponseCache as Cache
-    from gateway.limiter import Limiter
-    from gateway.stores.cache import make_cache_store
-    from gateway.stores.keys import make_key_store
-    from gateway.stores.limits import make_limit_store
-
-    ns = None
-    ping: Callable[[], Awaitable[Any]] = _nothing
-    if config.redis_url:
-        from gateway.stores.redis_base import connect
-
-        ns = connect(config.redis_url, config.store_prefix)
+async def build_components(config: GatewayConfig, stack: AsyncExitStack,
+                           metrics: Metrics) -> Components:
+    """Build and start every collaborator; `stack` stops and closes them in reverse."""
+    ns = connect_store(config)
+    ping: Callable[[], Awaitable[object]] = _nothing
+    if ns is not None:
         stack.push_async_callback(ns.aclose)
         ping = ns.client.ping
 
     key_store = make_key_store(config, ns)
     authority = KeyAuthority(config, key_store)
-    if hasattr(authority, "start"):
-        await authority.start()
-    if hasattr(authority, "aclose"):
-        stack.push_async_callback(authority.aclose)
+    await authority.start()
+    stack.push_async_callback(authority.aclose)
 
     limit_store = make_limit_store(config, ns)
     fallback = make_limit_store(config, None) if ns is not None else None
@@ -64,21 +99,12 @@ async def build_components(
                       on_unavailable=metrics.store_unavailable.labels("limits").inc)
 
     cache_store = make_cache_store(config, ns)
-    cache = Cache(config, cache_store,
-                  CacheHooks(store_error=metrics.store_unavailable.labels("cache").inc))
+    cache = ResponseCache(config, cache_store,
+                          CacheHooks(store_error=metrics.store_unavailable.labels("cache").inc))
     metrics.sample_gauge(metrics.cache_bytes, lambda: cache_store.stats().bytes)
     metrics.sample_total(metrics.cache_stored, lambda: cache.stored_bytes)
 
-    analytics = await build_analytics(config, ns, metrics, stack)
-
-    extra: dict[str, Any] = {"redis": ns, "key_store": key_store, "authority": authority,
-                             "limit_store": limit_store, "analytics": analytics}
-    return Components(
-        authenticator=authority,
-        admitter=limiter,
-        cache=cache,
-        observers=analytics.observers,
-        ping=ping,
-        message_ids=analytics.message_ids,
-        extra=extra,
-    )
+    analytics = await build_analytics(config, make_usage_store(config, ns),
+                                      make_outbox(config, ns) if config.analytics.sinks
+                                      else None, metrics, stack)
+    return Components(ns, key_store, authority, limiter, cache, analytics, ping)

@@ -86,6 +86,8 @@ class ChatCompletions:
         metrics.in_flight_now += 1
         try:
             reply = await state.pipeline.handle(request_id, raw, headers)
+            if reply.status == 200:
+                reply.headers.update(state.analytics.reply_headers(request_id))
             # the request-id middleware takes it off the gateway's added latency
             scope["gateway.upstream_wait"] = reply.upstream_wait
             if reply.stream is None:
@@ -161,7 +163,7 @@ async def _send_stream(
 async def list_models(request: Request) -> Response:
     state: GatewayState = request.state.gateway
     try:
-        principal = await state.authenticator.authenticate(request.headers.get("authorization"))
+        principal = await state.authority.authenticate(request.headers.get("authorization"))
     except GatewayError as exc:
         return error_response(exc)
     created = state.started
@@ -186,9 +188,8 @@ async def feedback(request: Request) -> Response:
 
     state: GatewayState = request.state.gateway
     try:
-        await state.authenticator.authenticate(request.headers.get("authorization"))
-        analytics = state.components.get("analytics")
-        sink = analytics.inkeep if analytics is not None else None
+        await state.authority.authenticate(request.headers.get("authorization"))
+        sink = state.analytics.inkeep
         if sink is None:
             raise ServiceUnavailable(
                 "Feedback needs an `inkeep` sink under analytics.sinks in the gateway config.")
@@ -212,7 +213,7 @@ async def readyz(request: Request) -> Response:
     checks: dict[str, str] = {"config": "ok"}
     ready = True
     try:
-        await asyncio.wait_for(state.ping_store(), 2.0)
+        await asyncio.wait_for(state.components.ping(), 2.0)
         checks["store"] = "ok"
     except Exception as exc:  # readiness reports any failure, it never raises
         checks["store"] = f"unreachable ({type(exc).__name__})"

@@ -43,7 +43,6 @@ class ExchangeRecord:
     error: dict[str, Any] | None = None  # the OpenAI error body when outcome is "error"
     user: str | None = None  # the request's `user` or the end-user header
     conversation_id: str | None = None  # from the conversation header, for threading
-    message_ids: dict[str, str] = field(default_factory=dict)  # ids given to the client
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -160,7 +160,6 @@ class Pipeline:
         default_max_tokens: int = 1024,
         conversation_header: str = "x-conversation-id",
         user_header: str = "x-end-user-id",
-        message_ids: Any = None,
     ) -> None:
         self.routes = routes
         self.backends = backends
@@ -172,7 +171,6 @@ class Pipeline:
         self.default_max_tokens = default_max_tokens
         self.conversation_header = conversation_header
         self.user_header = user_header
-        self.message_ids = message_ids
         self._background: set[asyncio.Task[None]] = set()
         # cache results by (model, result): plain counts, reported when metrics are sampled
         self._cache_events = metrics.tally(metrics.cache_events)
@@ -464,7 +462,6 @@ class Pipeline:
             error=ex.error,
             user=ex.headers.get(self.user_header) or ex.chat.user,
             conversation_id=ex.headers.get(self.conversation_header),
-            message_ids=self.message_ids(ex.request_id) if self.message_ids else {},
         )
         for observer in self.observers:
             try:
@@ -488,10 +485,6 @@ class Pipeline:
             stream: AsyncIterator[Piece] | None = None) -> Reply:
         """A 200 reply, whole (`body`) or streamed, with the exchange's headers."""
         headers = ex.extra_headers
-        if self.message_ids:
-            ids = self.message_ids(ex.request_id)
-            if ids.get("assistant"):
-                headers["x-gateway-message-id"] = ids["assistant"]
         raw = ex.admission.raw_headers if ex.admission is not None else ()
         if stream is None:
             return Reply(200, headers, body, raw_headers=raw, upstream_wait=ex.upstream_wait)

@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
 
+from starlette.types import ASGIApp
+
+from gateway.analytics.assembly import Analytics
+from gateway.auth import KeyAuthority
 from gateway.backends.base import Backend, Route
+from gateway.components import Components
 from gateway.config import GatewayConfig
 from gateway.metrics import Metrics
-from gateway.pipeline import Authenticator, Pipeline
+from gateway.pipeline import Pipeline
 
 
-@dataclass
+@dataclass(frozen=True)
 class GatewayState:
     config: GatewayConfig
     metrics: Metrics
     routes: Mapping[str, Route]
     backends: Mapping[str, Backend]
-    authenticator: Authenticator
     pipeline: Pipeline
-    ping_store: Callable[[], Awaitable[Any]]
-    started: int
-    components: dict[str, Any] = field(default_factory=dict)
+    components: Components
+    started: int  # unix time: the `created` of every model object
+    admin: ASGIApp | None = None  # the admin API, when `server.admin_key` is set
+
+    @property
+    def authority(self) -> KeyAuthority:
+        return self.components.authority
+
+    @property
+    def analytics(self) -> Analytics:
+        return self.components.analytics

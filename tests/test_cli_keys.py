@@ -10,8 +10,8 @@ import pytest
 
 from gateway.auth import KeyAuthority
 from gateway.cli.main import main
+from gateway.components import make_key_store
 from gateway.config import load_config
-from gateway.stores.keys import make_key_store
 from gateway.stores.redis_base import connect
 
 

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli.usage import default_range, main, render, usage_report
+from gateway.analytics.reports import default_range, usage_report
+from gateway.cli.main import main
+from gateway.cli.usage import render
+from gateway.components import make_outbox, make_usage_store, usage_file
 from gateway.config import load_config
-from gateway.stores.outbox import make_outbox
 from gateway.stores.redis_base import connect
 from gateway.stores.spool import SpoolOutbox
-from gateway.stores.usage import MemoryUsageStore, UsageDelta, make_usage_store, usage_file
+from gateway.stores.usage import MemoryUsageStore, UsageDelta
 
 D1, D2 = date(2026, 11, 1), date(2026, 11, 2)
 ROWS = [UsageDelta(D1, "alpha", "k1", "qa", requests=3, prompt_tokens=30, completion_tokens=9),
@@ -90,7 +92,7 @@ def test_outbox_on_the_spool(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     async def fill() -> SpoolOutbox:
         box = make_outbox(config, None)
         assert isinstance(box, SpoolOutbox)
-        await box.put_many([(b'{"request_id":"r%d"}' % i, f"k{i}") for i in range(3)])
+        await box.put([(b'{"request_id":"r%d"}' % i, f"k{i}") for i in range(3)])
         items = await box.claim("ink", 3, "c")
         await box.dead_letter(items[0], "HTTP 400")
         return box
@@ -123,7 +125,7 @@ def test_usage_and_outbox_on_redis(tmp_path: Path, capsys: pytest.CaptureFixture
         await ns.client.flushall()
         await make_usage_store(config, ns).add(ROWS)
         box = make_outbox(config, ns)
-        await box.put_many([(b'{"request_id":"r1"}', "k1"), (b'{"request_id":"r2"}', "k2")])
+        await box.put([(b'{"request_id":"r1"}', "k1"), (b'{"request_id":"r2"}', "k2")])
         [item, _] = await box.claim("ink", 2, "c")
         await box.dead_letter(item, "refused")
         await ns.client.aclose()

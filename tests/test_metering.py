@@ -9,8 +9,8 @@ from datetime import date
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.exchange import ExchangeRecord, Outcome
 from gateway.analytics.metering import Meter, MeterCounters
+from gateway.exchange import ExchangeRecord, Outcome
 from gateway.metrics import Metrics
 from gateway.stores.redis_base import connect
 from gateway.stores.usage import MemoryUsageStore, RedisUsageStore, UsageDelta, UsageStore

@@ -14,11 +14,12 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.config import GatewayConfig
-from gateway.metrics import Metrics
 from gateway.analytics.mirror import Backoff, Mirror, idempotency_key
 from gateway.analytics.sinks import Sink, make_sinks
-from gateway.stores.outbox import Outbox, RedisOutbox, make_outbox
+from gateway.components import make_outbox
+from gateway.config import GatewayConfig
+from gateway.metrics import Metrics
+from gateway.stores.outbox import Outbox, RedisOutbox
 from gateway.stores.redis_base import RedisNamespace, connect
 from gateway.testing.fake_analytics import AnalyticsState, create_fake_analytics_app
 from gateway.testing.server import run_server
@@ -291,7 +292,7 @@ async def test_records_a_crashed_replica_claimed_are_delivered_by_another(
     try:
         crashed = RedisOutbox(dead_ns, ["ink"], claim_idle_seconds=0.3)
         records = [record(request_id=f"x{i}") for i in range(5)]
-        await crashed.put_many([(orjson.dumps(r.to_dict()), idempotency_key(r))
+        await crashed.put([(orjson.dumps(r.to_dict()), idempotency_key(r))
                                 for r in records])
         assert len(await crashed.claim("ink", 10, "replica-that-died")) == 5  # never acked
         survivor = build(config, live_ns)

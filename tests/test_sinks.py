@@ -12,14 +12,6 @@ import orjson
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from gateway.config import SinkConfig
-from gateway.errors import (
-    InvalidRequest,
-    UpstreamError,
-    UpstreamRateLimited,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-)
 from gateway.analytics.feedback import forward_feedback
 from gateway.analytics.sinks import (
     InkeepAnalyticsSink,
@@ -30,6 +22,14 @@ from gateway.analytics.sinks import (
     message_ids,
     retryable,
     text_of,
+)
+from gateway.config import SinkConfig
+from gateway.errors import (
+    InvalidRequest,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+    UpstreamUnavailable,
 )
 from gateway.testing.fake_analytics import AnalyticsState, create_fake_analytics_app
 from gateway.testing.server import run_server

@@ -54,7 +54,7 @@ def recs(n: int, start: int = 0) -> list[tuple[bytes, str]]:
 
 async def test_every_sink_gets_every_record_in_order(make: Make) -> None:
     box = await make()
-    await box.put_many(recs(5))
+    await box.put(recs(5))
     for sink in SINKS:
         items = await box.claim(sink, 10, "c1")
         assert [i.key for i in items] == [f"key-{n}" for n in range(5)]
@@ -65,7 +65,7 @@ async def test_every_sink_gets_every_record_in_order(make: Make) -> None:
 
 async def test_claimed_records_are_not_handed_out_twice(make: Make) -> None:
     box = await make()
-    await box.put_many(recs(4))
+    await box.put(recs(4))
     first = await box.claim("ink", 3, "c1")
     second = await box.claim("ink", 3, "c1")
     assert [i.key for i in first] == ["key-0", "key-1", "key-2"]
@@ -75,16 +75,16 @@ async def test_claimed_records_are_not_handed_out_twice(make: Make) -> None:
 
 async def test_ack_is_per_sink(make: Make) -> None:
     box = await make()
-    await box.put_many(recs(3))
+    await box.put(recs(3))
     for item in await box.claim("ink", 2, "c1"):
-        await box.ack(item)
+        await box.ack([item])
     assert await box.depth() == {"ink": 1, "hook": 3}
     assert [i.key for i in await box.claim("ink", 5, "c1")] == ["key-2"]
 
 
 async def test_nack_counts_attempts_and_keeps_the_first_failure(make: Make) -> None:
     box = await make()
-    await box.put_many(recs(1))
+    await box.put(recs(1))
     [item] = await box.claim("ink", 1, "c1")
     once = await box.nack(item, now=1000.0)
     twice = await box.nack(once, now=1010.0)
@@ -94,17 +94,17 @@ async def test_nack_counts_attempts_and_keeps_the_first_failure(make: Make) -> N
     await asyncio.sleep(IDLE * 2)
     [again] = await box.claim("ink", 1, "c2")
     assert (again.key, again.attempts, again.first_failure) == ("key-0", 2, 1000.0)
-    await box.ack(again)
+    await box.ack([again])
     assert (await box.depth())["ink"] == 0
 
 
-async def test_ack_many_acks_a_batch_for_its_sink_only(make: Make) -> None:
+async def test_ack_acks_a_batch_for_its_sink_only(make: Make) -> None:
     box = await make()
-    await box.put_many(recs(4))
+    await box.put(recs(4))
     items = await box.claim("ink", 4, "c1")
     failed = await box.nack(items[1], now=1000.0)
-    await box.ack_many([items[0], failed, items[3]])
-    await box.ack_many([])
+    await box.ack([items[0], failed, items[3]])
+    await box.ack([])
     assert (await box.depth())["ink"] == 1
     assert [i.key for i in await box.claim("hook", 10, "c1")] == [f"key-{i}" for i in range(4)]
     again = await make()  # a restart (or another replica): the acked stay gone
@@ -116,9 +116,9 @@ async def test_ack_many_acks_a_batch_for_its_sink_only(make: Make) -> None:
 
 async def test_released_records_come_back_first_in_their_order(make: Make) -> None:
     box = await make()
-    await box.put_many(recs(6))
+    await box.put(recs(6))
     first = await box.claim("ink", 4, "c1")
-    await box.ack(first[1])
+    await box.ack([first[1]])
     await box.release([first[3], first[0], first[2]])
     await asyncio.sleep(IDLE * 2)  # Redis: a released record is taken once idle
     again = await box.claim("ink", 10, "c2")
@@ -127,12 +127,12 @@ async def test_released_records_come_back_first_in_their_order(make: Make) -> No
 
 async def test_dead_letters_list_and_replay(make: Make) -> None:
     box = await make()
-    await box.put_many(recs(3))
+    await box.put(recs(3))
     items = await box.claim("hook", 3, "c1")
     failed = await box.nack(items[1], now=5.0)
     await box.dead_letter(failed, "HTTP 400")
     await box.dead_letter(items[2], "kept failing")
-    await box.ack(items[0])
+    await box.ack([items[0]])
     assert (await box.depth())["hook"] == 0
     dead = await box.list_dead()
     assert [(d.key, d.sink, d.reason, d.attempts) for d in dead] == [
@@ -149,9 +149,9 @@ async def test_dead_letters_list_and_replay(make: Make) -> None:
 
 async def test_records_survive_a_reopen(make: Make) -> None:
     box = await make()
-    await box.put_many(recs(4))
+    await box.put(recs(4))
     items = await box.claim("ink", 4, "c1")
-    await box.ack(items[0])
+    await box.ack([items[0]])
     await box.dead_letter(items[1], "refused")
     await box.nack(items[2], now=42.0)
     await box.release(items[2:])
@@ -165,7 +165,7 @@ async def test_records_survive_a_reopen(make: Make) -> None:
 
 async def test_put_with_no_records_is_fine(make: Make) -> None:
     box = await make()
-    await box.put_many([])
+    await box.put([])
     assert await box.depth() == {"ink": 0, "hook": 0}
 
 
@@ -178,7 +178,7 @@ async def test_records_a_dead_consumer_left_pending_go_to_another(redis_url: str
     try:
         box_a = RedisOutbox(a, SINKS, claim_idle_seconds=IDLE)
         box_b = RedisOutbox(b, SINKS, claim_idle_seconds=IDLE)
-        await box_a.put_many(recs(3))
+        await box_a.put(recs(3))
         taken = await box_a.claim("ink", 3, "replica-a")  # ... and replica a dies
         assert len(taken) == 3
         assert await box_b.claim("ink", 3, "replica-b") == []  # not idle long enough yet
@@ -196,7 +196,7 @@ async def test_touch_keeps_held_records_from_being_taken(redis_url: str) -> None
     try:
         box_a = RedisOutbox(a, SINKS, claim_idle_seconds=0.3)
         box_b = RedisOutbox(b, SINKS, claim_idle_seconds=0.3)
-        await box_a.put_many(recs(1))
+        await box_a.put(recs(1))
         held = await box_a.claim("ink", 1, "replica-a")
         for _ in range(4):
             await asyncio.sleep(0.1)
@@ -209,7 +209,7 @@ async def test_touch_keeps_held_records_from_being_taken(redis_url: str) -> None
 
 async def test_spool_spills_data_beyond_max_resident_and_reads_it_back(tmp_path: Path) -> None:
     box = SpoolOutbox(tmp_path, ["ink"], max_resident=2)
-    await box.put_many(recs(5))
+    await box.put(recs(5))
     items = await box.claim("ink", 5, "c")
     assert [i.data for i in items] == [b'{"n":%d}' % i for i in range(5)]
     await box.close()
@@ -217,10 +217,10 @@ async def test_spool_spills_data_beyond_max_resident_and_reads_it_back(tmp_path:
 
 async def test_spool_takes_an_ack_of_a_record_back_in_line(tmp_path: Path) -> None:
     box = SpoolOutbox(tmp_path, ["ink"])
-    await box.put_many(recs(3))
+    await box.put(recs(3))
     [one, _, _] = await box.claim("ink", 3, "c")
     await box.release([one])
-    await box.ack(one)  # acked while back in line: it must not be handed out again
+    await box.ack([one])  # acked while back in line: it must not be handed out again
     assert [i.key for i in await box.claim("ink", 3, "c")] == []
     assert (await box.depth())["ink"] == 2
     await box.close()
@@ -229,10 +229,10 @@ async def test_spool_takes_an_ack_of_a_record_back_in_line(tmp_path: Path) -> No
 async def test_spool_compacts_acked_records_away(tmp_path: Path) -> None:
     box = SpoolOutbox(tmp_path, ["ink"], compact_bytes=2000)
     for round_ in range(10):
-        await box.put_many(recs(10, round_ * 10))
+        await box.put(recs(10, round_ * 10))
         for item in await box.claim("ink", 10, "c"):
             if item.key != "key-0":
-                await box.ack(item)
+                await box.ack([item])
     await box.flush()
     assert box.path.stat().st_size < 2000
     await box.close()
@@ -243,13 +243,13 @@ async def test_spool_compacts_acked_records_away(tmp_path: Path) -> None:
 
 async def test_spool_ignores_a_torn_last_line(tmp_path: Path) -> None:
     box = SpoolOutbox(tmp_path, ["ink"])
-    await box.put_many(recs(2))
+    await box.put(recs(2))
     path = box.path
     await box.close()
     with path.open("ab") as f:
         f.write(b'{"op":"put","id":3,"key":"key-')
     again = SpoolOutbox(tmp_path, ["ink"])
-    await again.put_many(recs(1, 7))
+    await again.put(recs(1, 7))
     assert [i.key for i in await again.claim("ink", 10, "c")] == ["key-0", "key-1", "key-7"]
     await again.close()
     third = SpoolOutbox(tmp_path, ["ink"])

@@ -1,25 +1,23 @@
-"""Assembly of usage metering and analytics mirroring from the config, for the lifespan.
+"""Assembly of usage metering and analytics mirroring, for the lifespan.
 
-`build_analytics` creates the usage store, the `Meter`, and (when sinks are configured) the
-outbox, the sinks and the `Mirror`; it starts them and registers their ``stop`` on the exit
-stack, so shutdown flushes usage and leaves undelivered records in the outbox.
+`build_analytics` starts the `Meter` on the usage store and, when sinks are configured, the
+`Mirror` that delivers through the outbox; their ``stop`` goes on the exit stack, so
+shutdown flushes usage and leaves undelivered records in the outbox.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
+from gateway.analytics.metering import Meter, MeterCounters
+from gateway.analytics.mirror import Mirror
+from gateway.analytics.sinks import InkeepAnalyticsSink, make_sinks
 from gateway.config import GatewayConfig
 from gateway.exchange import ExchangeObserver
-from gateway.analytics.metering import Meter, MeterCounters
 from gateway.metrics import Metrics
-from gateway.analytics.mirror import Mirror
-from gateway.analytics.sinks import InkeepAnalyticsSink, make_sinks, message_ids
-from gateway.stores.outbox import Outbox, make_outbox
-from gateway.stores.redis_base import RedisNamespace
-from gateway.stores.usage import UsageStore, make_usage_store
+from gateway.stores.outbox import Outbox
+from gateway.stores.usage import UsageStore
 
 
 @dataclass(frozen=True)
@@ -34,25 +32,23 @@ class Analytics:
     def observers(self) -> list[ExchangeObserver]:
         return [self.meter] if self.mirror is None else [self.meter, self.mirror]
 
-    @property
-    def message_ids(self) -> Callable[[str], dict[str, str]] | None:
-        """`sinks.message_ids` when an Inkeep sink is configured (for the response header)."""
-        return message_ids if self.inkeep is not None else None
+    def reply_headers(self, request_id: str) -> dict[str, str]:
+        """Headers for a successful answer: the Inkeep sink's message id, for feedback."""
+        return self.inkeep.reply_headers(request_id) if self.inkeep is not None else {}
 
 
-async def build_analytics(config: GatewayConfig, ns: RedisNamespace | None, metrics: Metrics,
-                          stack: AsyncExitStack) -> Analytics:
-    store = make_usage_store(config, ns)
-    meter = Meter(store, MeterCounters(metrics.tally(metrics.tokens),
-                                      metrics.tally(metrics.team_requests)))
+async def build_analytics(config: GatewayConfig, usage_store: UsageStore, outbox: Outbox | None,
+                          metrics: Metrics, stack: AsyncExitStack) -> Analytics:
+    """`outbox`: where records wait for the sinks (None when no sink is configured)."""
+    meter = Meter(usage_store, MeterCounters(metrics.tally(metrics.tokens),
+                                            metrics.tally(metrics.team_requests)))
     meter.start()
     stack.push_async_callback(meter.stop)
-    if not config.analytics.sinks:
-        return Analytics(meter, store)
-    outbox = make_outbox(config, ns)
+    if outbox is None:
+        return Analytics(meter, usage_store)
     sinks = make_sinks(config.analytics.sinks)
     mirror = Mirror(config, outbox, sinks, metrics)
     await mirror.start()
     stack.push_async_callback(mirror.stop)
     inkeep = next((s for s in sinks if isinstance(s, InkeepAnalyticsSink)), None)
-    return Analytics(meter, store, mirror, outbox, inkeep)
+    return Analytics(meter, usage_store, mirror, outbox, inkeep)

@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.errors import InvalidRequest
 from gateway.analytics.sinks import InkeepAnalyticsSink, message_ids
+from gateway.errors import InvalidRequest
 
 __all__ = ["FeedbackRequest", "forward_feedback", "message_ids", "validate_feedback"]
 

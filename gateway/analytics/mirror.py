@@ -29,11 +29,11 @@ from typing import Any, cast
 import orjson
 import structlog
 
+from gateway.analytics.sinks import BatchSink, Sink, retryable
 from gateway.config import GatewayConfig
 from gateway.errors import UpstreamError
 from gateway.exchange import ExchangeRecord
 from gateway.metrics import Metrics
-from gateway.analytics.sinks import BatchSink, Sink, retryable
 from gateway.stores.outbox import Outbox, OutboxItem
 
 log = structlog.get_logger("gateway.analytics.mirror")
@@ -166,7 +166,7 @@ class Mirror:
             return
         batch, self._accepted = self._accepted, []
         try:
-            await self.outbox.put_many(batch)
+            await self.outbox.put(batch)
         except BaseException:
             self._accepted[:0] = batch
             raise
@@ -250,7 +250,7 @@ class Mirror:
                 for conv, held in ready:
                     await self._failed(worker, conv, held, exc)
                 return
-            await self.outbox.ack_many([held.item for _, held in ready])
+            await self.outbox.ack([held.item for _, held in ready])
             self._pop(worker, [conv for conv, _ in ready])
             self._count(name, "delivered", len(ready))
         except Exception:  # the outbox may be down: the records stay claimed, try later

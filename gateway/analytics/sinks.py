@@ -138,7 +138,7 @@ def _message_id(conv: str, index: int, message: dict[str, str]) -> str:
 def inkeep_payload(record: ExchangeRecord) -> dict[str, Any]:
     """The `POST /conversations` body for one exchange (an upsert of the whole thread)."""
     conv = conversation_id(record)
-    ids = record.message_ids or message_ids(record.request_id)
+    ids = message_ids(record.request_id)
     history = fold_messages(record.messages)
     messages: list[dict[str, str]] = []
     last_user = max((i for i, m in enumerate(history) if m["role"] == "user"), default=-1)
@@ -258,6 +258,10 @@ class InkeepAnalyticsSink(_HTTPSink):
     async def deliver(self, record: ExchangeRecord, idempotency_key: str) -> None:
         await self.post("/conversations", fit(inkeep_payload(record)),
                         self._auth(idempotency_key))
+
+    def reply_headers(self, request_id: str) -> dict[str, str]:
+        """The id this exchange's answer gets in Inkeep Analytics: feedback refers to it."""
+        return {"x-gateway-message-id": message_ids(request_id)["assistant"]}
 
     async def feedback(self, body: dict[str, Any]) -> dict[str, Any]:
         reply = await self.post("/feedback", orjson.dumps(body), self._auth())

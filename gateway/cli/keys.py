@@ -7,60 +7,27 @@ within a second), else on the key file next to the config (``keys.file``).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from gateway.auth import create_key, parse_duration
-from gateway.config import ConfigError, GatewayConfig, load_config
-from gateway.errors import GatewayError
-from gateway.stores.keys import KeyRecord, KeyStore, TeamRecord, make_key_store
+from gateway.cli.command import CONFIG_HELP, on_store, opt, table, when
+from gateway.components import make_key_store
+from gateway.config import GatewayConfig
+from gateway.stores.keys import KeyRecord, KeyStore, TeamRecord
+from gateway.stores.redis_base import RedisNamespace
 
-Action = Callable[[argparse.Namespace, GatewayConfig, KeyStore], Awaitable[int]]
-
-
-def _run(action: Action) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        try:
-            config = load_config(args.config)
-        except ConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        return asyncio.run(_with_store(action, args, config))
-
-    return run
+KeyAction = Callable[[argparse.Namespace, GatewayConfig, KeyStore], Awaitable[int]]
 
 
-async def _with_store(action: Action, args: argparse.Namespace, config: GatewayConfig) -> int:
-    ns = None
-    if config.redis_url:
-        from gateway.stores.redis_base import connect
-
-        ns = connect(config.redis_url, config.store_prefix)
-    try:
+def _run(action: KeyAction) -> Callable[[argparse.Namespace], int]:
+    async def on_keys(args: argparse.Namespace, config: GatewayConfig,
+                      ns: RedisNamespace | None) -> int:
         return await action(args, config, make_key_store(config, ns))
-    except GatewayError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 1
-    finally:
-        if ns is not None:
-            await ns.client.aclose()
 
-
-def _when(ts: float | None) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M") if ts else "-"
-
-
-def _table(rows: Sequence[tuple[str, ...]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in rows)
-
-
-def _opt(value: Any) -> str:
-    return "-" if value is None else str(value)
+    return on_store(on_keys)
 
 
 def _models(text: str | None) -> list[str] | None:
@@ -80,7 +47,7 @@ async def _create(args: argparse.Namespace, config: GatewayConfig, store: KeySto
         rpm=args.rpm, tpm=args.tpm, max_concurrent=args.max_concurrent, expires_in=expires_in)
     record = issued.record
     print(issued.secret)
-    print(f"key id {record.id}, team {record.team}; expires {_when(record.expires)}. "
+    print(f"key id {record.id}, team {record.team}; expires {when(record.expires)}. "
           "The key is shown only this once: store it now.", file=sys.stderr)
     return 0
 
@@ -93,8 +60,8 @@ def _key_row(r: KeyRecord, now: float) -> tuple[str, ...]:
     else:
         status = "active"
     return (r.id, r.team, r.name or "-", ",".join(r.models) if r.models is not None else "*",
-            _opt(r.rpm), _opt(r.tpm), _opt(r.max_concurrent), _when(r.created),
-            _when(r.expires), _when(r.last_used), status)
+            opt(r.rpm), opt(r.tpm), opt(r.max_concurrent), when(r.created),
+            when(r.expires), when(r.last_used), status)
 
 
 async def _list(args: argparse.Namespace, config: GatewayConfig, store: KeyStore) -> int:
@@ -105,9 +72,9 @@ async def _list(args: argparse.Namespace, config: GatewayConfig, store: KeyStore
     rows += [_key_row(r, now) for r in records]
     static = [s for s in config.keys.static if args.team is None or s.team == args.team]
     rows += [(s.id, s.team, s.name or "-", ",".join(s.models) if s.models else "*",
-              _opt(s.rpm), _opt(s.tpm), _opt(s.max_concurrent), "-", "-", "-", "static")
+              opt(s.rpm), opt(s.tpm), opt(s.max_concurrent), "-", "-", "-", "static")
              for s in static]
-    print(_table(rows))
+    print(table(rows))
     return 0
 
 
@@ -126,11 +93,11 @@ async def _teams(args: argparse.Namespace, config: GatewayConfig, store: KeyStor
         team = stored.get(name)
         source = "store" if team is not None else "config"
         spec: Any = team if team is not None else config.teams[name]
-        models = ",".join(f"{m}(rpm={_opt(v.rpm)},tpm={_opt(v.tpm)})"
+        models = ",".join(f"{m}(rpm={opt(v.rpm)},tpm={opt(v.tpm)})"
                           for m, v in spec.models.items()) or "-"
-        rows.append((name, _opt(spec.rpm), _opt(spec.tpm), _opt(spec.daily_token_budget),
-                     _opt(spec.monthly_token_budget), models, source))
-    print(_table(rows))
+        rows.append((name, opt(spec.rpm), opt(spec.tpm), opt(spec.daily_token_budget),
+                     opt(spec.monthly_token_budget), models, source))
+    print(table(rows))
     return 0
 
 
@@ -148,9 +115,9 @@ async def _team_set(args: argparse.Namespace, config: GatewayConfig, store: KeyS
         models=base.models,
     )
     await store.put_team(record)
-    print(f"team {record.name}: rpm={_opt(record.rpm)} tpm={_opt(record.tpm)} "
-          f"daily_tokens={_opt(record.daily_token_budget)} "
-          f"monthly_tokens={_opt(record.monthly_token_budget)}")
+    print(f"team {record.name}: rpm={opt(record.rpm)} tpm={opt(record.tpm)} "
+          f"daily_tokens={opt(record.daily_token_budget)} "
+          f"monthly_tokens={opt(record.monthly_token_budget)}")
     return 0
 
 
@@ -197,5 +164,4 @@ def register(subparsers: Any) -> None:
     team_set.set_defaults(func=_run(_team_set))
 
     for parser in (create, listing, revoke, teams_list, team_set):
-        parser.add_argument("--config", help="YAML file (default: $GATEWAY_CONFIG or "
-                                             "config/gateway.yaml)")
+        parser.add_argument("--config", help=CONFIG_HELP)

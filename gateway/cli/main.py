@@ -10,19 +10,19 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
+import uvicorn
+
+from gateway.app import create_app
+from gateway.cli import keys, outbox, usage
+from gateway.cli.command import CONFIG_HELP, table
 from gateway.config import ConfigError, GatewayConfig, config_path, load_config
+from gateway.demo import demo_app
+from gateway.errors import GatewayError
+from gateway.logs import configure_logging
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from gateway.logs import configure_logging
-
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    config = load_config(args.config)
     server = config.server
     host = args.host or server.host
     port = server.port if args.port is None else args.port
@@ -38,8 +38,6 @@ def _serve(args: argparse.Namespace) -> int:
             print("error: --demo runs its sample upstreams in-process: use one worker",
                   file=sys.stderr)
             return 2
-        from gateway.demo import demo_app
-
         app, banner = demo_app(config, host, port)
         print(banner, file=sys.stderr, flush=True)
         uvicorn.run(app, **options)
@@ -54,17 +52,12 @@ def _serve(args: argparse.Namespace) -> int:
         finally:
             shutil.rmtree(metrics_dir, ignore_errors=True)
         return 0
-    from gateway.app import create_app
-
     uvicorn.run(create_app(config), **options)
     return 0
 
 
 def app_factory() -> Any:
     """Entry point for multi-worker uvicorn (each worker loads the config itself)."""
-    from gateway.app import create_app
-    from gateway.logs import configure_logging
-
     config = load_config()
     configure_logging(config.server.log_level, json=config.server.log_json)
     return create_app(config)
@@ -83,9 +76,7 @@ def routing_table(config: GatewayConfig) -> str:
         rows.append((name, model.backend, backend.kind, model.upstream_model or name,
                      backend.base_url + (f" (kb {backend.kbid})" if backend.kbid else ""),
                      creds))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-             for row in rows]
+    lines = [table(rows)]
     store = "redis" if config.redis_url else "memory (in-process)"
     lines.append(f"\nstore: {store}; sinks: {len(config.analytics.sinks)}; "
                  f"static keys: {len(config.keys.static)}")
@@ -93,11 +84,7 @@ def routing_table(config: GatewayConfig) -> str:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    config = load_config(args.config)
     print(f"{config_path(args.config)}: ok\n")
     print(routing_table(config))
     return 0
@@ -108,8 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gateway")
-    serve.add_argument("--config", help="YAML file (default: $GATEWAY_CONFIG or "
-                                        "config/gateway.yaml)")
+    serve.add_argument("--config", help=CONFIG_HELP)
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--workers", type=int)
@@ -118,22 +104,25 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     check = sub.add_parser("check-config", help="validate the config and print the routing table")
-    check.add_argument("--config")
+    check.add_argument("--config", help=CONFIG_HELP)
     check.set_defaults(func=_check_config)
 
-    for module in ("gateway.cli.keys", "gateway.cli.usage"):
-        try:
-            register = __import__(module, fromlist=["register"]).register
-        except ModuleNotFoundError:
-            continue
-        register(sub)
+    for command in (keys, usage, outbox):
+        command.register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except GatewayError as exc:  # a store the command needs is unreachable
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
     return result
 
 

@@ -23,7 +23,6 @@ import orjson
 import structlog
 from redis.exceptions import RedisError, WatchError
 
-from gateway.config import GatewayConfig
 from gateway.stores.redis_base import RedisNamespace, unavailable
 
 log = structlog.get_logger("gateway.stores.keys")
@@ -389,12 +388,4 @@ class RedisKeyStore:
                 await asyncio.sleep(0.5)
             finally:
                 with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-
-def make_key_store(config: GatewayConfig, ns: RedisNamespace | None) -> KeyStore:
-    """Redis when the config names a Redis store (and `ns` is its connection), else the file
-    ``keys.file`` next to the config."""
-    if ns is not None:
-        return RedisKeyStore(ns)
-    return MemoryKeyStore(config.resolve(config.keys.file))
+                    await pubsub.aclose()

@@ -4,7 +4,7 @@ Every record `put` into the outbox is delivered to every sink once (at least onc
 record's idempotency key so receivers can drop repeats). Delivery state is per sink: each sink
 has its own queue (spool) or stream (Redis), so a slow sink never holds up another.
 
-    put / put_many ─► [sink A queue] ─ claim ─► worker A ─ ack ───────────► gone
+    put ───────────► [sink A queue] ─ claim ─► worker A ─ ack ───────────► gone
                       [sink B queue] ─ claim ─► worker B ─ nack (retry) ─► still claimed
                                                           └ dead_letter ─► dead letters
                                                                   replay_dead ─┘ (back in A/B)
@@ -22,7 +22,6 @@ from typing import Any, Protocol
 
 import redis.exceptions
 
-from gateway.config import GatewayConfig
 from gateway.stores.redis_base import RedisNamespace, unavailable
 
 GROUP = "delivery"
@@ -54,10 +53,12 @@ class DeadLetter:
 
 
 class Outbox(Protocol):
+    """What the mirror calls: records in, claimed per sink, acked or given back."""
+
     sinks: tuple[str, ...]
 
-    async def put_many(self, entries: list[tuple[bytes, str]]) -> None:
-        """Add records (data: the record's JSON; idempotency key) for every sink; durable when
+    async def put(self, entries: list[tuple[bytes, str]]) -> None:
+        """Add records (the record's JSON, its idempotency key) for every sink; durable when
         this returns."""
         ...
 
@@ -66,12 +67,8 @@ class Outbox(Protocol):
         claimed and abandoned (Redis: idle longer than ``claim_idle_seconds``)."""
         ...
 
-    async def ack(self, item: OutboxItem) -> None:
-        """Delivered: forget the record for this sink."""
-        ...
-
-    async def ack_many(self, items: list[OutboxItem]) -> None:
-        """`ack` for several records at once (a delivered batch): one write, one round trip."""
+    async def ack(self, items: list[OutboxItem]) -> None:
+        """Delivered: forget the records, each for its own sink (one write, one round trip)."""
         ...
 
     async def nack(self, item: OutboxItem, now: float | None = None) -> OutboxItem:
@@ -89,21 +86,28 @@ class Outbox(Protocol):
         ...
 
     async def dead_letter(self, item: OutboxItem, reason: str) -> None:
-        ...
-
-    async def list_dead(self) -> list[DeadLetter]:
-        ...
-
-    async def replay_dead(self, ids: list[str] | None = None) -> int:
-        """Put dead letters (all when `ids` is None) back in their sink's queue; the count."""
+        """Give up on a record for its sink: it moves to the dead letters."""
         ...
 
     async def depth(self) -> dict[str, int]:
         """Records not yet delivered (nor dead-lettered), per sink."""
         ...
 
-    async def close(self) -> None:
+    async def close(self) -> None: ...
+
+
+class DeadLetters(Protocol):
+    """What operators see of the records no sink would take (CLI, admin API)."""
+
+    async def list_dead(self) -> list[DeadLetter]: ...
+
+    async def replay_dead(self, ids: list[str] | None = None) -> int:
+        """Put dead letters (all when `ids` is None) back in their sink's queue; the count."""
         ...
+
+
+class OutboxStore(Outbox, DeadLetters, Protocol):
+    """Both sides, as each store implements them."""
 
 
 def ids_by_sink(items: list[OutboxItem]) -> dict[str, list[Any]]:
@@ -154,7 +158,7 @@ class RedisOutbox:
             raise unavailable(exc) from exc
         self._ready.add(sink)
 
-    async def put_many(self, entries: list[tuple[bytes, str]]) -> None:
+    async def put(self, entries: list[tuple[bytes, str]]) -> None:
         if not entries or not self.sinks:
             return
         for sink in self.sinks:
@@ -167,9 +171,6 @@ class RedisOutbox:
             await pipe.execute()
         except redis.exceptions.RedisError as exc:
             raise unavailable(exc) from exc
-
-    async def put(self, data: bytes, key: str) -> None:
-        await self.put_many([(data, key)])
 
     async def claim(self, sink: str, n: int, consumer: str,
                     block_ms: int | None = None) -> list[OutboxItem]:
@@ -204,10 +205,7 @@ class RedisOutbox:
                                     bytes(fields[b"d"]), attempts, first))
         return items
 
-    async def ack(self, item: OutboxItem) -> None:
-        await self.ack_many([item])
-
-    async def ack_many(self, items: list[OutboxItem]) -> None:
+    async def ack(self, items: list[OutboxItem]) -> None:
         if not items:
             return
         pipe = self.ns.client.pipeline(transaction=False)
@@ -299,14 +297,3 @@ class RedisOutbox:
 
     async def close(self) -> None:
         return None
-
-
-def make_outbox(config: GatewayConfig, ns: RedisNamespace | None) -> Outbox:
-    """Redis streams when the config names a Redis store, else the spool under spool_dir."""
-    sinks = [s.name for s in config.analytics.sinks]
-    box = config.analytics.outbox
-    if ns is not None:
-        return RedisOutbox(ns, sinks, claim_idle_seconds=box.claim_idle_seconds)
-    from gateway.stores.spool import SpoolOutbox
-
-    return SpoolOutbox(config.resolve(box.spool_dir), sinks, max_resident=box.max_queue)

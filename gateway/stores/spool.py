@@ -299,14 +299,11 @@ class SpoolOutbox:
 
     # -- the Outbox protocol -----------------------------------------------------------------
 
-    async def put_many(self, entries: list[tuple[bytes, str]]) -> None:
-        self.put_nowait(entries)
+    async def put(self, entries: list[tuple[bytes, str]]) -> None:
+        self._put(entries)
         await self.flush()
 
-    async def put(self, data: bytes, key: str) -> None:
-        await self.put_many([(data, key)])
-
-    def put_nowait(self, entries: list[tuple[bytes, str]]) -> None:
+    def _put(self, entries: list[tuple[bytes, str]]) -> None:
         """Queue records in memory and buffer their put lines; `flush()` makes them durable."""
         if not self.sinks:
             return
@@ -343,10 +340,7 @@ class SpoolOutbox:
             claimed.add(rid)
         return items
 
-    async def ack(self, item: OutboxItem) -> None:
-        await self.ack_many([item])
-
-    async def ack_many(self, items: list[OutboxItem]) -> None:
+    async def ack(self, items: list[OutboxItem]) -> None:
         for sink, ids in ids_by_sink(items).items():
             rids = [int(rid) for rid in ids]
             claimed, pending, name = self._claimed[sink], self._pending[sink], self._sink_json[sink]

@@ -26,7 +26,6 @@ from typing import Protocol
 import orjson
 import redis.exceptions
 
-from gateway.config import GatewayConfig
 from gateway.stores.redis_base import RedisNamespace, unavailable
 
 COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "errors", "cached", "estimated")
@@ -217,14 +216,3 @@ class RedisUsageStore:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def usage_file(config: GatewayConfig) -> Path:
-    """Where the in-process store appends its deltas: ``usage.jsonl`` beside the spool dir."""
-    return config.resolve(config.analytics.outbox.spool_dir).parent / "usage.jsonl"
-
-
-def make_usage_store(config: GatewayConfig, ns: RedisNamespace | None) -> UsageStore:
-    if ns is not None:
-        return RedisUsageStore(ns)
-    return MemoryUsageStore(usage_file(config))
