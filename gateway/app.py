@@ -45,10 +45,9 @@ GC_THRESHOLDS = (50_000, 50, 50)
 
 def tune_gc() -> None:
     """Everything built at start-up lives as long as the process: freeze it out of the
-    collector's sight, and collect young objects every 50,000 allocations instead of 700.
-    Measured with bench/ on one worker (wrk @50, nginx upstream): core non-stream 206 -> 167
-    µs CPU per request, keys+limits 308 -> 206. Reference counting still frees almost
-    everything at once; only cyclic garbage waits a little longer."""
+    collector's sight, and collect young objects every 50,000 allocations instead of 700
+    (each request allocates thousands; see docs/performance.md). Reference counting still
+    frees almost everything at once; only cyclic garbage waits a little longer."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
@@ -130,8 +129,7 @@ CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 
 class FastPath:
     """Sends ``POST /v1/chat/completions`` straight to its endpoint; everything else (and the
-    lifespan) goes through Starlette. The hot path skips three middleware layers and the
-    router: about 10% of a proxied request's CPU on this machine."""
+    lifespan) goes through Starlette: the hot path skips its middleware stack and router."""
 
     def __init__(self, app: Starlette, chat: Any, paths: frozenset[str]) -> None:
         self.app = app

@@ -164,6 +164,25 @@ def _invalid() -> AuthenticationFailed:
     return AuthenticationFailed("Incorrect API key provided. Check the key and try again.")
 
 
+def _bearer(authorization: str | None) -> str:
+    """The key presented in ``Authorization: Bearer <key>``."""
+    scheme, _, presented = (authorization or "").strip().partition(" ")
+    presented = presented.strip()
+    if scheme.lower() != "bearer" or not presented:
+        raise _MISSING
+    return presented
+
+
+def _key_id(presented: str) -> str:
+    """The id part of a ``gw-<id>_<secret>`` key."""
+    if not presented.startswith(KEY_PREFIX):
+        raise _invalid()
+    key_id, underscore, _ = presented[len(KEY_PREFIX):].partition("_")
+    if not key_id or not underscore:
+        raise _invalid()
+    return key_id
+
+
 @dataclass(slots=True)
 class _Cached:
     record: KeyRecord | None
@@ -233,31 +252,14 @@ class KeyAuthority:
     # -- authentication ----------------------------------------------------------------------
 
     async def authenticate(self, authorization: str | None) -> Principal:
-        if not authorization:
-            raise _MISSING
-        scheme, _, presented = authorization.strip().partition(" ")
-        presented = presented.strip()
-        if scheme.lower() != "bearer" or not presented:
-            raise _MISSING
+        presented = _bearer(authorization)
         plain = hashlib.sha256(presented.encode()).hexdigest()
         # A dict lookup by the digest reveals nothing about the secret's bytes.
         static = self._static.get(plain)
         if static is not None:
             return await self._with_stored_team(static)
-        if not presented.startswith(KEY_PREFIX) or "_" not in presented:
-            raise _invalid()
-        key_id = presented[len(KEY_PREFIX):].partition("_")[0]
-        if not key_id:
-            raise _invalid()
-        now = self.clock()
-        cached = self._cache.get(key_id)
-        if cached is None or cached.until <= now:
-            try:
-                cached = await self._once("key:" + key_id, lambda: self._load(key_id, now))
-            except GatewayError:
-                if cached is None or cached.record is None:
-                    raise
-                log.warning("key_store_unavailable_using_cached", key_id=key_id)
+        key_id = _key_id(presented)
+        cached = await self._record(key_id)
         record = cached.record
         digest = plain if self.pepper is None else hash_key(presented, self.pepper)
         if record is None or not hmac.compare_digest(digest, record.hash) or record.revoked:
@@ -271,6 +273,21 @@ class KeyAuthority:
         self._note_use(key_id, wall)
         assert cached.principal is not None
         return cached.principal
+
+    async def _record(self, key_id: str) -> _Cached:
+        """The key's cached record, loaded when stale; a stale record still serves while the
+        store is unreachable."""
+        now = self.clock()
+        cached = self._cache.get(key_id)
+        if cached is not None and cached.until > now:
+            return cached
+        try:
+            return await self._once("key:" + key_id, lambda: self._load(key_id, now))
+        except GatewayError:
+            if cached is None or cached.record is None:
+                raise
+            log.warning("key_store_unavailable_using_cached", key_id=key_id)
+            return cached
 
     async def _once(self, name: str, load: Callable[[], Awaitable[_T]]) -> _T:
         """Single flight: the requests that find the same cache entry stale share one load

@@ -14,8 +14,8 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.analytics.mirror import Backoff, Mirror, idempotency_key
-from gateway.analytics.sinks import Sink, make_sinks
+from gateway.analytics.mirror import Backoff, Mirror
+from gateway.analytics.sinks import Sink, idempotency_key, make_sinks
 from gateway.components import make_outbox
 from gateway.config import GatewayConfig
 from gateway.metrics import Metrics

@@ -14,6 +14,7 @@ from pydantic import SecretStr, ValidationError
 
 from gateway.analytics.feedback import forward_feedback
 from gateway.analytics.sinks import (
+    Delivery,
     InkeepAnalyticsSink,
     WebhookSink,
     fit,
@@ -31,6 +32,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from gateway.exchange import ExchangeRecord
 from gateway.testing.fake_analytics import AnalyticsState, create_fake_analytics_app
 from gateway.testing.server import run_server
 from tests.analytics_records import record
@@ -137,6 +139,10 @@ async def analytics() -> AsyncIterator[tuple[str, AnalyticsState]]:
         yield url, app.state.analytics
 
 
+def one(rec: ExchangeRecord, key: str) -> list[Delivery]:
+    return [Delivery(rec, key, orjson.dumps(rec))]
+
+
 def ink(url: str, key: str = API_KEY, timeout: float = 2.0) -> InkeepAnalyticsSink:
     return InkeepAnalyticsSink(SinkConfig(name="ink", kind="inkeep", url=url,
                                           api_key=SecretStr(key), timeout=timeout))
@@ -147,10 +153,10 @@ async def test_inkeep_sink_posts_an_upsert(analytics: tuple[str, AnalyticsState]
     sink = ink(url)
     await sink.start()
     try:
-        await sink.deliver(record(request_id="t1", conversation_id="cv"), "idem-1")
-        await sink.deliver(record(request_id="t2", conversation_id="cv", messages=[
+        await sink.deliver(one(record(request_id="t1", conversation_id="cv"), "idem-1"))
+        await sink.deliver(one(record(request_id="t2", conversation_id="cv", messages=[
             {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."},
-            {"role": "user", "content": "Again"}]), "idem-2")
+            {"role": "user", "content": "Again"}]), "idem-2"))
     finally:
         await sink.aclose()
     got = state.on("/conversations")
@@ -166,24 +172,24 @@ async def test_http_outcomes_map_to_errors(analytics: tuple[str, AnalyticsState]
     try:
         state.faults.fail_next(1, 500)
         with pytest.raises(UpstreamUnavailable):
-            await sink.deliver(record(), "k")
+            await sink.deliver(one(record(), "k"))
         state.faults.fail_next(1, 429)
         with pytest.raises(UpstreamRateLimited) as limited:
-            await sink.deliver(record(), "k")
+            await sink.deliver(one(record(), "k"))
         assert limited.value.headers.get("retry-after") == "0"
         state.faults.fail_next(1, 500, hang=1.0)
         with pytest.raises(UpstreamTimeout):
-            await sink.deliver(record(), "k")
+            await sink.deliver(one(record(), "k"))
         wrong = ink(url, key="wrong")
         with pytest.raises(UpstreamError) as refused:
-            await wrong.deliver(record(), "k")
+            await wrong.deliver(one(record(), "k"))
         await wrong.aclose()
         assert not retryable(refused.value) and "wrong" not in refused.value.message
     finally:
         await sink.aclose()
     unreachable = ink("http://127.0.0.1:9")
     with pytest.raises(UpstreamUnavailable):
-        await unreachable.deliver(record(), "k")
+        await unreachable.deliver(one(record(), "k"))
     await unreachable.aclose()
 
 
@@ -192,7 +198,7 @@ async def test_webhook_is_signed(analytics: tuple[str, AnalyticsState]) -> None:
     sink = WebhookSink(SinkConfig(name="hook", kind="webhook", url=url + "/hook",
                                   secret=SecretStr("s3cret")))
     rec = record(request_id="w1")
-    await sink.deliver(rec, "idem-w")
+    await sink.deliver(one(rec, "idem-w"))
     await sink.aclose()
     [got] = state.on("/hook")
     assert got.key == "idem-w" and got.body["request_id"] == "w1"
@@ -207,8 +213,7 @@ async def test_webhook_batch_is_one_signed_array(analytics: tuple[str, Analytics
     sink = WebhookSink(SinkConfig(name="hook", kind="webhook", url=url + "/hook",
                                   secret=SecretStr("s3cret"), batch=10))
     first_record, second_record = record(request_id="b1"), record(request_id="b2")
-    await sink.deliver_many([(first_record, "gw-b1", orjson.dumps(first_record)),
-                             (second_record, "gw-b2", orjson.dumps(second_record))])
+    await sink.deliver([Delivery.of(first_record), Delivery.of(second_record)])
     await sink.aclose()
     first, second = state.on("/hook")
     assert [first.body["request_id"], second.body["request_id"]] == ["b1", "b2"]

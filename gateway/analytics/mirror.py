@@ -24,12 +24,12 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import orjson
 import structlog
 
-from gateway.analytics.sinks import BatchSink, Sink, retryable
+from gateway.analytics.sinks import Delivery, Sink, idempotency_key, retryable
 from gateway.config import GatewayConfig
 from gateway.errors import UpstreamError
 from gateway.exchange import ExchangeRecord
@@ -64,11 +64,6 @@ async def wait_event(event: asyncio.Event, seconds: float) -> None:
             await event.wait()
 
 
-def idempotency_key(record: ExchangeRecord) -> str:
-    """One key per record (the request id is unique per exchange)."""
-    return f"gw-{record.request_id}"
-
-
 def default_consumer() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
@@ -83,8 +78,7 @@ class _Held:
 @dataclass
 class _SinkWorker:
     sink: Sink
-    # a conversation's held records, oldest first: a list, as it seldom holds more than one
-    # (a deque cost 2.4k instructions to make against 0.2k)
+    # a conversation's held records, oldest first (it seldom holds more than one)
     convs: dict[str, list[_Held]] = field(default_factory=dict)
     busy: set[str] = field(default_factory=set)
     inflight: int = 0  # delivery tasks running (each one record or one batch)
@@ -147,8 +141,8 @@ class Mirror:
         try:
             key = idempotency_key(record)
             accepted = self._accepted
-            # right-sized by the slice: orjson's output keeps its whole ~4 KB working buffer
-            # (see `gateway.response_cache.encode_answer`), and the in-process outbox holds the data
+            # sliced: orjson's output keeps its whole working buffer, and the in-process
+            # outbox holds the data
             accepted.append((orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)[:-1], key))
             self._local[key] = [record, len(self.sinks)]
             if len(self._local) > LOCAL_RECORDS:
@@ -199,7 +193,7 @@ class Mirror:
 
     async def _claim(self, worker: _SinkWorker) -> None:
         # room for two full sink batches: one in flight while the next one fills
-        room = max(self.batch, 2 * getattr(worker.sink, "batch", 1)) - worker.held
+        room = max(self.batch, 2 * worker.sink.batch) - worker.held
         if room <= 0:
             return
         items = await self.outbox.claim(worker.sink.name, room, self.consumer)
@@ -238,14 +232,8 @@ class Mirror:
             if not ready:
                 return
             try:
-                if getattr(worker.sink, "batch", 1) == 1:
-                    held = ready[0][1]
-                    assert held.record is not None
-                    await worker.sink.deliver(held.record, held.item.key)
-                else:
-                    batch = cast(BatchSink, worker.sink)
-                    await batch.deliver_many([(h.record, h.item.key, h.item.data)
-                                              for _, h in ready if h.record is not None])
+                await worker.sink.deliver([Delivery(h.record, h.item.key, h.item.data)
+                                           for _, h in ready if h.record is not None])
             except UpstreamError as exc:
                 for conv, held in ready:
                     await self._failed(worker, conv, held, exc)
@@ -305,6 +293,7 @@ class Mirror:
                 del convs[conv]
 
     async def _work(self, worker: _SinkWorker) -> None:
+        """One sink's loop: claim records, keep the claims alive, start deliveries."""
         tasks: set[asyncio.Task[None]] = set()
         last_touch = last_depth = time.monotonic()
         try:
@@ -312,50 +301,57 @@ class Mirror:
                 worker.wake.clear()
                 now = time.monotonic()
                 try:
-                    if not self._stopping:
-                        await self._claim(worker)
+                    await self._claim(worker)
                     if now - last_touch >= self.touch_every and worker.held:
                         last_touch = now
                         await self.outbox.touch([h.item for q in worker.convs.values()
                                                  for h in q], self.consumer)
                     if self.metrics is not None and now - last_depth >= 1.0:
                         last_depth = now
-                        depth = await self.outbox.depth()
-                        self.metrics.outbox_depth.labels(worker.sink.name).set(
-                            depth.get(worker.sink.name, 0))
+                        await self._report_depth(worker)
                 except Exception:  # the outbox may be down: the worker must go on
                     log.warning("outbox_claim_failed", sink=worker.sink.name, exc_info=True)
-                next_due = now + self.poll_interval
-                size = getattr(worker.sink, "batch", 1)
-                group: list[tuple[str, _Held]] = []
-                for conv, queue in list(worker.convs.items()):
-                    if conv in worker.busy:
-                        continue
-                    head = queue[0]
-                    if head.due > now:
-                        next_due = min(next_due, head.due)
-                        continue
-                    if worker.inflight >= self.concurrency:
-                        break
-                    worker.busy.add(conv)
-                    group.append((conv, head))
-                    if len(group) >= size:
-                        self._start(tasks, worker, group)
-                        group = []
-                if group and not worker.partial:
-                    self._start(tasks, worker, group, partial=True)
-                elif group:
-                    # A batch that is not full waits while another one is in flight (which
-                    # wakes this loop when it ends): under load the records that arrive
-                    # meanwhile go with it, in fewer and fuller POSTs; alone, a record goes at
-                    # once. Full batches never wait.
-                    worker.busy.difference_update([conv for conv, _ in group])
+                next_due = self._dispatch(worker, tasks, now)
                 await wait_event(worker.wake, max(0.0, next_due - now))
         finally:
             for task in tasks:
                 task.cancel()
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _report_depth(self, worker: _SinkWorker) -> None:
+        assert self.metrics is not None
+        depth = await self.outbox.depth()
+        self.metrics.outbox_depth.labels(worker.sink.name).set(depth.get(worker.sink.name, 0))
+
+    def _dispatch(self, worker: _SinkWorker, tasks: set[asyncio.Task[None]], now: float
+                  ) -> float:
+        """Start deliveries of the conversations whose head is due (full batches, and at most
+        one batch that is not full); returns when the next head falls due."""
+        next_due = now + self.poll_interval
+        group: list[tuple[str, _Held]] = []
+        for conv, queue in list(worker.convs.items()):
+            if conv in worker.busy:
+                continue
+            head = queue[0]
+            if head.due > now:
+                next_due = min(next_due, head.due)
+                continue
+            if worker.inflight >= self.concurrency:
+                break
+            worker.busy.add(conv)
+            group.append((conv, head))
+            if len(group) >= worker.sink.batch:
+                self._start(tasks, worker, group)
+                group = []
+        if group and not worker.partial:
+            self._start(tasks, worker, group, partial=True)
+        elif group:
+            # A batch that is not full waits while another one is in flight (which wakes the
+            # loop when it ends): under load the records that arrive meanwhile go with it, in
+            # fewer and fuller POSTs; alone, a record goes at once. Full batches never wait.
+            worker.busy.difference_update([conv for conv, _ in group])
+        return next_due
 
     def _start(self, tasks: set[asyncio.Task[None]], worker: _SinkWorker,
                group: list[tuple[str, _Held]], partial: bool = False) -> None:

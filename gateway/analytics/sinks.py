@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
@@ -32,26 +33,39 @@ MAX_BODY = 2 * 1024 * 1024  # the Analytics API's body limit
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
+def idempotency_key(record: ExchangeRecord) -> str:
+    """One key per record (the request id is unique per exchange)."""
+    return f"gw-{record.request_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One record to deliver: its idempotency key, and its JSON as the outbox holds it."""
+
+    record: ExchangeRecord
+    key: str
+    data: bytes
+
+    @classmethod
+    def of(cls, record: ExchangeRecord) -> Delivery:
+        return cls(record, idempotency_key(record), orjson.dumps(record))
+
+
 class Sink(Protocol):
     name: str
+
+    @property
+    def batch(self) -> int:
+        """How many records one `deliver` call may take."""
+        ...
 
     async def start(self) -> None: ...
 
     async def aclose(self) -> None: ...
 
-    async def deliver(self, record: ExchangeRecord, idempotency_key: str) -> None:
-        """Deliver or raise an `UpstreamError` (see `retryable`)."""
-        ...
-
-
-class BatchSink(Sink, Protocol):
-    """A sink that can take several records in one call (`batch` at most)."""
-
-    batch: int
-
-    async def deliver_many(self, records: list[tuple[ExchangeRecord, str, bytes]]) -> None:
-        """Deliver all or raise an `UpstreamError` for all; each entry is the record, its
-        idempotency key and its JSON as the outbox holds it."""
+    async def deliver(self, deliveries: list[Delivery]) -> None:
+        """Deliver all (at most `batch`) or raise an `UpstreamError` for all (see
+        `retryable`)."""
         ...
 
 
@@ -255,9 +269,13 @@ class InkeepAnalyticsSink(_HTTPSink):
             headers["idempotency-key"] = idempotency_key
         return headers
 
-    async def deliver(self, record: ExchangeRecord, idempotency_key: str) -> None:
-        await self.post("/conversations", fit(inkeep_payload(record)),
-                        self._auth(idempotency_key))
+    @property
+    def batch(self) -> int:
+        return 1  # the Analytics API takes one conversation per call
+
+    async def deliver(self, deliveries: list[Delivery]) -> None:
+        (one,) = deliveries
+        await self.post("/conversations", fit(inkeep_payload(one.record)), self._auth(one.key))
 
     def reply_headers(self, request_id: str) -> dict[str, str]:
         """The id this exchange's answer gets in Inkeep Analytics: feedback refers to it."""
@@ -277,13 +295,14 @@ class WebhookSink(_HTTPSink):
     def batch(self) -> int:
         return self.config.batch
 
-    async def deliver(self, record: ExchangeRecord, idempotency_key: str) -> None:
-        await self._send(orjson.dumps(record), {"idempotency-key": idempotency_key})
-
-    async def deliver_many(self, records: list[tuple[ExchangeRecord, str, bytes]]) -> None:
+    async def deliver(self, deliveries: list[Delivery]) -> None:
+        if self.batch == 1:
+            (one,) = deliveries
+            await self._send(one.data, {"idempotency-key": one.key})
+            return
         # the records' JSON is already in the outbox: join it instead of encoding again
-        body = b"[" + b",".join(data for _, _, data in records) + b"]"
-        await self._send(body, {"x-gateway-batch": str(len(records))})
+        body = b"[" + b",".join(d.data for d in deliveries) + b"]"
+        await self._send(body, {"x-gateway-batch": str(len(deliveries))})
 
     async def _send(self, body: bytes, headers: dict[str, str]) -> None:
         headers["x-gateway-timestamp"] = str(int(time.time()))

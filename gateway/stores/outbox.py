@@ -30,8 +30,7 @@ GROUP = "delivery"
 @dataclass(slots=True)
 class OutboxItem:
     """One record claimed for one sink. `attempts` counts failed deliveries so far. Treated
-    as a value (`nack` returns a new one); not frozen, as a frozen dataclass is built field
-    by field through ``object.__setattr__`` (570 against 120 ns, one per record claimed)."""
+    as a value (`nack` returns a new one)."""
 
     id: str
     sink: str
