@@ -1,11 +1,19 @@
-"""Gateway configuration: one YAML file with ``${VAR}`` / ``${VAR:-default}`` interpolation,
-validated by pydantic. Errors name the exact key (``backends.inkeep.base_url: ...``).
+"""Gateway configuration: one YAML file, validated by pydantic; errors name the exact key
+(``backends.inkeep.base_url: ...``) and never print a secret.
+
+``${VAR}`` and ``${VAR:-default}`` (the default also when VAR is empty) are substituted into
+the parsed values, not pasted into the text: a value holding ``#``, ``: `` or braces is
+taken as it is. An unset variable without a default is an error naming it and the key,
+except in a backend's ``api_key``, where that backend answers 503 naming the variable.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -225,32 +233,72 @@ class GatewayConfig(_Strict):
         return None if self.store == "memory" else self.store
 
 
-def interpolate(text: str, env: dict[str, str] | None = None) -> str:
-    """Replace ``${VAR}`` and ``${VAR:-default}`` with values from the environment."""
-    source = os.environ if env is None else env
+@dataclass(frozen=True, slots=True)
+class _Reference:
+    """One ``${NAME}`` or ``${NAME:-default}`` of the file, by its placeholder's number."""
 
-    def replace(match: re.Match[str]) -> str:
-        name, default = match.group(1), match.group(2)
-        value = source.get(name)
-        if value is None or (value == "" and default is not None):
-            if default is None:
-                return ""
-            return default
+    name: str
+    default: str | None
+
+
+def _mask(text: str) -> tuple[str, str, list[_Reference]]:
+    """The text with every reference replaced by a plain placeholder, which YAML reads as
+    ordinary characters in any context (flow mappings, quotes, comments nearby), so that
+    values are substituted after parsing and never change the document's structure."""
+    tag = f"GWVAR{secrets.token_hex(4)}N"
+    refs: list[_Reference] = []
+
+    def mask(match: re.Match[str]) -> str:
+        refs.append(_Reference(match.group(1), match.group(2)))
+        return f"{tag}{len(refs) - 1}E"
+
+    return _VAR.sub(mask, text), tag, refs
+
+
+def _is_credential(path: tuple[str | int, ...]) -> bool:
+    """A backend's api_key: left empty when unset, so the backend answers 503 naming it."""
+    return len(path) == 3 and path[0] == "backends" and path[2] == "api_key"
+
+
+class _Substitution:
+    """Puts the environment's values into a parsed document's scalars."""
+
+    def __init__(self, tag: str, refs: list[_Reference], env: Mapping[str, str]) -> None:
+        self.pattern = re.compile(re.escape(tag) + r"(\d+)E")
+        self.refs = refs
+        self.env = env
+        self.errors: list[str] = []
+        self.credential_vars: dict[str, str] = {}  # backend name -> its api_key's variable
+
+    def value(self, node: Any, path: tuple[str | int, ...] = ()) -> Any:
+        if isinstance(node, dict):
+            return {self._key(k, path): self.value(v, (*path, k)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [self.value(v, (*path, i)) for i, v in enumerate(node)]
+        if isinstance(node, str) and self.pattern.search(node):
+            return self.pattern.sub(lambda m: self._lookup(int(m.group(1)), path), node)
+        return node
+
+    def _key(self, key: Any, path: tuple[str | int, ...]) -> Any:
+        if isinstance(key, str) and self.pattern.search(key):
+            where = ".".join(str(p) for p in path) or "the top level"
+            self.errors.append(f"{where}: variables are substituted in values, not in keys")
+        return key
+
+    def _lookup(self, index: int, path: tuple[str | int, ...]) -> str:
+        ref = self.refs[index]
+        if _is_credential(path):
+            self.credential_vars[str(path[1])] = ref.name
+        value = self.env.get(ref.name)
+        if value is None or (value == "" and ref.default is not None):
+            if ref.default is not None:
+                return ref.default
+            if not _is_credential(path):
+                self.errors.append(
+                    f"{'.'.join(str(p) for p in path)}: the environment variable {ref.name} is "
+                    f"not set (set it, or give a default: ${{{ref.name}:-...}})")
+            return ""
         return value
-
-    return _VAR.sub(replace, text)
-
-
-def _credential_vars(raw: Any) -> dict[str, str]:
-    """backend name -> the variable its api_key is read from, as written in the raw file."""
-    found: dict[str, str] = {}
-    backends = raw.get("backends") if isinstance(raw, dict) else None
-    for name, spec in (backends or {}).items():
-        if isinstance(spec, dict) and isinstance(spec.get("api_key"), str):
-            match = _VAR.search(spec["api_key"])
-            if match:
-                found[name] = match.group(1)
-    return found
 
 
 def format_validation_error(exc: ValidationError) -> str:
@@ -264,21 +312,35 @@ def format_validation_error(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _yaml_error(source: str, exc: yaml.YAMLError) -> ConfigError:
+    """Where and what, without the snippet of the file YAML would quote (it may hold a
+    secret written into the file)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or "cannot be parsed"
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return ConfigError(f"{source}: not valid YAML{where}: {problem}")
+
+
 def parse_config(
-    text: str, *, base_dir: Path = Path("."), env: dict[str, str] | None = None,
+    text: str, *, base_dir: Path = Path("."), env: Mapping[str, str] | None = None,
     source: str = "<config>",
 ) -> GatewayConfig:
+    """Parse, substitute ``${VAR}`` / ``${VAR:-default}`` into the parsed values, validate."""
+    masked, tag, refs = _mask(text)
     try:
-        raw_yaml = yaml.safe_load(text) if text.strip() else {}
-        data = yaml.safe_load(interpolate(text, env)) or {}
+        parsed = yaml.safe_load(masked) if masked.strip() else {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+        raise _yaml_error(source, exc) from None
+    env_source = os.environ if env is None else env
+    substitution = _Substitution(tag, refs, env_source)
+    data = substitution.value(parsed or {})
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys")
-    env_source = os.environ if env is None else env
+    if substitution.errors:
+        raise ConfigError(f"{source}:\n" + "\n".join(substitution.errors))
     if "store" not in data and env_source.get("GATEWAY_REDIS_URL"):
         data["store"] = env_source["GATEWAY_REDIS_URL"]
-    for name, var in _credential_vars(raw_yaml).items():
+    for name, var in substitution.credential_vars.items():
         spec = data["backends"][name]
         if isinstance(spec, dict):
             spec.setdefault("api_key_env", var)

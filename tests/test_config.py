@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.cli.main import main
-from gateway.config import ConfigError, interpolate, load_config, parse_config
+from gateway.config import ConfigError, load_config, parse_config
 
 GOOD = textwrap.dedent("""
     backends:
@@ -29,9 +29,50 @@ GOOD = textwrap.dedent("""
 """)
 
 
-def test_interpolation() -> None:
-    env = {"A": "1", "EMPTY": ""}
-    assert interpolate("${A} ${B:-two} ${EMPTY:-fallback} ${MISSING}", env) == "1 two fallback "
+def test_variables_defaults_and_empty_values() -> None:
+    text = ("server: {host: '${A}', log_level: ${B:-debug}, port: ${EMPTY:-81}}\n"
+            "store_prefix: ${SET_EMPTY}x\n")
+    config = parse_config(text, env={"A": "1.2.3.4", "EMPTY": "", "SET_EMPTY": ""})
+    assert (config.server.host, config.server.log_level, config.server.port) == (
+        "1.2.3.4", "debug", 81)
+    assert config.store_prefix == "x"
+
+
+@pytest.mark.parametrize("secret", ["sk-abc #def", "sk: abc", "{sk}", "'quoted\"", "a\nb"])
+def test_values_are_taken_as_they_are(secret: str) -> None:
+    """A value is put into the parsed document: a `#` does not cut it, a `: ` does not
+    break the YAML around it, and a flow mapping may hold a reference."""
+    text = ("backends:\n  b: {kind: inkeep, base_url: 'http://x/v1', api_key: ${KEY}}\n"
+            "server: {port: ${PORT}}\n")
+    config = parse_config(text, env={"KEY": secret, "PORT": "9000"})
+    assert config.backends["b"].credential() == secret
+    assert config.server.port == 9000
+
+
+def test_an_unset_variable_is_an_error_naming_it_and_the_key() -> None:
+    text = "backends:\n  b: {kind: inkeep, base_url: 'https://${HOST}/v1'}\n"
+    with pytest.raises(ConfigError) as error:
+        parse_config(text, env={})
+    assert "backends.b.base_url: the environment variable HOST is not set" in str(error.value)
+
+
+def test_an_unset_credential_is_left_for_the_backend_to_report() -> None:
+    config = parse_config(GOOD, env={})
+    assert config.backends["inkeep"].credential() is None
+    assert config.backends["inkeep"].api_key_env == "INKEEP_API_KEY"
+
+
+def test_errors_never_print_a_secret() -> None:
+    secret = "sk-live-0123456789"
+    bad_yaml = f"backends:\n  b: {{kind: inkeep, api_key: {secret}\n"
+    with pytest.raises(ConfigError) as broken:
+        parse_config(bad_yaml, env={})
+    invalid = "backends:\n  b: {kind: inkeep, base_url: ftp://x, api_key: ${KEY}}\n"
+    with pytest.raises(ConfigError) as refused:
+        parse_config(invalid, env={"KEY": secret})
+    for error in (broken, refused):
+        assert secret not in str(error.value)
+    assert "not valid YAML (line" in str(broken.value)
 
 
 def test_parses_and_keeps_secrets_secret() -> None:
@@ -103,3 +144,16 @@ def test_default_config_is_valid_and_python_m_works() -> None:
 def test_missing_file() -> None:
     with pytest.raises(ConfigError, match="no such configuration file"):
         load_config("/nonexistent/gateway.yaml")
+
+
+def test_several_workers_on_the_in_process_store_are_refused(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(GOOD)
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--workers", "2",
+         "--port", "0"],
+        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 2
+    assert "2 workers need a shared store" in result.stderr
+    assert "redis://" in result.stderr

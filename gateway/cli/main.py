@@ -42,6 +42,12 @@ def _serve(args: argparse.Namespace) -> int:
         print(banner, file=sys.stderr, flush=True)
         uvicorn.run(app, **options)
         return 0
+    if workers > 1 and not config.redis_url:
+        print(f"error: {workers} workers need a shared store: on the in-process store each "
+              "worker would keep its own keys, limits and cache (an rpm of 10 would admit "
+              f"{workers * 10}). Set `store: redis://...` (or GATEWAY_REDIS_URL), or run one "
+              "worker per process.", file=sys.stderr)
+        return 2
     if workers > 1:
         os.environ["GATEWAY_CONFIG"] = str(config_path(args.config))
         # every worker writes its metrics where /metrics (in any worker) aggregates them
