@@ -32,8 +32,9 @@ from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.exchange import ExchangeObserver
 from gateway.metrics import Metrics
-from gateway.middleware import RequestContextMiddleware
+from gateway.middleware import RequestCap, RequestContextMiddleware
 from gateway.pipeline import Pipeline
+from gateway.serving import Drain
 from gateway.state import GatewayState
 from gateway.upstream import UpstreamClient
 
@@ -88,22 +89,29 @@ def create_app(
     connector_factory: Callable[[], Any] | None = None,
     on_startup: Callable[[AsyncExitStack], Any] | None = None,
     observers: Sequence[ExchangeObserver] = (),
+    handle_signals: bool = False,
 ) -> Any:
     """`on_startup(stack)` may enter extra async contexts first (e.g. the demo upstreams);
-    `observers` receive every finished exchange besides the configured ones."""
+    `observers` receive every finished exchange besides the configured ones;
+    `handle_signals`: SIGTERM and SIGINT drain the process (`gateway serve` sets it)."""
+    drain = Drain(config.server.drain_delay, config.server.shutdown_grace)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         async with AsyncExitStack() as stack:
             if on_startup is not None:
                 await on_startup(stack)
-            state = await assemble(config, stack, metrics or Metrics(), connector_factory,
-                                   observers)
+            state = await assemble(config, stack, metrics or Metrics(), drain,
+                                   connector_factory, observers)
             app.state.gateway = state
             if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
                 sampling = asyncio.create_task(state.metrics.sample_every(1.0))
                 stack.callback(sampling.cancel)
+            if handle_signals:
+                drain.watch_signals()
             tune_gc()
+            log.info("gateway_ready", models=len(state.routes), backends=len(state.backends),
+                     store="redis" if config.redis_url else "memory")
             yield {"gateway": state}
 
     chat = endpoints.ChatCompletions()
@@ -121,7 +129,8 @@ def create_app(
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
         lifespan=lifespan,
     )
-    return RequestContextMiddleware(FastPath(app, chat, CHAT_PATHS))
+    return RequestContextMiddleware(RequestCap(FastPath(app, chat, CHAT_PATHS),
+                                               config.server.max_concurrent_requests))
 
 
 CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
@@ -163,6 +172,7 @@ async def assemble(
     config: GatewayConfig,
     stack: AsyncExitStack,
     metrics: Metrics,
+    drain: Drain,
     connector_factory: Callable[[], Any] | None = None,
     observers: Sequence[ExchangeObserver] = (),
 ) -> GatewayState:
@@ -194,8 +204,6 @@ async def assemble(
                                 parts.analytics.usage_store),
             exception_handlers={HTTPException: _http_error, Exception: _server_error},
         )
-    log.info("gateway_ready", models=len(routes), backends=len(backends),
-             store="redis" if config.redis_url else "memory")
     return GatewayState(config=config, metrics=metrics, routes=routes, backends=backends,
-                        pipeline=pipeline, components=parts, started=int(time.time()),
-                        admin=admin)
+                        pipeline=pipeline, components=parts, drain=drain,
+                        started=int(time.time()), admin=admin)

@@ -192,6 +192,14 @@ class ServerConfig(_Strict):
     log_level: str = "info"
     log_json: bool = True
     access_log: bool = False
+    # a connection that has not sent complete request headers by then is closed
+    header_timeout: float = Field(default=10.0, gt=0)
+    # beyond this many requests in progress, a 503 with retry-after (probes are exempt)
+    max_concurrent_requests: int | None = Field(default=1000, ge=1)
+    # after SIGTERM: /readyz says 503 and requests are still accepted for drain_delay, then
+    # the requests in flight get shutdown_grace to finish
+    drain_delay: float = Field(default=5.0, ge=0)
+    shutdown_grace: float = Field(default=30.0, ge=0)
 
 
 class GatewayConfig(_Strict):

@@ -48,7 +48,8 @@ def demo_config(config: GatewayConfig, inkeep_port: int, nuclia_port: int) -> Ga
     return config.model_copy(update={"backends": backends, "models": models, "keys": keys})
 
 
-def demo_app(config: GatewayConfig, host: str, port: int) -> tuple[Any, str]:
+def demo_app(config: GatewayConfig, host: str, port: int, *, handle_signals: bool = False
+             ) -> tuple[Any, str]:
     from gateway.app import create_app
     from gateway.testing.fake_inkeep import create_fake_inkeep_app
     from gateway.testing.fake_nuclia import create_fake_nuclia_app
@@ -73,4 +74,4 @@ def demo_app(config: GatewayConfig, host: str, port: int) -> tuple[Any, str]:
         "-d '{\"model\":\"demo-inkeep-qa\",\"stream\":true,"
         "\"messages\":[{\"role\":\"user\",\"content\":\"hello\"}]}'"
     )
-    return create_app(demo, on_startup=start_samples), banner
+    return create_app(demo, on_startup=start_samples, handle_signals=handle_signals), banner

@@ -17,9 +17,18 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge, ServiceUnavailable
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    ShuttingDown,
+    cut_by_shutdown,
+)
 from gateway.pipeline import Piece
+from gateway.serving import Drain
 from gateway.state import GatewayState
+from gateway.wire import sse_event
 
 JSON = [(b"content-type", b"application/json")]
 SSE = [
@@ -85,7 +94,16 @@ class ChatCompletions:
         metrics = state.metrics
         metrics.in_flight_now += 1
         try:
-            reply = await state.pipeline.handle(request_id, raw, headers)
+            try:
+                with state.drain.tracking():
+                    reply = await state.pipeline.handle(request_id, raw, headers)
+            except asyncio.CancelledError as exc:
+                if not cut_by_shutdown(exc):
+                    raise
+                _uncancel()
+                error = ShuttingDown()
+                await _send_whole(send, error.status, error.headers, error.json())
+                return
             if reply.status == 200:
                 reply.headers.update(state.analytics.reply_headers(request_id))
             # the request-id middleware takes it off the gateway's added latency
@@ -95,9 +113,16 @@ class ChatCompletions:
                                   reply.raw_headers)
             else:
                 await _send_stream(send, receive, reply.status, reply.headers, reply.stream,
-                                   reply.raw_headers)
+                                   reply.raw_headers, state.drain)
         finally:
             metrics.in_flight_now -= 1
+
+
+def _uncancel() -> None:
+    """Go on after catching the drain's cut: this task has a reply to send."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
 
 
 def _encode(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
@@ -114,9 +139,10 @@ async def _send_whole(send: Any, status: int, headers: dict[str, str], body: byt
 
 async def _send_stream(
     send: Any, receive: Any, status: int, headers: dict[str, str], stream: AsyncIterator[Piece],
-    raw: Sequence[tuple[bytes, bytes]] = (),
+    raw: Sequence[tuple[bytes, bytes]], drain: Drain,
 ) -> None:
-    """Send the pieces as they come; a disconnect before the last one cancels the relay."""
+    """Send the pieces as they come; a disconnect before the last one cancels the relay, and
+    the drain's cut ends the stream with an error event."""
     sent_last = False
 
     async def pump() -> None:
@@ -144,20 +170,33 @@ async def _send_stream(
     pumping = asyncio.ensure_future(pump())
     watching = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait((pumping, watching), return_when=asyncio.FIRST_COMPLETED)
-        if sent_last and not pumping.done():
-            # the response is complete (so receive() reports a disconnect): let the relay
-            # finish its bookkeeping rather than cancelling it
-            await asyncio.wait((pumping,))
+        with drain.tracking(pumping):
+            await asyncio.wait((pumping, watching), return_when=asyncio.FIRST_COMPLETED)
+            if sent_last and not pumping.done():
+                # the response is complete (so receive() reports a disconnect): let the relay
+                # finish its bookkeeping rather than cancelling it
+                await asyncio.wait((pumping,))
     finally:
         for task in (pumping, watching):
             if not task.done():
                 task.cancel()
         await asyncio.gather(pumping, watching, return_exceptions=True)
-    if not pumping.cancelled() and pumping.exception() is not None:
+    if pumping.cancelled():
+        if not sent_last and _cut(pumping):
+            await send({"type": "http.response.body", "body": sse_event(ShuttingDown().body())})
+        return
+    if pumping.exception() is not None:
         exc = pumping.exception()
         if not isinstance(exc, OSError):
             raise exc  # type: ignore[misc]
+
+
+def _cut(task: asyncio.Task[None]) -> bool:
+    try:
+        task.result()
+    except asyncio.CancelledError as exc:
+        return cut_by_shutdown(exc)
+    return False
 
 
 async def list_models(request: Request) -> Response:
@@ -210,6 +249,8 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     state: GatewayState = request.state.gateway
+    if state.drain.draining:
+        return JSONResponse({"status": "draining", "checks": {"config": "ok"}}, status_code=503)
     checks: dict[str, str] = {"config": "ok"}
     ready = True
     try:

@@ -11,6 +11,8 @@
     ├── RateLimited                  429 rate_limit_exceeded (retry_after seconds)
     ├── QuotaExceeded                429 insufficient_quota
     ├── ServiceUnavailable           503 (backend not configured, store down)
+    │   ├── Overloaded               503 server_overloaded: the replica's request cap
+    │   └── ShuttingDown             503 server_shutting_down: cut by the drain
     └── UpstreamError                502 by default; raised by backends at the boundary
         ├── UpstreamAuthError        502 the gateway's upstream credentials were refused
         ├── UpstreamRateLimited      429 upstream said slow down (retry_after passed on)
@@ -24,6 +26,7 @@ Foreign errors (aiohttp, redis, sockets) are translated where they happen with
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -127,6 +130,36 @@ class ServiceUnavailable(GatewayError):
     status = 503
     type = "api_error"
     code = "service_unavailable"
+
+
+class Overloaded(ServiceUnavailable):
+    """This replica holds ``server.max_concurrent_requests`` already."""
+
+    code = "server_overloaded"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"This gateway replica is serving its limit of {limit} concurrent requests. "
+            "Retry shortly.", headers={"retry-after": "1"})
+
+
+class ShuttingDown(ServiceUnavailable):
+    """A request still running when the shutdown grace ran out."""
+
+    code = "server_shutting_down"
+
+    def __init__(self) -> None:
+        super().__init__("The gateway replica serving this request is shutting down and its "
+                         "grace period ran out. Retry the request.", headers={"retry-after": "1"})
+
+
+# The message of the cancellation by which a draining process cuts what still runs.
+SHUTDOWN_CUT = "gateway shutdown: shutdown_grace has run out"
+
+
+def cut_by_shutdown(exc: BaseException) -> bool:
+    """Whether a cancellation is the drain's cut (not a client that went away)."""
+    return isinstance(exc, asyncio.CancelledError) and exc.args == (SHUTDOWN_CUT,)
 
 
 class UpstreamError(GatewayError):

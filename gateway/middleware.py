@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, Overloaded
 from gateway.logs import REQUEST_ID
 
 log = structlog.get_logger("gateway.http")
@@ -76,3 +76,34 @@ class RequestContextMiddleware:
                 await send({"type": "http.response.body", "body": error.json()})
         finally:
             REQUEST_ID.reset(token)
+
+
+# Operators' probes and scrapes must answer even when the replica is full.
+EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+class RequestCap:
+    """Answers 503 with ``retry-after`` beyond `limit` requests in progress (streams count
+    until they end), so that one flood cannot slow every other client of the replica."""
+
+    def __init__(self, app: Any, limit: int | None) -> None:
+        self.app = app
+        self.limit = limit
+        self.in_progress = 0
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if self.limit is None or scope["type"] != "http" or scope["path"] in EXEMPT_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.in_progress >= self.limit:
+            error = Overloaded(self.limit)
+            await send({"type": "http.response.start", "status": error.status,
+                        "headers": [(b"content-type", b"application/json"),
+                                    *((k.encode(), v.encode()) for k, v in error.headers.items())]})
+            await send({"type": "http.response.body", "body": error.json()})
+            return
+        self.in_progress += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_progress -= 1

@@ -14,6 +14,7 @@ from gateway.components import Components
 from gateway.config import GatewayConfig
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
+from gateway.serving import Drain
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class GatewayState:
     backends: Mapping[str, Backend]
     pipeline: Pipeline
     components: Components
+    drain: Drain
     started: int  # unix time: the `created` of every model object
     admin: ASGIApp | None = None  # the admin API, when `server.admin_key` is set
 

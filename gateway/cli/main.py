@@ -10,8 +10,6 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
-import uvicorn
-
 from gateway.app import create_app
 from gateway.cli import keys, outbox, usage
 from gateway.cli.command import CONFIG_HELP, table
@@ -19,6 +17,7 @@ from gateway.config import ConfigError, GatewayConfig, config_path, load_config
 from gateway.demo import demo_app
 from gateway.errors import GatewayError
 from gateway.logs import configure_logging
+from gateway.serving import GuardedHttpProtocol, ServeConfig, run
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -28,45 +27,45 @@ def _serve(args: argparse.Namespace) -> int:
     port = server.port if args.port is None else args.port
     workers = args.workers or server.workers
     configure_logging(server.log_level, json=server.log_json)
-    options: dict[str, Any] = dict(
-        host=host, port=port, log_level=server.log_level, access_log=server.access_log,
-        loop="uvloop", http="httptools", lifespan="on", timeout_graceful_shutdown=10,
-        server_header=False,
-    )
-    if args.demo:
-        if workers > 1:
-            print("error: --demo runs its sample upstreams in-process: use one worker",
-                  file=sys.stderr)
-            return 2
-        app, banner = demo_app(config, host, port)
-        print(banner, file=sys.stderr, flush=True)
-        uvicorn.run(app, **options)
-        return 0
-    if workers > 1 and not config.redis_url:
-        print(f"error: {workers} workers need a shared store: on the in-process store each "
-              "worker would keep its own keys, limits and cache (an rpm of 10 would admit "
-              f"{workers * 10}). Set `store: redis://...` (or GATEWAY_REDIS_URL), or run one "
-              "worker per process.", file=sys.stderr)
+    if workers > 1 and (args.demo or not config.redis_url):
+        why = ("--demo runs its sample upstreams in-process" if args.demo else
+               "on the in-process store each worker would keep its own keys, limits and "
+               f"cache (an rpm of 10 would admit {workers * 10}). Set `store: redis://...` "
+               "(or GATEWAY_REDIS_URL), or run one worker per process")
+        print(f"error: {workers} workers need a shared store: {why}.", file=sys.stderr)
         return 2
-    if workers > 1:
+    app: Any = "gateway.cli.main:app_factory"
+    metrics_dir = None
+    if args.demo:
+        app, banner = demo_app(config, host, port, handle_signals=True)
+        print(banner, file=sys.stderr, flush=True)
+    elif workers == 1:
+        app = create_app(config, handle_signals=True)
+    else:
         os.environ["GATEWAY_CONFIG"] = str(config_path(args.config))
         # every worker writes its metrics where /metrics (in any worker) aggregates them
         metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir)
-        try:
-            uvicorn.run("gateway.cli.main:app_factory", factory=True, workers=workers, **options)
-        finally:
+    options = ServeConfig(
+        app, factory=isinstance(app, str), workers=workers, host=host, port=port,
+        header_timeout=server.header_timeout, http=GuardedHttpProtocol, loop="uvloop",
+        lifespan="on", log_level=server.log_level, access_log=server.access_log,
+        server_header=False,
+        # a backstop behind the drain's own cut at shutdown_grace
+        timeout_graceful_shutdown=int(server.shutdown_grace) + 5)
+    try:
+        run(options)
+    finally:
+        if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
-        return 0
-    uvicorn.run(create_app(config), **options)
     return 0
 
 
 def app_factory() -> Any:
-    """Entry point for multi-worker uvicorn (each worker loads the config itself)."""
+    """Entry point of each worker under uvicorn's supervisor (it loads the config itself)."""
     config = load_config()
     configure_logging(config.server.log_level, json=config.server.log_json)
-    return create_app(config)
+    return create_app(config, handle_signals=True)
 
 
 def routing_table(config: GatewayConfig) -> str:
