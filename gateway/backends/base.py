@@ -1,15 +1,16 @@
 """The backend seam: what the request pipeline asks of every upstream kind.
 
 A backend turns one routed OpenAI request into either a finished `chat.completion` dict or a
-`ChunkStream` of `chat.completion.chunk` dicts. Backends raise only `UpstreamError`s (translated
-at their boundary) and never see the client's gateway key.
+`ChunkStream` of `chat.completion.chunk` dicts, grouped in `Batch`es by upstream read. Backends
+raise only `UpstreamError`s (translated at their boundary) and never see the client's gateway
+key.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from gateway.wire import ChatRequest
 
@@ -36,12 +37,23 @@ class UpstreamCall:
     headers: Mapping[str, str] = field(default_factory=dict)  # client headers worth passing on
 
 
+class Batch(NamedTuple):
+    """The chunks translated from one upstream read: the pipeline relays them in one write."""
+
+    chunks: list[dict[str, Any]]
+    last: bool  # the stream ends here: sent together with the pipeline's own ending
+
+
 class ChunkStream(Protocol):
-    """An opened upstream stream: already past the HTTP status check."""
+    """An opened upstream stream: already past the HTTP status check. Whoever opened it
+    closes it (`aclose`)."""
 
     meta: dict[str, str]  # e.g. {"learning_id": ...}: exposed to the client as extension data
 
-    def __aiter__(self) -> AsyncIterator[dict[str, Any]]: ...
+    def batches(self) -> AsyncIterator[Batch]:
+        """The chunks, one `Batch` per upstream read. A failure (`UpstreamError`) is raised
+        after the chunks that came before it."""
+        ...
 
     async def aclose(self) -> None: ...
 

@@ -39,7 +39,7 @@ from typing import Any
 import orjson
 
 from gateway.answer import Answer
-from gateway.backends.base import UpstreamCall
+from gateway.backends.base import Batch, UpstreamCall
 from gateway.backends.nuclia_stream import AskTranslator, completion_from_sync
 from gateway.config import BackendConfig
 from gateway.errors import (
@@ -276,32 +276,24 @@ class NucliaChunkStream:
         self._translator = AskTranslator(backend=backend, cid=completion_id(), model=model,
                                          created=int(time.time()), learning_id=learning_id)
 
-    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
-        return self._chunks()
-
-    async def _chunks(self) -> AsyncIterator[dict[str, Any]]:
-        async for batch, _ in self.batches():
-            for item in batch:
-                yield item
-
-    async def batches(self) -> AsyncIterator[tuple[list[dict[str, Any]], bool]]:
-        """(the chunks translated from one upstream read, is it the end): the pipeline sends
-        each batch in one write, at once. A failure is raised after what came before it."""
+    async def batches(self) -> AsyncIterator[Batch]:
+        """One batch per upstream read; the finish chunk, sent when the body ends, is the
+        last. The role chunk leaves with the first read's batch."""
         decoder = NdjsonDecoder()
         pending = [self._translator.start()]
         async for data in self._response.iter_bytes():
             batch, failure = self._translate(decoder.feed(data), pending)
             pending = []
             if batch:
-                yield batch, False
+                yield Batch(batch, False)
             if failure is not None:
                 raise failure
         batch, failure = self._translate(decoder.flush(), pending)
         if batch:
-            yield batch, False
+            yield Batch(batch, False)
         if failure is not None:
             raise failure
-        yield [self._translator.finish()], True
+        yield Batch([self._translator.finish()], True)
 
     def _translate(
         self, lines: list[bytes], batch: list[dict[str, Any]]
