@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -54,7 +54,7 @@ from gateway.errors import (
 )
 from gateway.ndjson import NdjsonDecoder
 from gateway.upstream import UpstreamClient, UpstreamResponse
-from gateway.wire import completion_id
+from gateway.wire import ChatRequest, Message, completion_id
 
 MAX_QUERY_CHARS = 20_000
 _MAX_DETAIL = 500
@@ -118,83 +118,130 @@ def _json_schema(body: dict[str, Any]) -> dict[str, Any] | None:
     )
 
 
-def build_ask_request(call: UpstreamCall) -> dict[str, Any]:
-    """The Nuclia ``AskRequest`` body for one OpenAI chat request (see the module docstring)."""
-    body = call.body
-    _reject_unsupported(body)
-    extension = body.get("nuclia")
-    if extension is not None and not isinstance(extension, dict):
-        raise InvalidRequest("The 'nuclia' extension field must be an object of ask options.",
-                             param="nuclia")
-    system: list[str] = []
-    turns: list[tuple[str, str, int]] = []
-    for index, message in enumerate(call.chat.messages):
-        role = message.role
-        if role in _SYSTEM_ROLES:
-            text = _flatten(message.content, index).strip()
-            if text:
-                system.append(text)
-        elif role in _AUTHORS:
-            if role == "assistant" and (message.model_extra or {}).get("tool_calls"):
-                raise UnsupportedParameter(
-                    "Nuclia models do not support tool calls in the conversation.",
-                    param=f"messages[{index}].tool_calls",
-                )
-            turns.append((role, _flatten(message.content, index), index))
-        else:
-            raise UnsupportedParameter(
-                f"Nuclia models do not support '{role}' messages (messages[{index}]).",
-                param=f"messages[{index}].role",
-            )
-    if not turns or turns[-1][0] != "user":
+class _Turn(NamedTuple):
+    role: str  # "user" or "assistant"
+    text: str
+    position: int  # its index in ``messages``, to name it in a 400
+
+
+class _Conversation(NamedTuple):
+    query: str  # the last user message
+    history: list[dict[str, str]]  # the earlier turns, as Nuclia's chat_history
+    system: str  # the system/developer messages joined, "" when none
+
+
+def _turn(message: Message, index: int) -> _Turn:
+    """A user or assistant message; any other role, or a tool call, is a 400 naming it."""
+    role = message.role
+    if role not in _AUTHORS:
+        raise UnsupportedParameter(
+            f"Nuclia models do not support '{role}' messages (messages[{index}]).",
+            param=f"messages[{index}].role",
+        )
+    if role == "assistant" and (message.model_extra or {}).get("tool_calls"):
+        raise UnsupportedParameter(
+            "Nuclia models do not support tool calls in the conversation.",
+            param=f"messages[{index}].tool_calls",
+        )
+    return _Turn(role, _flatten(message.content, index), index)
+
+
+def _query(turns: list[_Turn]) -> str:
+    """The question Nuclia answers: the last message, from the user, within Nuclia's limit."""
+    if not turns or turns[-1].role != "user":
         raise InvalidRequest(
             "Nuclia models answer a question: the last message must be from the user.",
             param="messages",
         )
-    query = turns[-1][1].strip()
+    last = turns[-1]
+    query = last.text.strip()
     if not query:
         raise InvalidRequest("The last user message is empty.",
-                             param=f"messages[{turns[-1][2]}].content")
+                             param=f"messages[{last.position}].content")
     if len(query) > MAX_QUERY_CHARS:
         raise InvalidRequest(
             f"Nuclia accepts questions of at most {MAX_QUERY_CHARS} characters "
-            f"(this one has {len(query)}).", param=f"messages[{turns[-1][2]}].content")
+            f"(this one has {len(query)}).", param=f"messages[{last.position}].content")
+    return query
 
-    ask: dict[str, Any] = dict(call.route.options)
-    ask.pop("context", None)
-    ask["query"] = query
-    history = [{"author": _AUTHORS[role], "text": text} for role, text, _ in turns[:-1]
-               if text.strip()]
-    if history:
-        ask["chat_history"] = history
-    if system:
-        prompt = ask.get("prompt")
-        merged = dict(prompt) if isinstance(prompt, dict) else (
-            {"user": prompt} if isinstance(prompt, str) and prompt else {})
-        merged["system"] = "\n\n".join(system)
-        ask["prompt"] = merged
+
+def _conversation(messages: list[Message]) -> _Conversation:
+    """The messages split into Nuclia's query, chat history and system prompt."""
+    system: list[str] = []
+    turns: list[_Turn] = []
+    for index, message in enumerate(messages):
+        if message.role in _SYSTEM_ROLES:
+            text = _flatten(message.content, index).strip()
+            if text:
+                system.append(text)
+        else:
+            turns.append(_turn(message, index))
+    query = _query(turns)
+    history = [{"author": _AUTHORS[turn.role], "text": turn.text} for turn in turns[:-1]
+               if turn.text.strip()]
+    return _Conversation(query, history, "\n\n".join(system))
+
+
+def _with_system(prompt: Any, system: str) -> dict[str, Any]:
+    """The configured prompt (a bare string is the user prompt) with the request's system
+    prompt."""
+    merged = dict(prompt) if isinstance(prompt, dict) else (
+        {"user": prompt} if isinstance(prompt, str) and prompt else {})
+    merged["system"] = system
+    return merged
+
+
+def _add_generation_options(ask: dict[str, Any], body: dict[str, Any],
+                            chat: ChatRequest) -> None:
+    """The OpenAI options Nuclia has a field for: seed, the answer's token budget, and
+    ``metadata``/``user`` as audit metadata (over the configured ones)."""
     seed = body.get("seed")
     if isinstance(seed, int):
         ask["generative_model_seed"] = seed
-    budget = call.chat.answer_token_budget
+    budget = chat.answer_token_budget
     if budget is not None:
         current = ask.get("max_tokens")
         ask["max_tokens"] = {**current, "answer": budget} if isinstance(current, dict) else budget
-    audit = {str(k): str(v) for k, v in (body.get("metadata") or {}).items()} \
-        if isinstance(body.get("metadata"), dict) else {}
-    if call.chat.user:
-        audit["user"] = call.chat.user
+    audit = _as_str_dict(body.get("metadata"))
+    if chat.user:
+        audit["user"] = chat.user
     if audit:
         ask["audit_metadata"] = {**_as_str_dict(ask.get("audit_metadata")), **audit}
+
+
+def _extension(body: dict[str, Any]) -> dict[str, Any]:
+    """The request's own ask options, the ``nuclia`` extension field ({} when absent)."""
+    extension = body.get("nuclia")
+    if extension is not None and not isinstance(extension, dict):
+        raise InvalidRequest("The 'nuclia' extension field must be an object of ask options.",
+                             param="nuclia")
+    return extension or {}
+
+
+def build_ask_request(call: UpstreamCall) -> dict[str, Any]:
+    """The Nuclia ``AskRequest`` body for one OpenAI chat request (see the module docstring):
+    the model's configured options, then what the messages and options say, then the
+    request's ``nuclia`` extension."""
+    body = call.body
+    _reject_unsupported(body)
+    extension = _extension(body)
+    conversation = _conversation(call.chat.messages)
+    ask: dict[str, Any] = dict(call.route.options)
+    ask.pop("context", None)  # the gateway builds chat_history, and Nuclia refuses both
+    ask["query"] = conversation.query
+    if conversation.history:
+        ask["chat_history"] = conversation.history
+    if conversation.system:
+        ask["prompt"] = _with_system(ask.get("prompt"), conversation.system)
+    _add_generation_options(ask, body, call.chat)
     schema = _json_schema(body)
     if schema is not None:
         ask["answer_json_schema"] = schema
-    if extension:
-        if "context" in extension:
-            raise InvalidRequest(
-                "'nuclia.context' is Nuclia's deprecated alias of 'chat_history': the gateway "
-                "builds chat_history from the messages.", param="nuclia.context")
-        ask.update(extension)
+    if "context" in extension:
+        raise InvalidRequest(
+            "'nuclia.context' is Nuclia's deprecated alias of 'chat_history': the gateway "
+            "builds chat_history from the messages.", param="nuclia.context")
+    ask.update(extension)
     return ask
 
 
