@@ -88,6 +88,24 @@ class AskState:
             if isinstance(prompt, int | float) and isinstance(completion, int | float):
                 self.tokens = (int(prompt), int(completion))
 
+    def remember(self, kind: str, item: dict[str, Any]) -> bool:
+        """Keep what an item of this kind says for the final chunk; False if none is kept."""
+        if kind == "status":
+            self.set_status(item.get("code"), item.get("status"), item.get("details"))
+            if self.learning_id is None and isinstance(item.get("learning_id"), str):
+                self.learning_id = item["learning_id"]  # the seed spec's flat status
+        elif kind == "metadata":
+            self.set_tokens(item.get("tokens"))
+        elif kind == "retrieval":
+            self.sources = summarise_retrieval(item.get("results"), item.get("best_matches"))
+        elif kind == "citations":
+            self.citations = _as_dict(item.get("citations"))
+        elif kind == "footnote_citations":
+            self.footnotes = _as_dict(item.get("footnote_to_context"))
+        else:
+            return False
+        return True
+
     def usage(self) -> dict[str, Any] | None:
         return usage_dict(*self.tokens) if self.tokens is not None else None
 
@@ -199,43 +217,39 @@ class AskTranslator:
 
     def line(self, line: bytes) -> dict[str, Any] | None:
         """One line -> the chunk to send at once, if any; raises on a failure item."""
-        backend, state = self.backend, self.state
-        kind, item = _decode(line, backend)
+        kind, item = _decode(line, self.backend)
         if kind == "answer":
-            text = _text(item, "text", backend)
-            if text:
-                state.text_seen = True
-                return chunk(self.cid, self.model, self.created, {"content": text})
-        elif kind == "reasoning":
-            text = _text(item, "text", backend)
-            if text:
-                return chunk(self.cid, self.model, self.created, {"reasoning_content": text})
-        elif kind == "status":
-            state.set_status(item.get("code"), item.get("status"), item.get("details"))
-            if state.learning_id is None and isinstance(item.get("learning_id"), str):
-                state.learning_id = item["learning_id"]  # the seed spec's flat status
-        elif kind == "metadata":
-            state.set_tokens(item.get("tokens"))
-        elif kind == "retrieval":
-            state.sources = summarise_retrieval(item.get("results"), item.get("best_matches"))
-        elif kind == "citations":
-            state.citations = _as_dict(item.get("citations"))
-        elif kind == "footnote_citations":
-            state.footnotes = _as_dict(item.get("footnote_to_context"))
-        elif kind == "answer_json":
-            state.answer_json = item.get("object")
-            if not state.text_seen and state.answer_json is not None:
-                state.text_seen = True
-                return chunk(self.cid, self.model, self.created,
-                             {"content": orjson.dumps(state.answer_json).decode()})
-        elif kind == "error":
+            text = _text(item, "text", self.backend)
+            if not text:
+                return None
+            self.state.text_seen = True
+            return chunk(self.cid, self.model, self.created, {"content": text})
+        if kind == "reasoning":
+            text = _text(item, "text", self.backend)
+            return chunk(self.cid, self.model, self.created,
+                         {"reasoning_content": text}) if text else None
+        if kind == "answer_json":
+            return self._answer_json(item.get("object"))
+        if kind == "error":
             detail = str(item.get("error") or "no detail given")[:_MAX_DETAIL]
             raise UpstreamError(
-                f"The upstream '{backend}' failed while answering: {detail}", backend=backend
+                f"The upstream '{self.backend}' failed while answering: {detail}",
+                backend=self.backend,
             )
-        elif kind not in IGNORED_ITEMS:
-            log.debug("nuclia_item_skipped", backend=backend, item_type=kind[:64])
+        if not self.state.remember(kind, item) and kind not in IGNORED_ITEMS:
+            log.debug("nuclia_item_skipped", backend=self.backend, item_type=kind[:64])
         return None
+
+    def _answer_json(self, answer_json: Any) -> dict[str, Any] | None:
+        """Kept for the extension, and sent as the content when no answer text came, so that
+        ``response_format: json_schema`` clients get it."""
+        state = self.state
+        state.answer_json = answer_json
+        if state.text_seen or answer_json is None:
+            return None
+        state.text_seen = True
+        return chunk(self.cid, self.model, self.created,
+                     {"content": orjson.dumps(answer_json).decode()})
 
     def finish(self) -> dict[str, Any]:
         """The end of the body: the finish chunk, or the failure it ended on."""
