@@ -261,11 +261,7 @@ class AskTranslator:
                 backend=backend,
             )
         if state.failed:
-            raise UpstreamError(
-                f"The upstream '{backend}' could not generate the answer: "
-                f"{state.details or 'no detail given'}",
-                backend=backend,
-            )
+            raise _generation_failed(backend, state)
         final = chunk(self.cid, self.model, self.created, {}, "stop")
         final["nuclia"] = state.extension()
         usage = state.usage()
@@ -294,6 +290,45 @@ async def translate_ask_stream(
     yield translator.finish()
 
 
+def _generation_failed(backend: str, state: AskState) -> UpstreamError:
+    return UpstreamError(
+        f"The upstream '{backend}' could not generate the answer: "
+        f"{state.details or 'no detail given'}",
+        backend=backend,
+    )
+
+
+def _sync_state(data: dict[str, Any], backend: str, learning_id: str | None) -> AskState:
+    """What a ``SyncAskResponse`` says beside its text; raises if the answer failed."""
+    state = AskState(data.get("learning_id") or learning_id)
+    status = data.get("status")
+    state.set_status(None, status if isinstance(status, str) else "success",
+                     data.get("error_details"))
+    state.status_code = next((c for c, s in STATUS_BY_CODE.items() if s == state.status), None)
+    if state.failed:
+        raise _generation_failed(backend, state)
+    state.citations = _as_dict(data.get("citations"))
+    state.footnotes = _as_dict(data.get("citation_footnote_to_context"))
+    state.sources = summarise_retrieval(data.get("retrieval_results"),
+                                        data.get("retrieval_best_matches"))
+    state.answer_json = data.get("answer_json")
+    state.set_tokens(_as_dict(data.get("metadata")).get("tokens"))
+    return state
+
+
+def _sync_message(data: dict[str, Any], state: AskState) -> dict[str, Any]:
+    """The assistant message of a ``SyncAskResponse``, as the stream would have built it."""
+    content: str = data["answer"]
+    if not content and state.answer_json is not None:
+        content = orjson.dumps(state.answer_json).decode()
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    reasoning = data.get("reasoning")
+    if isinstance(reasoning, str) and reasoning:
+        message["reasoning_content"] = reasoning
+    message["nuclia"] = state.extension()
+    return message
+
+
 def completion_from_sync(
     data: Any, *, backend: str, cid: str, model: str, created: int,
     learning_id: str | None = None,
@@ -303,33 +338,11 @@ def completion_from_sync(
         raise UpstreamProtocolError(
             f"The upstream '{backend}' answered without an 'answer' field.", backend=backend
         )
-    state = AskState(data.get("learning_id") or learning_id)
-    status = data.get("status")
-    state.set_status(None, status if isinstance(status, str) else "success",
-                     data.get("error_details"))
-    state.status_code = next((c for c, s in STATUS_BY_CODE.items() if s == state.status), None)
-    if state.failed:
-        raise UpstreamError(
-            f"The upstream '{backend}' could not generate the answer: "
-            f"{state.details or 'no detail given'}",
-            backend=backend,
-        )
-    state.citations = _as_dict(data.get("citations"))
-    state.footnotes = _as_dict(data.get("citation_footnote_to_context"))
-    state.sources = summarise_retrieval(data.get("retrieval_results"),
-                                        data.get("retrieval_best_matches"))
-    state.answer_json = data.get("answer_json")
-    state.set_tokens(_as_dict(data.get("metadata")).get("tokens"))
-    content: str = data["answer"]
-    if not content and state.answer_json is not None:
-        content = orjson.dumps(state.answer_json).decode()
-    message: dict[str, Any] = {"role": "assistant", "content": content}
-    if isinstance(data.get("reasoning"), str) and data["reasoning"]:
-        message["reasoning_content"] = data["reasoning"]
-    message["nuclia"] = state.extension()
+    state = _sync_state(data, backend, learning_id)
     completion: dict[str, Any] = {
         "id": cid, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+        "choices": [{"index": 0, "message": _sync_message(data, state),
+                     "finish_reason": "stop"}],
     }
     usage = state.usage()
     if usage is not None:
