@@ -17,17 +17,12 @@ Pre-stream HTTP errors: 401/403/404 -> 502 `UpstreamAuthError`; 412/422 -> 400 w
 detail; 402 -> 429 `insufficient_quota`; 429 -> 429 with ``retry-after``; 529/530/5xx -> 502;
 timeouts -> 504 (translated by `gateway.upstream`). Messages name the backend, never the key.
 
-Non-streamed answers are built FROM THE STREAM by default (``synchronous: false``). Measured
-with ``bench/nuclia_translate.py --complete`` on this 2-core machine (a 10-item answer with a
-6-paragraph retrieval, ~4.3 KB either way): turning the body into a completion costs ~52 µs of
-gateway CPU from the stream vs ~17 µs from the ``X-Synchronous: true`` JSON; the round trip to
-the fake is the same both ways (~44 ms, a loopback delayed-ACK stall common to all fakes). So
-the synchronous form is cheaper by ~35 µs per answer, noise next to an LLM answer of seconds.
-What decides is the timeout: a synchronous Nuclia sends nothing until the whole answer is
-generated, so ``timeouts.read`` (max silence) would have to exceed the longest generation,
-whereas the stream keeps bytes flowing and keeps that timeout meaningful. The stream is also the
-code path streamed requests already use (same items, same tests). ``synchronous: true`` in the
-backend config switches over.
+Non-streamed answers are built FROM THE STREAM by default (``synchronous: false``). The
+``X-Synchronous: true`` JSON costs the gateway a little less CPU, but a synchronous Nuclia sends
+nothing until the whole answer is generated, so ``timeouts.read`` (max silence) would have to
+exceed the longest generation, whereas the stream keeps bytes flowing and keeps that timeout
+meaningful. The stream is also the code path streamed requests already use (same items, same
+tests). ``synchronous: true`` in the backend config switches over.
 """
 
 from __future__ import annotations
