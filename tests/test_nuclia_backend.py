@@ -204,8 +204,8 @@ async def collect(nuclia: NucliaBackend, call: UpstreamCall
     stream = await nuclia.stream(call)
     chunks: list[dict[str, Any]] = []
     try:
-        async for batch in stream.batches():
-            chunks.extend(batch.chunks)
+        async for batch, _ in stream.batches():
+            chunks.extend(batch)
     except GatewayError as exc:
         return chunks, stream.meta, exc
     finally:
@@ -426,7 +426,8 @@ async def test_slow_upstream_first_chunk_before_the_upstream_finishes(
         batches = stream.batches()
         chunks: list[dict[str, Any]] = []
         while len(chunks) < 2:
-            chunks += (await anext(batches)).chunks
+            batch, _ = await anext(batches)
+            chunks += batch
         role, first = chunks[:2]
         assert role["choices"][0]["delta"] == {"role": "assistant", "content": ""}
         elapsed = time.perf_counter() - started

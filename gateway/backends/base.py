@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 from gateway.wire import ChatRequest
 
@@ -37,11 +37,10 @@ class UpstreamCall:
     headers: Mapping[str, str] = field(default_factory=dict)  # client headers worth passing on
 
 
-class Batch(NamedTuple):
-    """The chunks translated from one upstream read: the pipeline relays them in one write."""
-
-    chunks: list[dict[str, Any]]
-    last: bool  # the stream ends here: sent together with the pipeline's own ending
+# (chunks, last): the chunks translated from one upstream read, which the pipeline relays in
+# one write, and whether the stream ends there (then sent with the pipeline's own ending).
+# A plain tuple, not a NamedTuple: one is built per read, on the relay's hot path.
+Batch = tuple[list[dict[str, Any]], bool]
 
 
 class ChunkStream(Protocol):

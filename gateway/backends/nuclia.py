@@ -327,15 +327,15 @@ class NucliaChunkStream:
             batch, failure = self._translate(decoder.feed(data), pending)
             pending = []
             if batch:
-                yield Batch(batch, False)
+                yield batch, False
             if failure is not None:
                 raise failure
         batch, failure = self._translate(decoder.flush(), pending)
         if batch:
-            yield Batch(batch, False)
+            yield batch, False
         if failure is not None:
             raise failure
-        yield Batch([self._translator.finish()], True)
+        yield [self._translator.finish()], True
 
     def _translate(
         self, lines: list[bytes], batch: list[dict[str, Any]]

@@ -97,7 +97,7 @@ class OpenAIChunkStream:
             batch, done, error = self._decode_events(decoder.feed(data))
             finished = finished or _has_finish(batch)
             if batch:
-                yield Batch(batch, done)
+                yield batch, done
             if error is not None:
                 raise error
             if done:
@@ -105,7 +105,7 @@ class OpenAIChunkStream:
         batch, done, error = self._decode_events(decoder.flush())
         finished = finished or _has_finish(batch)
         if batch:
-            yield Batch(batch, True)
+            yield batch, True
         if error is not None:
             raise error
         if not finished and not done:
