@@ -226,8 +226,9 @@ class AskTranslator:
             return chunk(self.cid, self.model, self.created, {"content": text})
         if kind == "reasoning":
             text = _text(item, "text", self.backend)
-            return chunk(self.cid, self.model, self.created,
-                         {"reasoning_content": text}) if text else None
+            if not text:
+                return None
+            return chunk(self.cid, self.model, self.created, {"reasoning_content": text})
         if kind == "answer_json":
             return self._answer_json(item.get("object"))
         if kind == "error":
