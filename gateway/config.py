@@ -56,7 +56,8 @@ class BackendConfig(_Strict):
     headers: dict[str, str] = Field(default_factory=dict)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     max_connections: int = Field(default=256, ge=1)
-    # nuclia: build non-streamed answers from the stream (measured faster) or X-Synchronous
+    # nuclia: build non-streamed answers from the stream, which keeps timeouts.read meaningful
+    # (True: ask for one X-Synchronous JSON answer, sent only once it is all generated)
     synchronous: bool = False
     # False for upstreams that need no credential (local servers, public Nuclia KBs)
     requires_key: bool = True

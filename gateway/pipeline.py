@@ -336,7 +336,7 @@ class Pipeline:
         include_usage = ex.chat.include_usage
         try:
             tail: list[bytes] = []
-            async for batch, last in _batches(stream):
+            async for batch, last in stream.batches():
                 out: list[bytes] = []
                 for data in batch:
                     answer.add_chunk(data)
@@ -498,23 +498,6 @@ class Pipeline:
         if ex.admission is not None:
             headers = {**ex.admission.headers, **headers}
         return Reply(exc.status, headers, exc.json(), upstream_wait=ex.upstream_wait)
-
-
-Batch = tuple[list[dict[str, Any]], bool]
-
-
-async def _singletons(stream: ChunkStream) -> AsyncIterator[Batch]:
-    async for chunk in stream:
-        yield [chunk], False
-
-
-def _batches(stream: ChunkStream) -> AsyncIterator[Batch]:
-    """(chunks, is the last read) grouped by upstream read when the stream can tell."""
-    batches = getattr(stream, "batches", None)
-    if batches is not None:
-        grouped: AsyncIterator[Batch] = batches()
-        return grouped
-    return _singletons(stream)
 
 
 def _ids() -> tuple[str, int]:

@@ -1,8 +1,8 @@
 """One pooled HTTP client per upstream, with transport errors translated at the boundary.
 
-Built on aiohttp's client: on this 2-core machine a Starlette passthrough measured ~430 req/s
-over httpx's default transport, ~1.8k over httpx-aiohttp and 3-4.7k over aiohttp directly, and
-the gateway's target is 3k. The seam stays injectable: tests may pass their own connector.
+Built on aiohttp's client rather than httpx: a passthrough over httpx (with its own transport or
+httpx-aiohttp's) fell well short of the gateway's target throughput, and aiohttp directly met
+it. The seam stays injectable: tests may pass their own connector.
 """
 
 from __future__ import annotations

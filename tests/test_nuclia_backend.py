@@ -204,8 +204,8 @@ async def collect(nuclia: NucliaBackend, call: UpstreamCall
     stream = await nuclia.stream(call)
     chunks: list[dict[str, Any]] = []
     try:
-        async for data in stream:
-            chunks.append(data)
+        async for batch, _ in stream.batches():
+            chunks.extend(batch)
     except GatewayError as exc:
         return chunks, stream.meta, exc
     finally:
@@ -423,10 +423,13 @@ async def test_slow_upstream_first_chunk_before_the_upstream_finishes(
     started = time.perf_counter()
     stream = await backend.stream(make_call(ask("q [slow] [chunks=3]", stream=True)))
     try:
-        iterator = aiter(stream)
-        role = await anext(iterator)
+        batches = stream.batches()
+        chunks: list[dict[str, Any]] = []
+        while len(chunks) < 2:
+            batch, _ = await anext(batches)
+            chunks += batch
+        role, first = chunks[:2]
         assert role["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-        first = await anext(iterator)
         elapsed = time.perf_counter() - started
         assert first["choices"][0]["delta"].get("content")
         assert elapsed < 1.0

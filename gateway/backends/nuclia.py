@@ -17,29 +17,24 @@ Pre-stream HTTP errors: 401/403/404 -> 502 `UpstreamAuthError`; 412/422 -> 400 w
 detail; 402 -> 429 `insufficient_quota`; 429 -> 429 with ``retry-after``; 529/530/5xx -> 502;
 timeouts -> 504 (translated by `gateway.upstream`). Messages name the backend, never the key.
 
-Non-streamed answers are built FROM THE STREAM by default (``synchronous: false``). Measured
-with ``bench/nuclia_translate.py --complete`` on this 2-core machine (a 10-item answer with a
-6-paragraph retrieval, ~4.3 KB either way): turning the body into a completion costs ~52 µs of
-gateway CPU from the stream vs ~17 µs from the ``X-Synchronous: true`` JSON; the round trip to
-the fake is the same both ways (~44 ms, a loopback delayed-ACK stall common to all fakes). So
-the synchronous form is cheaper by ~35 µs per answer, noise next to an LLM answer of seconds.
-What decides is the timeout: a synchronous Nuclia sends nothing until the whole answer is
-generated, so ``timeouts.read`` (max silence) would have to exceed the longest generation,
-whereas the stream keeps bytes flowing and keeps that timeout meaningful. The stream is also the
-code path streamed requests already use (same items, same tests). ``synchronous: true`` in the
-backend config switches over.
+Non-streamed answers are built FROM THE STREAM by default (``synchronous: false``). The
+``X-Synchronous: true`` JSON costs the gateway a little less CPU, but a synchronous Nuclia sends
+nothing until the whole answer is generated, so ``timeouts.read`` (max silence) would have to
+exceed the longest generation, whereas the stream keeps bytes flowing and keeps that timeout
+meaningful. The stream is also the code path streamed requests already use (same items, same
+tests). ``synchronous: true`` in the backend config switches over.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
 from gateway.answer import Answer
-from gateway.backends.base import UpstreamCall
+from gateway.backends.base import Batch, UpstreamCall
 from gateway.backends.nuclia_stream import AskTranslator, completion_from_sync
 from gateway.config import BackendConfig
 from gateway.errors import (
@@ -54,7 +49,7 @@ from gateway.errors import (
 )
 from gateway.ndjson import NdjsonDecoder
 from gateway.upstream import UpstreamClient, UpstreamResponse
-from gateway.wire import completion_id
+from gateway.wire import ChatRequest, Message, completion_id
 
 MAX_QUERY_CHARS = 20_000
 _MAX_DETAIL = 500
@@ -118,83 +113,130 @@ def _json_schema(body: dict[str, Any]) -> dict[str, Any] | None:
     )
 
 
-def build_ask_request(call: UpstreamCall) -> dict[str, Any]:
-    """The Nuclia ``AskRequest`` body for one OpenAI chat request (see the module docstring)."""
-    body = call.body
-    _reject_unsupported(body)
-    extension = body.get("nuclia")
-    if extension is not None and not isinstance(extension, dict):
-        raise InvalidRequest("The 'nuclia' extension field must be an object of ask options.",
-                             param="nuclia")
-    system: list[str] = []
-    turns: list[tuple[str, str, int]] = []
-    for index, message in enumerate(call.chat.messages):
-        role = message.role
-        if role in _SYSTEM_ROLES:
-            text = _flatten(message.content, index).strip()
-            if text:
-                system.append(text)
-        elif role in _AUTHORS:
-            if role == "assistant" and (message.model_extra or {}).get("tool_calls"):
-                raise UnsupportedParameter(
-                    "Nuclia models do not support tool calls in the conversation.",
-                    param=f"messages[{index}].tool_calls",
-                )
-            turns.append((role, _flatten(message.content, index), index))
-        else:
-            raise UnsupportedParameter(
-                f"Nuclia models do not support '{role}' messages (messages[{index}]).",
-                param=f"messages[{index}].role",
-            )
-    if not turns or turns[-1][0] != "user":
+class _Turn(NamedTuple):
+    role: str  # "user" or "assistant"
+    text: str
+    position: int  # its index in ``messages``, to name it in a 400
+
+
+class _Conversation(NamedTuple):
+    query: str  # the last user message
+    history: list[dict[str, str]]  # the earlier turns, as Nuclia's chat_history
+    system: str  # the system/developer messages joined, "" when none
+
+
+def _turn(message: Message, index: int) -> _Turn:
+    """A user or assistant message; any other role, or a tool call, is a 400 naming it."""
+    role = message.role
+    if role not in _AUTHORS:
+        raise UnsupportedParameter(
+            f"Nuclia models do not support '{role}' messages (messages[{index}]).",
+            param=f"messages[{index}].role",
+        )
+    if role == "assistant" and (message.model_extra or {}).get("tool_calls"):
+        raise UnsupportedParameter(
+            "Nuclia models do not support tool calls in the conversation.",
+            param=f"messages[{index}].tool_calls",
+        )
+    return _Turn(role, _flatten(message.content, index), index)
+
+
+def _query(turns: list[_Turn]) -> str:
+    """The question Nuclia answers: the last message, from the user, within Nuclia's limit."""
+    if not turns or turns[-1].role != "user":
         raise InvalidRequest(
             "Nuclia models answer a question: the last message must be from the user.",
             param="messages",
         )
-    query = turns[-1][1].strip()
+    last = turns[-1]
+    query = last.text.strip()
     if not query:
         raise InvalidRequest("The last user message is empty.",
-                             param=f"messages[{turns[-1][2]}].content")
+                             param=f"messages[{last.position}].content")
     if len(query) > MAX_QUERY_CHARS:
         raise InvalidRequest(
             f"Nuclia accepts questions of at most {MAX_QUERY_CHARS} characters "
-            f"(this one has {len(query)}).", param=f"messages[{turns[-1][2]}].content")
+            f"(this one has {len(query)}).", param=f"messages[{last.position}].content")
+    return query
 
-    ask: dict[str, Any] = dict(call.route.options)
-    ask.pop("context", None)
-    ask["query"] = query
-    history = [{"author": _AUTHORS[role], "text": text} for role, text, _ in turns[:-1]
-               if text.strip()]
-    if history:
-        ask["chat_history"] = history
-    if system:
-        prompt = ask.get("prompt")
-        merged = dict(prompt) if isinstance(prompt, dict) else (
-            {"user": prompt} if isinstance(prompt, str) and prompt else {})
-        merged["system"] = "\n\n".join(system)
-        ask["prompt"] = merged
+
+def _conversation(messages: list[Message]) -> _Conversation:
+    """The messages split into Nuclia's query, chat history and system prompt."""
+    system: list[str] = []
+    turns: list[_Turn] = []
+    for index, message in enumerate(messages):
+        if message.role in _SYSTEM_ROLES:
+            text = _flatten(message.content, index).strip()
+            if text:
+                system.append(text)
+        else:
+            turns.append(_turn(message, index))
+    query = _query(turns)
+    history = [{"author": _AUTHORS[turn.role], "text": turn.text} for turn in turns[:-1]
+               if turn.text.strip()]
+    return _Conversation(query, history, "\n\n".join(system))
+
+
+def _with_system(prompt: Any, system: str) -> dict[str, Any]:
+    """The configured prompt (a bare string is the user prompt) with the request's system
+    prompt."""
+    merged = dict(prompt) if isinstance(prompt, dict) else (
+        {"user": prompt} if isinstance(prompt, str) and prompt else {})
+    merged["system"] = system
+    return merged
+
+
+def _add_generation_options(ask: dict[str, Any], body: dict[str, Any],
+                            chat: ChatRequest) -> None:
+    """The OpenAI options Nuclia has a field for: seed, the answer's token budget, and
+    ``metadata``/``user`` as audit metadata (over the configured ones)."""
     seed = body.get("seed")
     if isinstance(seed, int):
         ask["generative_model_seed"] = seed
-    budget = call.chat.answer_token_budget
+    budget = chat.answer_token_budget
     if budget is not None:
         current = ask.get("max_tokens")
         ask["max_tokens"] = {**current, "answer": budget} if isinstance(current, dict) else budget
-    audit = {str(k): str(v) for k, v in (body.get("metadata") or {}).items()} \
-        if isinstance(body.get("metadata"), dict) else {}
-    if call.chat.user:
-        audit["user"] = call.chat.user
+    audit = _as_str_dict(body.get("metadata"))
+    if chat.user:
+        audit["user"] = chat.user
     if audit:
         ask["audit_metadata"] = {**_as_str_dict(ask.get("audit_metadata")), **audit}
+
+
+def _extension(body: dict[str, Any]) -> dict[str, Any]:
+    """The request's own ask options, the ``nuclia`` extension field ({} when absent)."""
+    extension = body.get("nuclia")
+    if extension is not None and not isinstance(extension, dict):
+        raise InvalidRequest("The 'nuclia' extension field must be an object of ask options.",
+                             param="nuclia")
+    return extension or {}
+
+
+def build_ask_request(call: UpstreamCall) -> dict[str, Any]:
+    """The Nuclia ``AskRequest`` body for one OpenAI chat request (see the module docstring):
+    the model's configured options, then what the messages and options say, then the
+    request's ``nuclia`` extension."""
+    body = call.body
+    _reject_unsupported(body)
+    extension = _extension(body)
+    conversation = _conversation(call.chat.messages)
+    ask: dict[str, Any] = dict(call.route.options)
+    ask.pop("context", None)  # the gateway builds chat_history, and Nuclia refuses both
+    ask["query"] = conversation.query
+    if conversation.history:
+        ask["chat_history"] = conversation.history
+    if conversation.system:
+        ask["prompt"] = _with_system(ask.get("prompt"), conversation.system)
+    _add_generation_options(ask, body, call.chat)
     schema = _json_schema(body)
     if schema is not None:
         ask["answer_json_schema"] = schema
-    if extension:
-        if "context" in extension:
-            raise InvalidRequest(
-                "'nuclia.context' is Nuclia's deprecated alias of 'chat_history': the gateway "
-                "builds chat_history from the messages.", param="nuclia.context")
-        ask.update(extension)
+    if "context" in extension:
+        raise InvalidRequest(
+            "'nuclia.context' is Nuclia's deprecated alias of 'chat_history': the gateway "
+            "builds chat_history from the messages.", param="nuclia.context")
+    ask.update(extension)
     return ask
 
 
@@ -276,17 +318,9 @@ class NucliaChunkStream:
         self._translator = AskTranslator(backend=backend, cid=completion_id(), model=model,
                                          created=int(time.time()), learning_id=learning_id)
 
-    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
-        return self._chunks()
-
-    async def _chunks(self) -> AsyncIterator[dict[str, Any]]:
-        async for batch, _ in self.batches():
-            for item in batch:
-                yield item
-
-    async def batches(self) -> AsyncIterator[tuple[list[dict[str, Any]], bool]]:
-        """(the chunks translated from one upstream read, is it the end): the pipeline sends
-        each batch in one write, at once. A failure is raised after what came before it."""
+    async def batches(self) -> AsyncIterator[Batch]:
+        """One batch per upstream read; the finish chunk, sent when the body ends, is the
+        last. The role chunk leaves with the first read's batch."""
         decoder = NdjsonDecoder()
         pending = [self._translator.start()]
         async for data in self._response.iter_bytes():

@@ -88,6 +88,24 @@ class AskState:
             if isinstance(prompt, int | float) and isinstance(completion, int | float):
                 self.tokens = (int(prompt), int(completion))
 
+    def remember(self, kind: str, item: dict[str, Any]) -> bool:
+        """Keep what an item of this kind says for the final chunk; False if none is kept."""
+        if kind == "status":
+            self.set_status(item.get("code"), item.get("status"), item.get("details"))
+            if self.learning_id is None and isinstance(item.get("learning_id"), str):
+                self.learning_id = item["learning_id"]  # the seed spec's flat status
+        elif kind == "metadata":
+            self.set_tokens(item.get("tokens"))
+        elif kind == "retrieval":
+            self.sources = summarise_retrieval(item.get("results"), item.get("best_matches"))
+        elif kind == "citations":
+            self.citations = _as_dict(item.get("citations"))
+        elif kind == "footnote_citations":
+            self.footnotes = _as_dict(item.get("footnote_to_context"))
+        else:
+            return False
+        return True
+
     def usage(self) -> dict[str, Any] | None:
         return usage_dict(*self.tokens) if self.tokens is not None else None
 
@@ -199,43 +217,40 @@ class AskTranslator:
 
     def line(self, line: bytes) -> dict[str, Any] | None:
         """One line -> the chunk to send at once, if any; raises on a failure item."""
-        backend, state = self.backend, self.state
-        kind, item = _decode(line, backend)
+        kind, item = _decode(line, self.backend)
         if kind == "answer":
-            text = _text(item, "text", backend)
-            if text:
-                state.text_seen = True
-                return chunk(self.cid, self.model, self.created, {"content": text})
-        elif kind == "reasoning":
-            text = _text(item, "text", backend)
-            if text:
-                return chunk(self.cid, self.model, self.created, {"reasoning_content": text})
-        elif kind == "status":
-            state.set_status(item.get("code"), item.get("status"), item.get("details"))
-            if state.learning_id is None and isinstance(item.get("learning_id"), str):
-                state.learning_id = item["learning_id"]  # the seed spec's flat status
-        elif kind == "metadata":
-            state.set_tokens(item.get("tokens"))
-        elif kind == "retrieval":
-            state.sources = summarise_retrieval(item.get("results"), item.get("best_matches"))
-        elif kind == "citations":
-            state.citations = _as_dict(item.get("citations"))
-        elif kind == "footnote_citations":
-            state.footnotes = _as_dict(item.get("footnote_to_context"))
-        elif kind == "answer_json":
-            state.answer_json = item.get("object")
-            if not state.text_seen and state.answer_json is not None:
-                state.text_seen = True
-                return chunk(self.cid, self.model, self.created,
-                             {"content": orjson.dumps(state.answer_json).decode()})
-        elif kind == "error":
+            text = _text(item, "text", self.backend)
+            if not text:
+                return None
+            self.state.text_seen = True
+            return chunk(self.cid, self.model, self.created, {"content": text})
+        if kind == "reasoning":
+            text = _text(item, "text", self.backend)
+            if not text:
+                return None
+            return chunk(self.cid, self.model, self.created, {"reasoning_content": text})
+        if kind == "answer_json":
+            return self._answer_json(item.get("object"))
+        if kind == "error":
             detail = str(item.get("error") or "no detail given")[:_MAX_DETAIL]
             raise UpstreamError(
-                f"The upstream '{backend}' failed while answering: {detail}", backend=backend
+                f"The upstream '{self.backend}' failed while answering: {detail}",
+                backend=self.backend,
             )
-        elif kind not in IGNORED_ITEMS:
-            log.debug("nuclia_item_skipped", backend=backend, item_type=kind[:64])
+        if not self.state.remember(kind, item) and kind not in IGNORED_ITEMS:
+            log.debug("nuclia_item_skipped", backend=self.backend, item_type=kind[:64])
         return None
+
+    def _answer_json(self, answer_json: Any) -> dict[str, Any] | None:
+        """Kept for the extension, and sent as the content when no answer text came, so that
+        ``response_format: json_schema`` clients get it."""
+        state = self.state
+        state.answer_json = answer_json
+        if state.text_seen or answer_json is None:
+            return None
+        state.text_seen = True
+        return chunk(self.cid, self.model, self.created,
+                     {"content": orjson.dumps(answer_json).decode()})
 
     def finish(self) -> dict[str, Any]:
         """The end of the body: the finish chunk, or the failure it ended on."""
@@ -247,11 +262,7 @@ class AskTranslator:
                 backend=backend,
             )
         if state.failed:
-            raise UpstreamError(
-                f"The upstream '{backend}' could not generate the answer: "
-                f"{state.details or 'no detail given'}",
-                backend=backend,
-            )
+            raise _generation_failed(backend, state)
         final = chunk(self.cid, self.model, self.created, {}, "stop")
         final["nuclia"] = state.extension()
         usage = state.usage()
@@ -280,6 +291,45 @@ async def translate_ask_stream(
     yield translator.finish()
 
 
+def _generation_failed(backend: str, state: AskState) -> UpstreamError:
+    return UpstreamError(
+        f"The upstream '{backend}' could not generate the answer: "
+        f"{state.details or 'no detail given'}",
+        backend=backend,
+    )
+
+
+def _sync_state(data: dict[str, Any], backend: str, learning_id: str | None) -> AskState:
+    """What a ``SyncAskResponse`` says beside its text; raises if the answer failed."""
+    state = AskState(data.get("learning_id") or learning_id)
+    status = data.get("status")
+    state.set_status(None, status if isinstance(status, str) else "success",
+                     data.get("error_details"))
+    state.status_code = next((c for c, s in STATUS_BY_CODE.items() if s == state.status), None)
+    if state.failed:
+        raise _generation_failed(backend, state)
+    state.citations = _as_dict(data.get("citations"))
+    state.footnotes = _as_dict(data.get("citation_footnote_to_context"))
+    state.sources = summarise_retrieval(data.get("retrieval_results"),
+                                        data.get("retrieval_best_matches"))
+    state.answer_json = data.get("answer_json")
+    state.set_tokens(_as_dict(data.get("metadata")).get("tokens"))
+    return state
+
+
+def _sync_message(data: dict[str, Any], state: AskState) -> dict[str, Any]:
+    """The assistant message of a ``SyncAskResponse``, as the stream would have built it."""
+    content: str = data["answer"]
+    if not content and state.answer_json is not None:
+        content = orjson.dumps(state.answer_json).decode()
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    reasoning = data.get("reasoning")
+    if isinstance(reasoning, str) and reasoning:
+        message["reasoning_content"] = reasoning
+    message["nuclia"] = state.extension()
+    return message
+
+
 def completion_from_sync(
     data: Any, *, backend: str, cid: str, model: str, created: int,
     learning_id: str | None = None,
@@ -289,33 +339,11 @@ def completion_from_sync(
         raise UpstreamProtocolError(
             f"The upstream '{backend}' answered without an 'answer' field.", backend=backend
         )
-    state = AskState(data.get("learning_id") or learning_id)
-    status = data.get("status")
-    state.set_status(None, status if isinstance(status, str) else "success",
-                     data.get("error_details"))
-    state.status_code = next((c for c, s in STATUS_BY_CODE.items() if s == state.status), None)
-    if state.failed:
-        raise UpstreamError(
-            f"The upstream '{backend}' could not generate the answer: "
-            f"{state.details or 'no detail given'}",
-            backend=backend,
-        )
-    state.citations = _as_dict(data.get("citations"))
-    state.footnotes = _as_dict(data.get("citation_footnote_to_context"))
-    state.sources = summarise_retrieval(data.get("retrieval_results"),
-                                        data.get("retrieval_best_matches"))
-    state.answer_json = data.get("answer_json")
-    state.set_tokens(_as_dict(data.get("metadata")).get("tokens"))
-    content: str = data["answer"]
-    if not content and state.answer_json is not None:
-        content = orjson.dumps(state.answer_json).decode()
-    message: dict[str, Any] = {"role": "assistant", "content": content}
-    if isinstance(data.get("reasoning"), str) and data["reasoning"]:
-        message["reasoning_content"] = data["reasoning"]
-    message["nuclia"] = state.extension()
+    state = _sync_state(data, backend, learning_id)
     completion: dict[str, Any] = {
         "id": cid, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+        "choices": [{"index": 0, "message": _sync_message(data, state),
+                     "finish_reason": "stop"}],
     }
     usage = state.usage()
     if usage is not None:

@@ -1,9 +1,10 @@
 """The OpenAI-compatible backend: Inkeep, Inkeep's agents API, and any OpenAI-style upstream.
 
 Bodies pass through untouched except ``model`` (the upstream's own name); the backend's own
-credential replaces the client's. Streams are decoded incrementally and yielded chunk by
-chunk. Upstreams that omit ``[DONE]`` (Inkeep's agents API ends on a ``finish_reason`` chunk)
-end cleanly; a stream that stops with neither is reported as broken off, never as complete.
+credential replaces the client's. Streams are decoded incrementally, one batch of chunks per
+upstream read. Upstreams that omit ``[DONE]`` (Inkeep's agents API ends on a
+``finish_reason`` chunk) end cleanly; a stream that stops with neither is reported as broken
+off, never as complete.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import orjson
 import structlog
 
 from gateway.answer import Answer
-from gateway.backends.base import UpstreamCall
+from gateway.backends.base import Batch, UpstreamCall
 from gateway.config import BackendConfig
 from gateway.errors import (
     GatewayError,
@@ -88,17 +89,8 @@ class OpenAIChunkStream:
         self._backend = backend
         self.meta: dict[str, str] = {}
 
-    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
-        return self._chunks()
-
-    async def _chunks(self) -> AsyncIterator[dict[str, Any]]:
-        async for batch, _ in self.batches():
-            for chunk in batch:
-                yield chunk
-
-    async def batches(self) -> AsyncIterator[tuple[list[dict[str, Any]], bool]]:
-        """(the chunks of one upstream read, whether it ended the stream): re-emitted with one
-        write, at once."""
+    async def batches(self) -> AsyncIterator[Batch]:
+        """One batch per upstream read; the read that carried ``[DONE]`` is the last."""
         decoder = SSEDecoder()
         finished = False
         async for data in self._response.iter_bytes():

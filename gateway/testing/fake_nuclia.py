@@ -132,22 +132,26 @@ def _citations(results: dict[str, Any], answer: str) -> dict[str, Any]:
     return {pid: [[0, min(20, len(answer))]] for pid in results["best_matches"][:2]}
 
 
-def _items(query: str, body: dict[str, Any], headers: Any) -> list[dict[str, Any]]:
-    """The items of one answer, in Nuclia's order, before any scenario cuts them short."""
-    text = answer_text(query)
-    count = int(m.group(1)) if (m := _CHUNKS.search(query)) else 10
-    everything = "[all-items]" in query
-    citations = body.get("citations")
+def _generated(query: str, body: dict[str, Any], text: str, everything: bool
+               ) -> list[dict[str, Any]]:
+    """What the LLM sends: reasoning*, answer*, answer_json."""
     items: list[dict[str, Any]] = []
     if body.get("reasoning") or "[reasoning]" in query or everything:
         items += [{"type": "reasoning", "text": "Sample reasoning: read the question. "},
                   {"type": "reasoning", "text": "Then answer it from the sample resources."}]
+    count = int(m.group(1)) if (m := _CHUNKS.search(query)) else 10
     items += [{"type": "answer", "text": piece} for piece in split_answer(text, count)]
     if body.get("answer_json_schema") or everything:
         items.append({"type": "answer_json", "object": {"answer": text, "sample": True}})
-    results = find_results(query, big="[big-retrieval]" in query)
-    items.append({"type": "retrieval", "results": results,
-                  "best_matches": [{"id": pid} for pid in results["best_matches"]]})
+    return items
+
+
+def _found(query: str, results: dict[str, Any], everything: bool) -> list[dict[str, Any]]:
+    """What retrieval found, and the outcome: retrieval, prequeries, status,
+    augmented_context."""
+    items: list[dict[str, Any]] = [
+        {"type": "retrieval", "results": results,
+         "best_matches": [{"id": pid} for pid in results["best_matches"]]}]
     if everything:
         items.append({"type": "prequeries", "results": {"sample": find_results(query)}})
     if "[no-context]" in query:
@@ -157,19 +161,45 @@ def _items(query: str, body: dict[str, Any], headers: Any) -> list[dict[str, Any
     if everything:
         items.append({"type": "augmented_context", "augmented": {"paragraphs": {},
                                                                  "fields": {}}})
+    return items
+
+
+def _cited(citations: Any, results: dict[str, Any], text: str, everything: bool
+           ) -> list[dict[str, Any]]:
+    """The citations asked for: citations, footnote_citations."""
+    items: list[dict[str, Any]] = []
     if (citations not in (None, False, "none")) or everything:
         items.append({"type": "citations", "citations": _citations(results, text)})
     if citations == "llm_footnotes" or everything:
         items.append({"type": "footnote_citations",
                       "footnote_to_context": {"block-AA": results["best_matches"][0]}})
-    items.append({"type": "metadata", "tokens": _tokens(query, text),
-                  "timings": {"generative_first_chunk": 0.05, "generative_total": 0.2}})
+    return items
+
+
+def _accounted(query: str, text: str, headers: Any, everything: bool
+               ) -> list[dict[str, Any]]:
+    """Token usage and billing: metadata, consumption."""
+    items: list[dict[str, Any]] = [
+        {"type": "metadata", "tokens": _tokens(query, text),
+         "timings": {"generative_first_chunk": 0.05, "generative_total": 0.2}}]
     if headers.get("x-show-consumption") == "true" or everything:
         prompt, completion = fake_tokens(query, text)
         items.append({"type": "consumption",
                       "normalized_tokens": {"input": prompt / 1000, "output": completion / 1000,
                                             "image": 0.0},
                       "customer_key_tokens": {"input": 0.0, "output": 0.0, "image": 0.0}})
+    return items
+
+
+def _items(query: str, body: dict[str, Any], headers: Any) -> list[dict[str, Any]]:
+    """The items of one answer, in Nuclia's order, before any scenario cuts them short."""
+    text = answer_text(query)
+    everything = "[all-items]" in query
+    results = find_results(query, big="[big-retrieval]" in query)
+    items = [*_generated(query, body, text, everything),
+             *_found(query, results, everything),
+             *_cited(body.get("citations"), results, text, everything),
+             *_accounted(query, text, headers, everything)]
     if everything:
         items.append({"type": "relations", "relations": {"entities": {}}})
         items.append({"type": "debug", "metadata": {"sample": True}, "metrics": {}})
