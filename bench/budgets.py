@@ -60,8 +60,9 @@ def read_budgets(readme: Path = README) -> dict[str, list[Budget]]:
 
 
 def verdict(figures: dict[str, float], problems: list[str], budgets: list[Budget]) -> str:
-    """``PASS``, ``FAIL: <why>`` (a problem, or a budget missed), or ``-`` (no budget)."""
-    failures = problems + [why for b in budgets if (why := b.failure(figures)) is not None]
+    """``PASS``, ``FAIL: <why>`` (its problems, else the budgets it missed), or ``-`` (no
+    budget)."""
+    failures = problems or [why for b in budgets if (why := b.failure(figures)) is not None]
     if failures:
         return "FAIL: " + "; ".join(failures)
     return "PASS" if budgets else "-"

@@ -1,5 +1,5 @@
 -- wrk script of the benchmark: POST one chat body with the client's key, and print wrk's
--- summary as one JSON line (bench/wrk.py reads it). BENCH_BODY and BENCH_AUTH are set by wrk.py.
+-- summary as one JSON line. bench/measure.py sets BENCH_BODY and BENCH_AUTH and reads it.
 wrk.method = "POST"
 wrk.body = os.getenv("BENCH_BODY")
 wrk.headers["Content-Type"] = "application/json"

@@ -152,6 +152,7 @@ def run(variants: Sequence[Variant], workdir: Path, *, warmup: int, seconds: int
                         rows.append(run_variant(variant, server, upstream, warmup=warmup,
                                                 seconds=seconds))
             except (RuntimeError, OSError) as exc:  # the gateway did not start, or stop
+                print(f"  ! {kind}: {exc}", file=sys.stderr, flush=True)
                 done = {row.name for row in rows}
                 rows += [Row(v.name, v.connections, problems=[str(exc).splitlines()[0]])
                          for v in todo if v.name not in done]

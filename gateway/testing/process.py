@@ -73,8 +73,8 @@ def wait_until_answers(url: str, proc: subprocess.Popen[bytes], log: Path, *,
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise ProcessError(f"{proc.args!r} exited with status {proc.returncode} before "
-                               f"answering {url}:\n{tail(log)}")
+            raise ProcessError(f"exited with status {proc.returncode} before answering {url}; "
+                               f"its output ends:\n{tail(log)}")
         connection = http.client.HTTPConnection(parts.netloc, timeout=1.0)
         try:
             connection.request("GET", parts.path or "/")
@@ -115,6 +115,7 @@ class GatewayProcess:
 
 
 def gateway_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a gateway command: ours, less what the config decides, plus `extra`."""
     env = {k: v for k, v in os.environ.items() if k not in _CALLER_SETTINGS}
     env["PYTHONUNBUFFERED"] = "1"  # its log is complete whenever a test reads it
     env.update(extra or {})
