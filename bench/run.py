@@ -1,11 +1,6 @@
-"""``make bench``: the gateway under wrk load in front of nginx serving fixed bodies, one row
-per variant, each checked against its budget in ``bench/README.md``. The table goes to
-stdout and ``bench/results/last.json``; ``--strict`` exits 1 when a row fails.
-
-Each row loads nginx itself or one kind of gateway: ``core`` (memory store, a static key),
-``redis`` (limits of every type on Redis, a key made by ``gateway keys create``) or ``cache``
-(a model with the response cache on).
-"""
+"""``make bench`` (see bench/README.md): the rows, the server each one loads (nginx, or a
+``core``, ``redis`` or ``cache`` gateway in front of it), and the table of their figures
+against the README's budgets, also written to ``bench/results/last.json``."""
 
 from __future__ import annotations
 
@@ -61,6 +56,7 @@ VARIANTS = (
 
 
 def gateway_yaml(upstream: Upstream, kind: str, redis_url: str | None = None) -> str:
+    """The config of one kind of gateway; each kind routes the same models to nginx."""
     def openai(path: str) -> dict[str, Any]:
         return {"kind": "openai", "base_url": f"{upstream.url}/{path}/v1", "requires_key": False}
 
