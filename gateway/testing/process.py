@@ -59,7 +59,7 @@ def stop(proc: subprocess.Popen[bytes], *, grace: float = 10.0) -> None:
     proc.wait()
 
 
-def tail(log: Path, lines: int = 20) -> str:
+def _tail(log: Path, lines: int = 20) -> str:
     try:
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
@@ -74,7 +74,7 @@ def wait_until_answers(url: str, proc: subprocess.Popen[bytes], log: Path, *,
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise ProcessError(f"exited with status {proc.returncode} before answering {url}; "
-                               f"its output ends:\n{tail(log)}")
+                               f"its output ends:\n{_tail(log)}")
         connection = http.client.HTTPConnection(parts.netloc, timeout=1.0)
         try:
             connection.request("GET", parts.path or "/")
@@ -85,7 +85,7 @@ def wait_until_answers(url: str, proc: subprocess.Popen[bytes], log: Path, *,
         finally:
             connection.close()
         time.sleep(0.02)
-    raise ProcessError(f"no answer from {url} within {timeout:.0f} s:\n{tail(log)}")
+    raise ProcessError(f"no answer from {url} within {timeout:.0f} s:\n{_tail(log)}")
 
 
 @dataclass(frozen=True)
