@@ -6,7 +6,7 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
 	&& echo $$p && break; done)
 
-.PHONY: run test bench lint typecheck check-config clean redis-server
+.PHONY: run test bench lint typecheck check-config clean redis-server bench-tools
 
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.11+ is required"; exit 1; }
@@ -19,13 +19,13 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed
 	$(VENV)/bin/gateway serve --demo
 
-## Install with the dev extras and run the whole test suite (real redis-server, real uvicorn).
-test: $(VENV)/.installed redis-server
+## Install with the dev extras and run the whole test suite (real redis-server, real uvicorn,
+## and the benchmark's wrk and nginx for its tests).
+test: $(VENV)/.installed redis-server bench-tools
 	$(PY) -m pytest
 
 ## The benchmark (wrk + nginx as the fast fake upstream); see bench/README.md.
-bench: $(VENV)/.installed redis-server
-	@command -v wrk >/dev/null && command -v nginx >/dev/null || $(call apt,wrk nginx-light)
+bench: $(VENV)/.installed redis-server bench-tools
 	$(PY) bench/run.py
 
 lint: $(VENV)/.installed
@@ -37,6 +37,11 @@ check-config: $(VENV)/.installed
 
 redis-server:
 	@command -v redis-server >/dev/null || $(call apt,redis-server)
+
+# nginx lives in /usr/sbin, which is not on every user's PATH
+bench-tools:
+	@command -v wrk >/dev/null && PATH="$$PATH:/usr/sbin" command -v nginx >/dev/null || \
+		$(call apt,wrk nginx-light)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

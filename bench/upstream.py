@@ -1,18 +1,11 @@
-"""The benchmark's fake upstream: nginx serving fixed bodies on a free loopback port.
-
-Paths (all ``POST``): ``/json/v1/chat/completions`` (one ``chat.completion``),
-``/sse/v1/chat/completions`` (10 ``chat.completion.chunk`` events + ``[DONE]``),
-``/api/v1/kb/bench/ask`` (Nuclia ndjson: 10 answer items, retrieval, status, metadata),
-``/hook`` and ``*/conversations`` (analytics sinks: 200 ``{}``), and
-``/cached/v1/chat/completions`` (the JSON body again, logged: the calls a cache let through).
-"""
+"""The benchmark's upstream: nginx serving fixed bodies (``nginx.conf.tmpl`` lists its paths)
+on a free loopback port, at next to no cost, so that what is measured is the gateway."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import string
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,154 +14,82 @@ from typing import Any
 
 import orjson
 
-from bench.processes import BenchProcessError, free_port, spawn, stop, tail, wait_http
+from gateway.testing.process import free_port, spawn, stop, wait_until_answers
 
-TEMPLATE = Path(__file__).with_name("nginx.conf.tmpl")
 CHUNKS = 10
-KBID = "bench"
-_CREATED = 1_700_000_000
-_PIECES = [f"Part {i} of the benchmark answer. " for i in range(CHUNKS)]
+PIECES = [f"Part {i} of the benchmark answer. " for i in range(CHUNKS)]
+USAGE = {"prompt_tokens": 24, "completion_tokens": 70, "total_tokens": 94}
+_ID = {"id": "chatcmpl-bench", "created": 1_700_000_000, "model": "bench-upstream"}
 
 
 def completion_body() -> bytes:
-    return orjson.dumps({
-        "id": "chatcmpl-bench", "object": "chat.completion", "created": _CREATED,
-        "model": "bench-upstream",
-        "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                     "message": {"role": "assistant", "content": "".join(_PIECES)}}],
-        "usage": {"prompt_tokens": 24, "completion_tokens": 70, "total_tokens": 94},
-    })
+    message = {"role": "assistant", "content": "".join(PIECES)}
+    return orjson.dumps({**_ID, "object": "chat.completion", "usage": USAGE, "choices": [
+        {"index": 0, "finish_reason": "stop", "logprobs": None, "message": message}]})
 
 
 def stream_body() -> bytes:
     events = []
-    for i, piece in enumerate(_PIECES):
-        delta: dict[str, Any] = {"content": piece}
-        if i == 0:
-            delta["role"] = "assistant"
+    for i, piece in enumerate(PIECES):
         last = i == CHUNKS - 1
-        chunk: dict[str, Any] = {
-            "id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": _CREATED,
-            "model": "bench-upstream",
-            "choices": [{"index": 0, "delta": delta, "finish_reason": "stop" if last else None,
-                         "logprobs": None}],
-        }
+        delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
+        chunk: dict[str, Any] = {**_ID, "object": "chat.completion.chunk", "choices": [
+            {"index": 0, "delta": delta, "finish_reason": "stop" if last else None}]}
         if last:
-            chunk["usage"] = {"prompt_tokens": 24, "completion_tokens": 70, "total_tokens": 94}
+            chunk["usage"] = USAGE
         events.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
     return b"".join(events) + b"data: [DONE]\n\n"
 
 
-def _retrieval() -> dict[str, Any]:
-    """A small ``KnowledgeboxFindResults``: one resource with three paragraphs."""
-    rid = "0" * 31 + "1"
-    paragraphs = {}
-    for order in range(3):
-        text = f"Benchmark paragraph {order} of the sample resource."
-        pid = f"{rid}/t/text/{order * 100}-{order * 100 + len(text)}"
-        paragraphs[pid] = {"score": 0.9 - order / 10, "score_type": "BOTH", "order": order,
-                           "text": text, "id": pid, "labels": [], "position": None,
-                           "fuzzy_result": False, "page_with_visual": False,
-                           "reference": None, "is_a_table": False,
-                           "relevant_relations": None}
-    return {"resources": {rid: {"id": rid, "slug": "bench", "title": "Benchmark resource",
-                                "summary": None,
-                                "fields": {"/t/text": {"paragraphs": paragraphs}}}},
-            "relations": None, "query": "benchmark", "rephrased_query": None,
-            "total": len(paragraphs), "page_number": 0, "page_size": 20, "next_page": False,
-            "nodes": None, "shards": None, "autofilters": [],
-            "min_score": {"semantic": 0.7, "bm25": 0.0}, "best_matches": list(paragraphs),
-            "metrics": None, "search_after": None}
-
-
 def ask_body() -> bytes:
-    items: list[dict[str, Any]] = [{"type": "answer", "text": piece} for piece in _PIECES]
-    items.append({"type": "retrieval", "results": _retrieval()})
-    items.append({"type": "status", "code": "0", "status": "success", "details": None})
-    items.append({"type": "metadata", "tokens": {"input": 10, "output": 20},
-                  "timings": {"generative_first_chunk": 0.1, "generative_total": 0.5}})
+    """Nuclia's /ask stream: the answer in 10 items, then retrieval (one resource, three
+    paragraphs), status and metadata."""
+    ids = [f"{'0' * 32}/t/text/{i}" for i in range(3)]
+    paragraphs = {pid: {"id": pid, "score": 0.9 - i / 10, "score_type": "BOTH", "order": i,
+                        "text": f"Benchmark paragraph {i}."} for i, pid in enumerate(ids)}
+    results = {"best_matches": ids, "resources": {"0" * 32: {
+        "title": "Benchmark resource", "fields": {"/t/text": {"paragraphs": paragraphs}}}}}
+    items: list[dict[str, Any]] = [{"type": "answer", "text": piece} for piece in PIECES]
+    items += [{"type": "retrieval", "results": results},
+              {"type": "status", "code": "0", "status": "success"},
+              {"type": "metadata", "tokens": {"input": 10, "output": 20}}]
     return b"".join(orjson.dumps({"item": item}) + b"\n" for item in items)
 
 
 @dataclass(frozen=True)
 class Upstream:
-    """Where the running fake upstream answers."""
-
     url: str  # http://127.0.0.1:PORT
     pid: int
-    logs: Path  # the folder of the sink and cached-model access logs
-
-    @property
-    def json_base(self) -> str:
-        return f"{self.url}/json/v1"
-
-    @property
-    def sse_base(self) -> str:
-        return f"{self.url}/sse/v1"
-
-    @property
-    def nuclia_base(self) -> str:
-        return f"{self.url}/api/v1"
-
-    @property
-    def hook(self) -> str:
-        return f"{self.url}/hook"
-
-    @property
-    def cached_base(self) -> str:
-        return f"{self.url}/cached/v1"
-
-    def sink_posts(self) -> int:
-        """How many POSTs the sink endpoints received (nginx flushes its logs every second)."""
-        return _lines(self.logs / "sink.log")
+    prefix: Path  # nginx's folder: config, bodies, logs
 
     def cached_calls(self) -> int:
-        """How many calls for the cached model reached the upstream."""
-        return _lines(self.logs / "cached.log")
-
-
-def _lines(path: Path) -> int:
-    try:
-        with path.open("rb") as log:
-            return sum(1 for _ in log)
-    except FileNotFoundError:
-        return 0
-
-
-def render_conf(prefix: Path, port: int) -> str:
-    # started as root, nginx's workers would switch to "nobody", who cannot read a private
-    # temp dir: keep them as the user who runs the benchmark
-    user = "user root;" if os.geteuid() == 0 else ""
-    return string.Template(TEMPLATE.read_text()).substitute(prefix=prefix, port=port,
-                                                            user_directive=user)
+        """Requests that reached ``/cached`` (its access log is written unbuffered)."""
+        log = self.prefix / "cached.log"
+        return len(log.read_bytes().splitlines()) if log.exists() else 0
 
 
 @contextmanager
-def nginx_upstream(workdir: Path) -> Iterator[Upstream]:
-    """Run nginx (1 worker, no access log) on a free port until the block exits."""
-    binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists()
-                                       else None)
-    if binary is None:
-        raise BenchProcessError("nginx is not installed (`make bench` installs nginx-light)")
+def nginx(workdir: Path) -> Iterator[Upstream]:
+    """nginx (one worker) serving the fixed bodies until the block exits."""
     prefix = workdir / "nginx"
-    for sub in ("bodies", "tmp"):
-        (prefix / sub).mkdir(parents=True, exist_ok=True)
-    (prefix / "bodies" / "completion.json").write_bytes(completion_body())
-    (prefix / "bodies" / "stream.sse").write_bytes(stream_body())
-    (prefix / "bodies" / "ask.ndjson").write_bytes(ask_body())
+    (prefix / "tmp").mkdir(parents=True, exist_ok=True)
+    for name, body in (("completion.json", completion_body()), ("stream.sse", stream_body()),
+                       ("ask.ndjson", ask_body())):
+        (prefix / name).write_bytes(body)
     port = free_port()
+    # started as root, nginx's worker would run as "nobody", who cannot read a private folder
+    user = "user root;" if os.geteuid() == 0 else ""
     conf = prefix / "nginx.conf"
-    conf.write_text(render_conf(prefix, port))
-    log = prefix / "nginx.out"
-    proc: subprocess.Popen[bytes] = spawn(
-        [binary, "-c", str(conf), "-p", str(prefix), "-e", str(prefix / "error.log")], log=log
-    )
+    conf.write_text(string.Template(Path(__file__).with_name("nginx.conf.tmpl").read_text())
+                    .substitute(prefix=prefix, port=port, user_directive=user))
+    log = prefix / "error.log"
+    binary = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")  # not on all PATHs
+    if binary is None:
+        raise RuntimeError("nginx is not installed (`make bench` installs nginx-light)")
+    proc = spawn([binary, "-c", str(conf), "-p", str(prefix), "-e", str(log)], log=log)
     try:
         url = f"http://127.0.0.1:{port}"
-        try:
-            wait_http(f"{url}/json/v1/chat/completions", proc, log, timeout=10)
-        except BenchProcessError as exc:
-            raise BenchProcessError(f"nginx: {exc}\n{tail(prefix / 'error.log')}") from exc
-        yield Upstream(url=url, pid=proc.pid, logs=prefix)
+        wait_until_answers(f"{url}/health", proc, log, timeout=10)
+        yield Upstream(url, proc.pid, prefix)
     finally:
         stop(proc)

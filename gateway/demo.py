@@ -12,7 +12,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from gateway.config import BackendConfig, CachePolicy, GatewayConfig, ModelConfig, StaticKey
-from gateway.testing.redis_server import free_port
+from gateway.testing.process import free_port
 from gateway.testing.server import run_server
 
 DEMO_KEY = "gw-demo_sample-key-for-local-demo-only"

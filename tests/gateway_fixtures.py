@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import textwrap
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,6 +11,7 @@ import openai
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig, parse_config
+from gateway.testing.configs import config_yaml, static_key
 from gateway.testing.server import run_server
 
 CLIENT_KEY = "sk-test-client-key"
@@ -21,48 +20,37 @@ LIMITED_KEY = "sk-test-limited"
 UPSTREAM_KEY = "upstream-secret-do-not-leak"
 
 
-def sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def gateway_config(
     inkeep_url: str, *, extra: str = "", base_dir: Path = Path("."), store: str = "memory",
     env: dict[str, str] | None = None,
 ) -> GatewayConfig:
-    text = textwrap.dedent(f"""
-        store: {store}
-        server: {{log_json: true}}
-        backends:
-          inkeep:
-            kind: inkeep
-            base_url: {inkeep_url}/v1
-            api_key: ${{TEST_INKEEP_KEY:-{UPSTREAM_KEY}}}
-            headers: {{x-extra-upstream: configured}}
-            timeouts: {{connect: 1, read: 1.5, total: 10}}
-          agents:
-            kind: openai
-            base_url: {inkeep_url}/run/v1
-            api_key: {UPSTREAM_KEY}
-          nokey:
-            kind: inkeep
-            base_url: {inkeep_url}/v1
-            api_key: ${{MISSING_TEST_VAR:-}}
-          dead:
-            kind: openai
-            base_url: http://127.0.0.1:9
-            requires_key: false
-        models:
-          qa: {{backend: inkeep, upstream_model: inkeep-qa}}
-          rag: {{backend: inkeep, upstream_model: inkeep-rag}}
-          agent: {{backend: agents, upstream_model: agent}}
-          unconfigured: {{backend: nokey}}
-          dead: {{backend: dead}}
-        keys:
-          static:
-            - {{id: test, team: alpha, sha256: "{sha(CLIENT_KEY)}"}}
-            - {{id: other, team: beta, sha256: "{sha(OTHER_KEY)}", models: [qa]}}
-            - {{id: limited, team: gamma, sha256: "{sha(LIMITED_KEY)}", rpm: 2}}
-    """) + textwrap.dedent(extra)
+    """Fake Inkeep (`inkeep_url`) behind four backends, three teams' static keys; `extra` YAML
+    is merged in."""
+    text = config_yaml(
+        store=store,
+        backends={
+            "inkeep": {"kind": "inkeep", "base_url": f"{inkeep_url}/v1",
+                       "api_key": f"${{TEST_INKEEP_KEY:-{UPSTREAM_KEY}}}",
+                       "headers": {"x-extra-upstream": "configured"},
+                       "timeouts": {"connect": 1, "read": 1.5, "total": 10}},
+            "agents": {"kind": "openai", "base_url": f"{inkeep_url}/run/v1",
+                       "api_key": UPSTREAM_KEY},
+            "nokey": {"kind": "inkeep", "base_url": f"{inkeep_url}/v1",
+                      "api_key": "${MISSING_TEST_VAR:-}"},
+            "dead": {"kind": "openai", "base_url": "http://127.0.0.1:9", "requires_key": False},
+        },
+        models={
+            "qa": {"backend": "inkeep", "upstream_model": "inkeep-qa"},
+            "rag": {"backend": "inkeep", "upstream_model": "inkeep-rag"},
+            "agent": {"backend": "agents", "upstream_model": "agent"},
+            "unconfigured": {"backend": "nokey"},
+            "dead": {"backend": "dead"},
+        },
+        keys=[static_key(CLIENT_KEY, id="test", team="alpha"),
+              static_key(OTHER_KEY, id="other", team="beta", models=["qa"]),
+              static_key(LIMITED_KEY, id="limited", team="gamma", rpm=2)],
+        extra=extra,
+    )
     return parse_config(text, base_dir=base_dir, env=env or {})
 
 

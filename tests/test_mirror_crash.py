@@ -5,23 +5,19 @@ exactly once (by idempotency key), in order per conversation."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import os
-import signal
-import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 import pytest
 
 from gateway.stores.redis_base import connect
+from gateway.testing.configs import config_yaml, static_key
 from gateway.testing.fake_analytics import AnalyticsState, create_fake_analytics_app
 from gateway.testing.fake_inkeep import create_fake_inkeep_app
-from gateway.testing.redis_server import free_port
+from gateway.testing.process import GatewayProcess, run_gateway
 from gateway.testing.server import run_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
@@ -49,24 +45,17 @@ async def analytics() -> AsyncIterator[tuple[str, AnalyticsState]]:
 def config_file(tmp_path: Path, redis_url: str, upstream: str,
                 analytics: tuple[str, AnalyticsState]) -> Path:
     path = tmp_path / "gateway.yaml"
-    digest = hashlib.sha256(CLIENT_KEY.encode()).hexdigest()
-    path.write_text(textwrap.dedent(f"""
-        store: {redis_url}
-        store_prefix: {PREFIX}
-        server: {{log_json: true, log_level: info}}
-        backends:
-          inkeep: {{kind: inkeep, base_url: {upstream}/v1, api_key: {UPSTREAM_KEY}}}
-        models:
-          qa: {{backend: inkeep, upstream_model: inkeep-qa}}
-        keys:
-          static:
-            - {{id: crash, team: alpha, sha256: "{digest}"}}
-        analytics:
-          sinks:
-            - {{name: ink, kind: inkeep, url: "{analytics[0]}", api_key: {ANALYTICS_KEY},
-                timeout: 1}}
-          outbox: {{claim_idle_seconds: 1, shutdown_grace: 1}}
-    """))
+    path.write_text(config_yaml(
+        store=redis_url,
+        backends={"inkeep": {"kind": "inkeep", "base_url": f"{upstream}/v1",
+                             "api_key": UPSTREAM_KEY}},
+        models={"qa": {"backend": "inkeep", "upstream_model": "inkeep-qa"}},
+        keys=[static_key(CLIENT_KEY, id="crash", team="alpha")],
+        sinks=[{"name": "ink", "kind": "inkeep", "url": analytics[0],
+                "api_key": ANALYTICS_KEY, "timeout": 1}],
+        extra={"store_prefix": PREFIX, "server": {"log_level": "info"},
+               "analytics": {"outbox": {"claim_idle_seconds": 1, "shutdown_grace": 1}}},
+    ))
     return path
 
 
@@ -78,57 +67,25 @@ def sink_events(tmp_path: Path) -> list[str]:
 
 
 @pytest.fixture
-def start(config_file: Path, tmp_path: Path) -> Iterator[Callable[[], tuple[str, object]]]:
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def one() -> tuple[str, object]:
-        port = free_port()
-        log = open(tmp_path / f"gateway-{port}.log", "wb")  # noqa: SIM115 (closed below)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(config_file),
-             "--port", str(port)],
-            stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        log.close()
-        procs.append(proc)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while True:
-            assert proc.poll() is None, (tmp_path / f"gateway-{port}.log").read_text()
-            try:
-                if httpx.get(f"{url}/healthz", timeout=0.5).status_code == 200:
-                    return url, proc
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the gateway did not start"
-            time.sleep(0.05)
-
-    try:
-        yield one
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+def start(config_file: Path) -> Iterator[Callable[[], GatewayProcess]]:
+    """Starts one more replica on the config each time it is called."""
+    with ExitStack() as stack:
+        yield lambda: stack.enter_context(run_gateway(config_file))
 
 
 async def test_records_of_a_killed_replica_are_delivered_by_the_next(
-    start: Callable[[], tuple[str, subprocess.Popen[bytes]]], redis_url: str,
+    start: Callable[[], GatewayProcess], redis_url: str,
     analytics: tuple[str, AnalyticsState], tmp_path: Path,
 ) -> None:
     _, state = analytics
     state.faults.fail_for(3600, 503)  # analytics is down while replica A takes traffic
-    url_a, proc_a = start()
+    replica_a = start()
     turns, convs = 4, 3
     async with httpx.AsyncClient(timeout=10) as client:
         for turn in range(turns):
             for conv in range(convs):
                 reply = await client.post(
-                    f"{url_a}/v1/chat/completions",
+                    f"{replica_a.url}/v1/chat/completions",
                     headers={"authorization": f"Bearer {CLIENT_KEY}",
                              "x-conversation-id": f"conv-{conv}"},
                     json={"model": "qa", "messages": [
@@ -145,16 +102,16 @@ async def test_records_of_a_killed_replica_are_delivered_by_the_next(
                 break
             assert time.monotonic() < deadline, pending
             await asyncio.sleep(0.05)
-        proc_a.send_signal(signal.SIGKILL)
-        proc_a.wait(5)
+        replica_a.kill()
         state.faults.clear()
         start()  # replica B
         deadline = time.monotonic() + 15
-        while len(state.by_key("/conversations")) < n:
-            assert time.monotonic() < deadline, len(state.by_key("/conversations"))
+        # until B has delivered and acknowledged every record: once the outbox is empty,
+        # nothing is left that could arrive a second time
+        while len(state.by_key("/conversations")) < n or await ns.client.xlen(stream):
+            assert time.monotonic() < deadline, (len(state.by_key("/conversations")),
+                                                 await ns.client.xlen(stream))
             await asyncio.sleep(0.05)
-        await asyncio.sleep(0.3)  # nothing more arrives
-        assert await ns.client.xlen(stream) == 0
     finally:
         await ns.client.aclose()
     by_key = state.by_key("/conversations")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import textwrap
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,9 +11,10 @@ import pytest
 from starlette.applications import Starlette
 
 from gateway.config import parse_config
+from gateway.testing.configs import config_yaml, static_key
 from gateway.testing.fake_nuclia import answer_text, create_fake_nuclia_app, fake_tokens
 from gateway.testing.server import run_server
-from tests.gateway_fixtures import CLIENT_KEY, async_client, serve_gateway, sha
+from tests.gateway_fixtures import CLIENT_KEY, async_client, serve_gateway
 
 # The gateway app assembles stores, auth, limits and cache written by other engineers; until
 # they are all in the tree these end-to-end tests are skipped (not failed).
@@ -34,21 +34,13 @@ def fake() -> Starlette:
 @pytest.fixture
 async def gateway(fake: Starlette) -> AsyncIterator[str]:
     async with run_server(fake) as nuclia_url:
-        config = parse_config(textwrap.dedent(f"""
-            store: memory
-            backends:
-              nuclia:
-                kind: nuclia
-                base_url: {nuclia_url}/api/v1
-                kbid: {KBID}
-                api_key: {TOKEN}
-                timeouts: {{connect: 1, read: 2, total: 10}}
-            models:
-              kb: {{backend: nuclia, nuclia: {{citations: true}}}}
-            keys:
-              static:
-                - {{id: test, team: alpha, sha256: "{sha(CLIENT_KEY)}"}}
-        """), env={})
+        config = parse_config(config_yaml(
+            backends={"nuclia": {"kind": "nuclia", "base_url": f"{nuclia_url}/api/v1",
+                                 "kbid": KBID, "api_key": TOKEN,
+                                 "timeouts": {"connect": 1, "read": 2, "total": 10}}},
+            models={"kb": {"backend": "nuclia", "nuclia": {"citations": True}}},
+            keys=[static_key(CLIENT_KEY, id="test", team="alpha")],
+        ), env={})
         async with serve_gateway(config) as url:
             yield url
 

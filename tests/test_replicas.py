@@ -4,10 +4,6 @@ revocation reaches every replica within one second."""
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,8 +15,9 @@ from gateway.auth import create_key
 from gateway.config import load_config
 from gateway.stores.keys import RedisKeyStore
 from gateway.stores.redis_base import connect
+from gateway.testing.configs import config_yaml
 from gateway.testing.fake_inkeep import create_fake_inkeep_app
-from gateway.testing.redis_server import free_port
+from gateway.testing.process import run_gateways
 from gateway.testing.server import run_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
@@ -39,55 +36,20 @@ async def upstream() -> AsyncIterator[str]:
 @pytest.fixture
 def config_file(tmp_path: Path, redis_url: str, upstream: str) -> Path:
     path = tmp_path / "gateway.yaml"
-    path.write_text(textwrap.dedent(f"""
-        store: {redis_url}
-        server: {{log_json: true, log_level: warning}}
-        backends:
-          inkeep: {{kind: inkeep, base_url: {upstream}/v1, api_key: {UPSTREAM_KEY}}}
-        models:
-          qa: {{backend: inkeep, upstream_model: inkeep-qa}}
-    """))
+    path.write_text(config_yaml(
+        store=redis_url,
+        backends={"inkeep": {"kind": "inkeep", "base_url": f"{upstream}/v1",
+                             "api_key": UPSTREAM_KEY}},
+        models={"qa": {"backend": "inkeep", "upstream_model": "inkeep-qa"}},
+        extra={"server": {"log_level": "warning"}},
+    ))
     return path
 
 
 @pytest.fixture
-def replicas(config_file: Path, tmp_path: Path) -> Iterator[list[str]]:
-    ports = [free_port() for _ in range(3)]
-    logs = [open(tmp_path / f"replica-{port}.log", "wb") for port in ports]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(config_file),
-             "--port", str(port)],
-            stdout=subprocess.DEVNULL, stderr=log,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        for port, log in zip(ports, logs, strict=True)
-    ]
-    urls = [f"http://127.0.0.1:{port}" for port in ports]
-    try:
-        deadline = time.monotonic() + 20
-        for url, proc in zip(urls, procs, strict=True):
-            while True:
-                assert proc.poll() is None, (tmp_path / f"replica-{url[-5:]}.log")
-                try:
-                    if httpx.get(f"{url}/healthz", timeout=0.5).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, "a replica did not start"
-                time.sleep(0.05)
-        yield urls
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for log in logs:
-            log.close()
+def replicas(config_file: Path) -> Iterator[list[str]]:
+    with run_gateways(config_file, 3) as gateways:
+        yield [gateway.url for gateway in gateways]
 
 
 async def _new_key(config_file: Path, **limits: int) -> tuple[str, RedisKeyStore, object]:
