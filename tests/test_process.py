@@ -18,12 +18,12 @@ pytestmark = pytest.mark.slow
 ADMIN_KEY = "admin-secret-from-the-environment"
 
 
-def write_config(tmp_path: Path, extra: str = "") -> Path:
+def write_config(tmp_path: Path, extra: str = "", store: str = "memory") -> Path:
     path = tmp_path / "gateway.yaml"
     path.write_text(config_yaml(
         backends={"up": {"kind": "openai", "base_url": "http://127.0.0.1:9",
                          "requires_key": False}},
-        models={"m": {"backend": "up"}}, extra=extra))
+        models={"m": {"backend": "up"}}, store=store, extra=extra))
     return path
 
 
@@ -40,8 +40,11 @@ def running_in_group(pgid: int) -> list[int]:
     return found
 
 
-def test_workers_and_environment_then_the_whole_group_stops(tmp_path: Path) -> None:
-    config = write_config(tmp_path, "server: {admin_key: '${PROC_TEST_ADMIN_KEY}'}")
+@pytest.mark.redis
+def test_workers_and_environment_then_the_whole_group_stops(tmp_path: Path,
+                                                            redis_url: str) -> None:
+    config = write_config(tmp_path, "server: {admin_key: '${PROC_TEST_ADMIN_KEY}'}",
+                          store=redis_url)
     with run_gateway(config, workers=2, env={"PROC_TEST_ADMIN_KEY": ADMIN_KEY},
                      ready="/readyz") as gateway:
         reply = httpx.get(f"{gateway.url}/admin/keys",

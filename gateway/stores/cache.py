@@ -5,7 +5,7 @@ the moment a leader releases its lock. `RedisCacheStore` shares entries and lock
 replicas (``SET PX`` / ``SET NX PX``; a lock is freed only by its holder, cache_unlock.lua).
 
 Redis waiters poll (5 ms doubling to 25 ms) and the waiters of one key in a process share one
-poller, chosen by measurement (bench/cache_wait.py, 19 waiters): polling wakes them 3-13 ms
+poller, chosen by measurement (see docs/performance.md): polling wakes them 3-13 ms
 after the leader's write against 3-4 ms for pub/sub, but pub/sub took one subscription
 connection per waiter (57-76 new connections per trial) where the poller opened none, for
 16-165 commands per 0.05-2 s leader. Next to an LLM answer of seconds, 10 ms is noise;

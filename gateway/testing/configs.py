@@ -29,7 +29,9 @@ def config_yaml(*, backends: Mapping[str, Section], models: Mapping[str, Section
     """The YAML text of a config. `extra` (YAML text or a mapping) is merged in last, section
     by section (``server: {log_level: warning}`` keeps ``log_json``). ``${VAR}`` references
     stay in the text, for the gateway to read from its environment."""
-    data: dict[str, Any] = {"store": store, "server": {"log_json": True},
+    # no drain delay: nothing balances load in front of a test's gateway, which should stop
+    # at once (tests of the drain set their own)
+    data: dict[str, Any] = {"store": store, "server": {"log_json": True, "drain_delay": 0},
                             "backends": dict(backends), "models": dict(models)}
     if keys:
         data["keys"] = {"static": [dict(key) for key in keys]}
