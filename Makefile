@@ -19,9 +19,9 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed
 	$(VENV)/bin/gateway serve --demo
 
-## Install with the dev extras and run the whole test suite (real redis-server, real uvicorn,
-## and the benchmark's wrk and nginx for its tests).
-test: $(VENV)/.installed redis-server bench-tools
+## Install with the dev extras, lint, and run the whole test suite (real redis-server, real
+## uvicorn, and the benchmark's wrk and nginx for its tests).
+test: $(VENV)/.installed redis-server bench-tools lint
 	$(PY) -m pytest
 
 ## The benchmark (wrk + nginx as the fast fake upstream); see bench/README.md.

@@ -15,6 +15,8 @@ from structlog.testing import capture_logs
 
 from gateway.answer import Answer
 from gateway.backends.base import Route
+from gateway.config import GatewayConfig
+from gateway.metrics import Metrics
 from gateway.response_cache import (
     EXACT_KEY_BYTES,
     CacheHooks,
@@ -25,8 +27,6 @@ from gateway.response_cache import (
     encode_completion,
     key_material,
 )
-from gateway.config import GatewayConfig
-from gateway.metrics import Metrics
 from gateway.stores.cache import CacheStore, MemoryCacheStore, RedisCacheStore
 from gateway.stores.redis_base import RedisNamespace, connect
 from gateway.wire import ChatRequest
