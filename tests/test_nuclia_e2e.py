@@ -16,12 +16,6 @@ from gateway.testing.fake_nuclia import answer_text, create_fake_nuclia_app, fak
 from gateway.testing.server import run_server
 from tests.gateway_fixtures import CLIENT_KEY, async_client, serve_gateway
 
-# The gateway app assembles stores, auth, limits and cache written by other engineers; until
-# they are all in the tree these end-to-end tests are skipped (not failed).
-for _module in ("gateway.auth", "gateway.response_cache", "gateway.limiter", "gateway.stores.cache",
-                "gateway.stores.keys", "gateway.stores.limits"):
-    pytest.importorskip(_module, reason="the gateway's components are not all in the tree yet")
-
 KBID = "kb-e2e"
 TOKEN = "nuclia-e2e-secret"
 

@@ -21,7 +21,6 @@ from gateway.testing.process import run_gateways
 from gateway.testing.server import run_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
-pytest.importorskip("gateway.response_cache", reason="the gateway's components are not all in yet")
 
 UPSTREAM_KEY = "upstream-secret-replicas"
 N = 12
