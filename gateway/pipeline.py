@@ -23,7 +23,9 @@ from gateway.errors import (
     ModelNotFound,
     PermissionDenied,
     ServiceUnavailable,
+    ShuttingDown,
     UpstreamError,
+    cut_by_shutdown,
 )
 from gateway.exchange import ExchangeObserver, ExchangeRecord, Outcome
 from gateway.metrics import Metrics
@@ -245,6 +247,9 @@ class Pipeline:
         except GatewayError as exc:
             self._fail(ex, exc)
             return self._error_reply(exc, ex)
+        except asyncio.CancelledError as exc:
+            self._interrupted(ex, exc)
+            raise
         except Exception as exc:  # a bug must still end as an envelope and a record
             log.exception("pipeline_failed", error_type=type(exc).__name__)
             error = GatewayError("The gateway failed to process this request.")
@@ -369,9 +374,8 @@ class Pipeline:
         except GatewayError as exc:
             self._fail(ex, exc)
             yield sse_event(exc.body()), True
-        except (asyncio.CancelledError, GeneratorExit):
-            ex.outcome = "client_disconnected"
-            ex.status = 499
+        except (asyncio.CancelledError, GeneratorExit) as exc:
+            self._interrupted(ex, exc)
             raise
         except Exception as exc:  # never cut a stream silently
             log.exception("stream_failed", error_type=type(exc).__name__)
@@ -410,6 +414,15 @@ class Pipeline:
         if isinstance(exc, UpstreamError):
             self.metrics.child(self.metrics.upstream_errors, ex.route.backend,
                                exc.code or "error").inc()
+
+    def _interrupted(self, ex: Exchange, exc: BaseException) -> None:
+        """The drain's cut is an error the client is told of; anything else interrupting an
+        exchange is its client going away."""
+        if cut_by_shutdown(exc):
+            self._fail(ex, ShuttingDown())
+        else:
+            ex.outcome = "client_disconnected"
+            ex.status = 499
 
     async def _finish(self, ex: Exchange) -> None:
         if ex.finished:
