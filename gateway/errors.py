@@ -45,9 +45,13 @@ class GatewayError(Exception):
         code: str | None = None,
         status: int | None = None,
         headers: dict[str, str] | None = None,
+        detail: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
+        # what an upstream said about it: for the log, never for the client (it may name
+        # internal hosts, stack paths or an nginx page)
+        self.detail = detail
         self.param = param
         if code is not None:
             self.code = code

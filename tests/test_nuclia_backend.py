@@ -13,7 +13,8 @@ from nucliadb_models.search import AskResponseItem, SyncAskResponse
 from starlette.applications import Starlette
 
 from gateway.backends.base import Route, UpstreamCall
-from gateway.backends.nuclia import NucliaBackend, build_ask_request, nuclia_detail
+from gateway.backends.failures import json_message
+from gateway.backends.nuclia import NucliaBackend, build_ask_request, nuclia_message
 from gateway.config import BackendConfig, Timeouts
 from gateway.errors import (
     GatewayError,
@@ -161,12 +162,14 @@ def test_extension_must_be_an_object_and_not_context() -> None:
     assert info.value.param == "nuclia.context"
 
 
-def test_nuclia_detail_of_validation_errors() -> None:
+def test_nuclia_message_of_validation_errors() -> None:
     body = orjson.dumps({"detail": [{"loc": ["body", "chat_history", 0, "author"],
                                      "msg": "Input should be 'NUCLIA' or 'USER'"}]})
-    assert nuclia_detail(body) == "body.chat_history.0.author: Input should be 'NUCLIA' or 'USER'"
-    assert nuclia_detail(b'{"detail": "Knowledge Box not found"}') == "Knowledge Box not found"
-    assert nuclia_detail(b"<html>oops</html>") == "<html>oops</html>"
+    assert json_message(body, nuclia_message) == \
+        "body.chat_history.0.author: Input should be 'NUCLIA' or 'USER'"
+    assert json_message(b'{"detail": "Knowledge Box not found"}', nuclia_message) == \
+        "Knowledge Box not found"
+    assert json_message(b"<html>oops</html>", nuclia_message) is None
 
 
 # -- against the fake Nuclia on real uvicorn -------------------------------------------------
@@ -312,8 +315,9 @@ async def test_complete_no_retrieval_and_llm_error(base_url: str, synchronous: b
         assert message["content"] == NOT_ENOUGH_DATA
         assert message["nuclia"]["no_retrieval_data"] is True
         assert "usage" not in completion  # the pipeline estimates it
-        with pytest.raises(UpstreamError, match="Sample LLM failure"):
+        with pytest.raises(UpstreamError, match="could not generate the answer") as failed:
             await nuclia.complete(make_call(ask("q [llm-error]")))
+        assert "Sample LLM failure" in (failed.value.detail or "")
     finally:
         await nuclia.aclose()
 
@@ -345,7 +349,8 @@ async def test_mid_stream_failures_raise_after_the_text_so_far(
     backend: NucliaBackend, marker: str, kind: type[GatewayError], text: str
 ) -> None:
     chunks, _, error = await collect(backend, make_call(ask(f"q {marker}", stream=True)))
-    assert isinstance(error, kind) and text in error.message
+    assert isinstance(error, kind)
+    assert text in error.message or (text in (error.detail or "") and text not in error.message)
     assert "nuclia-kb" in error.message and TOKEN not in error.message
     assert content(chunks) and answer_text(f"q {marker}").startswith(content(chunks))
     assert not any(c["choices"][0]["finish_reason"] for c in chunks)

@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from gateway.answer import Answer
+from gateway.backends import failures
 from gateway.backends.base import Batch, UpstreamCall
 from gateway.backends.nuclia_stream import AskTranslator, completion_from_sync
 from gateway.config import BackendConfig
@@ -43,16 +44,13 @@ from gateway.errors import (
     QuotaExceeded,
     UnsupportedParameter,
     UpstreamAuthError,
-    UpstreamError,
     UpstreamProtocolError,
-    UpstreamRateLimited,
 )
 from gateway.ndjson import NdjsonDecoder
 from gateway.upstream import UpstreamClient, UpstreamResponse
 from gateway.wire import ChatRequest, Message, completion_id
 
 MAX_QUERY_CHARS = 20_000
-_MAX_DETAIL = 500
 _AUTHORS = {"user": "USER", "assistant": "NUCLIA"}
 _SYSTEM_ROLES = ("system", "developer")
 
@@ -247,62 +245,44 @@ def _as_str_dict(value: Any) -> dict[str, str]:
 # -- errors ----------------------------------------------------------------------------------
 
 
-def nuclia_detail(body: bytes) -> str:
+def nuclia_message(data: Any) -> Any:
     """The human message of a Nuclia error body (``{"detail": str | [validation errors]}``)."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return body.decode("utf-8", "replace").strip()[:_MAX_DETAIL] or "no detail given"
-    detail = data.get("detail", data) if isinstance(data, dict) else data
-    if isinstance(detail, list):
-        parts = []
-        for err in detail:
-            if isinstance(err, dict):
-                loc = ".".join(str(p) for p in err.get("loc") or ())
-                parts.append(f"{loc}: {err.get('msg', '')}" if loc else str(err.get("msg", "")))
-            else:
-                parts.append(str(err))
-        detail = "; ".join(parts)
-    elif not isinstance(detail, str):
-        detail = orjson.dumps(detail).decode()
-    return detail[:_MAX_DETAIL] or "no detail given"
+    detail = data.get("detail") if isinstance(data, dict) else None
+    if not isinstance(detail, list):
+        return detail
+    parts = []
+    for err in detail:
+        if isinstance(err, dict):
+            loc = ".".join(str(p) for p in err.get("loc") or ())
+            parts.append(f"{loc}: {err.get('msg', '')}" if loc else str(err.get("msg", "")))
+        else:
+            parts.append(str(err))
+    return "; ".join(parts)
+
+
+# Nuclia's own statuses for a failure in one of its stages
+_STAGES = {529: "rephrasing the question", 530: "retrieving context"}
 
 
 def map_nuclia_status(backend: str, status: int, body: bytes, headers: Any) -> GatewayError:
     """A Nuclia HTTP error before the stream -> the gateway error the client should see."""
-    detail = nuclia_detail(body)
     if status in (401, 403):
-        return UpstreamAuthError(
-            f"The upstream '{backend}' refused the gateway's credentials (HTTP {status}). "
-            "This is a gateway configuration problem, not your key: tell the gateway operator.",
-            backend=backend,
-        )
+        return failures.refused_credentials(backend, status, body)
     if status == 404:
         return UpstreamAuthError(
             f"The upstream '{backend}' does not know the configured Knowledge Box (HTTP 404). "
             "This is a gateway configuration problem: tell the gateway operator.",
-            backend=backend,
-        )
+            backend=backend, detail=failures.body_text(body))
     if status in (412, 422):
-        return InvalidRequest(f"The upstream '{backend}' rejected the request: {detail}",
-                              code="upstream_rejected")
+        return failures.rejected(backend, status, body,
+                                 failures.json_message(body, nuclia_message))
     if status == 402:
         return QuotaExceeded(
-            f"The upstream '{backend}' reports its usage limits are exceeded: {detail}")
+            f"The upstream '{backend}' reports its usage limits are exceeded (HTTP 402).",
+            detail=failures.body_text(body))
     if status == 429:
-        retry = headers.get("retry-after")
-        return UpstreamRateLimited(
-            f"The upstream '{backend}' is rate limiting the gateway: {detail}",
-            backend=backend, headers={"retry-after": retry} if retry else None,
-        )
-    if status in (529, 530):
-        stage = "rephrasing the question" if status == 529 else "retrieving context"
-        return UpstreamError(
-            f"The upstream '{backend}' failed while {stage} (HTTP {status}): {detail}",
-            backend=backend,
-        )
-    return UpstreamError(f"The upstream '{backend}' failed (HTTP {status}): {detail}",
-                         backend=backend)
+        return failures.rate_limited(backend, body, headers)
+    return failures.failed(backend, status, body, _STAGES.get(status, ""))
 
 
 # -- the backend -----------------------------------------------------------------------------

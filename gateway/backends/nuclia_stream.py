@@ -40,6 +40,7 @@ from typing import Any
 import orjson
 import structlog
 
+from gateway.backends.failures import MAX_DETAIL, failed_mid_answer
 from gateway.errors import UpstreamError, UpstreamProtocolError
 from gateway.wire import chunk, usage_dict
 
@@ -49,7 +50,6 @@ STATUS_BY_CODE = {"0": "success", "-1": "error", "-2": "no_context", "-3": "no_r
 IGNORED_ITEMS = frozenset({"prequeries", "relations", "augmented_context", "debug",
                            "consumption"})
 MAX_SOURCES = 100
-_MAX_DETAIL = 500
 
 
 class AskState:
@@ -76,7 +76,7 @@ class AskState:
             status = STATUS_BY_CODE.get(code or "", "success" if code is None else "error")
         self.status, self.status_code = status, code
         if isinstance(details, str) and details:
-            self.details = details[:_MAX_DETAIL]
+            self.details = details[:MAX_DETAIL]
 
     @property
     def failed(self) -> bool:
@@ -232,11 +232,7 @@ class AskTranslator:
         if kind == "answer_json":
             return self._answer_json(item.get("object"))
         if kind == "error":
-            detail = str(item.get("error") or "no detail given")[:_MAX_DETAIL]
-            raise UpstreamError(
-                f"The upstream '{self.backend}' failed while answering: {detail}",
-                backend=self.backend,
-            )
+            raise failed_mid_answer(self.backend, str(item.get("error") or "no detail given"))
         if not self.state.remember(kind, item) and kind not in IGNORED_ITEMS:
             log.debug("nuclia_item_skipped", backend=self.backend, item_type=kind[:64])
         return None
@@ -292,11 +288,8 @@ async def translate_ask_stream(
 
 
 def _generation_failed(backend: str, state: AskState) -> UpstreamError:
-    return UpstreamError(
-        f"The upstream '{backend}' could not generate the answer: "
-        f"{state.details or 'no detail given'}",
-        backend=backend,
-    )
+    return UpstreamError(f"The upstream '{backend}' could not generate the answer.",
+                         backend=backend, detail=state.details or "no detail given")
 
 
 def _sync_state(data: dict[str, Any], backend: str, learning_id: str | None) -> AskState:

@@ -16,71 +16,41 @@ import orjson
 import structlog
 
 from gateway.answer import Answer
+from gateway.backends import failures
 from gateway.backends.base import Batch, UpstreamCall
 from gateway.config import BackendConfig
 from gateway.errors import (
     GatewayError,
-    InvalidRequest,
-    PayloadTooLarge,
-    UpstreamAuthError,
     UpstreamError,
     UpstreamProtocolError,
-    UpstreamRateLimited,
 )
 from gateway.sse import SSEDecoder, SSEEvent
 from gateway.upstream import UpstreamClient, UpstreamResponse
 
 log = structlog.get_logger("gateway.backends.openai")
 
-_MAX_DETAIL = 500
-
-
-def upstream_detail(body: bytes) -> str:
+def upstream_message(data: Any) -> Any:
     """The human message inside an upstream error body (OpenAI envelope or problem+json)."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        text = body.decode("utf-8", "replace").strip()
-        return text[:_MAX_DETAIL]
-    if isinstance(data, dict):
-        error = data.get("error")
-        if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])[:_MAX_DETAIL]
-        for key in ("detail", "message", "title"):
-            if isinstance(data.get(key), str) and data[key]:
-                return str(data[key])[:_MAX_DETAIL]
-        if isinstance(error, str):
-            return error[:_MAX_DETAIL]
-    return str(data)[:_MAX_DETAIL]
+    if not isinstance(data, dict):
+        return None
+    error = data.get("error")
+    if isinstance(error, dict):
+        return error.get("message")
+    for key in ("detail", "message", "title"):
+        if isinstance(data.get(key), str) and data[key]:
+            return data[key]
+    return error
 
 
 def map_status(backend: str, status: int, body: bytes, headers: Any) -> GatewayError:
-    detail = upstream_detail(body)
     if status in (401, 403):
-        return UpstreamAuthError(
-            f"The upstream '{backend}' refused the gateway's credentials (HTTP {status}). "
-            "This is a gateway configuration problem, not your key: tell the gateway operator.",
-            backend=backend,
-        )
+        return failures.refused_credentials(backend, status, body)
     if status == 429:
-        retry = headers.get("retry-after")
-        return UpstreamRateLimited(
-            f"The upstream '{backend}' is rate limiting the gateway: {detail}",
-            backend=backend,
-            headers={"retry-after": retry} if retry else None,
-        )
-    if status == 413:
-        return PayloadTooLarge(f"The upstream '{backend}' found the request too large: {detail}")
-    if status in (400, 422):
-        return InvalidRequest(f"The upstream '{backend}' rejected the request: {detail}",
-                              code="upstream_rejected")
-    if status >= 500:
-        return UpstreamError(
-            f"The upstream '{backend}' failed (HTTP {status}): {detail}", backend=backend
-        )
-    return UpstreamError(
-        f"The upstream '{backend}' answered HTTP {status}: {detail}", backend=backend
-    )
+        return failures.rate_limited(backend, body, headers)
+    if status in (400, 413, 422):
+        return failures.rejected(backend, status, body,
+                                 failures.json_message(body, upstream_message))
+    return failures.failed(backend, status, body)
 
 
 class OpenAIChunkStream:
@@ -147,11 +117,7 @@ class OpenAIChunkStream:
                 backend=self._backend,
             )
         if "error" in chunk and "choices" not in chunk:
-            raise UpstreamError(
-                f"The upstream '{self._backend}' failed mid-stream: "
-                f"{upstream_detail(orjson.dumps(chunk))}",
-                backend=self._backend,
-            )
+            raise failures.failed_mid_answer(self._backend, payload)
         return chunk
 
     async def aclose(self) -> None:
