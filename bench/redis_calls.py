@@ -57,7 +57,7 @@ async def measure(url: str, connection_class: type[Connection], batched: bool) -
     async def direct(req: AcquireRequest) -> None:
         keys = [ns.key("lim:bench", b.scope) for b in req.buckets] + [
             ns.key("lim:bench", "c:bench")]
-        args: list[int | str] = [4, 0, 1, req.lease, 360_000, 100_000]
+        args: list[int | str] = [4, 0, 1, req.lease, 360_000, 100_000, ""]
         for b in req.buckets:
             args += [b.limit, b.cost]
         await script(keys=keys, args=args)

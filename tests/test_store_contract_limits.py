@@ -1,8 +1,8 @@
-"""One contract suite for `LimitStore`, run against the in-process and the Redis store."""
+"""One contract suite for `LimitStore`, run against the in-process and the Redis store, on a
+clock the tests move (no sleeps)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -19,19 +19,34 @@ from gateway.stores.limits import (
 from gateway.stores.redis_base import connect
 
 
+class Clock:
+    """Wall-clock seconds that only move when a test moves them."""
+
+    def __init__(self) -> None:
+        self.now = 1_764_806_400.0  # near 1.7e12 ms, where floating point rounds coarsely
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[LimitStore]:
+async def store(request: pytest.FixtureRequest, clock: Clock) -> AsyncIterator[LimitStore]:
     if request.param == "memory":
-        yield MemoryLimitStore()
+        yield MemoryLimitStore(clock)
         return
     # the `redis_url` fixture, inlined: async fixtures cannot be requested dynamically
     url = request.getfixturevalue("redis_proc").url
     ns = connect(url, "test")
     await ns.client.flushall()
     try:
-        yield RedisLimitStore(ns)
+        yield RedisLimitStore(ns, clock=clock)
     finally:
-        await ns.client.aclose()
+        await ns.aclose()
 
 
 def rpm(limit: int, scope: str = "k:a:rpm", name: str = "key_rpm") -> Bucket:
@@ -49,19 +64,30 @@ async def test_burst_up_to_the_limit_then_denied_with_retry_after(store: LimitSt
     assert [d.figures[0].remaining for d in decisions[:5]] == [4, 3, 2, 1, 0]
     denied = decisions[5]
     assert denied.denied == "key_rpm"
-    assert 11 <= denied.retry_after <= 12.01  # one emission interval: 60 s / 5
+    assert denied.retry_after == 12  # one emission interval: 60 s / 5
     assert denied.figures[0].limit == 5
 
 
-async def test_gcra_admits_again_smoothly(store: LimitStore) -> None:
+@pytest.mark.parametrize("limit", [7, 13, 17])
+async def test_a_full_burst_at_one_instant_is_admitted_whole(store: LimitStore,
+                                                             limit: int) -> None:
+    # `limit` intervals of 60000 / limit ms can sum to a hair over the minute
+    req = AcquireRequest("alpha", (rpm(limit),))
+    decisions = [await store.acquire(req) for _ in range(limit + 1)]
+    assert [d.admitted for d in decisions] == [True] * limit + [False]
+    assert [d.figures[0].remaining for d in decisions[:limit]] == list(range(limit))[::-1]
+
+
+async def test_gcra_admits_again_smoothly(store: LimitStore, clock: Clock) -> None:
     # 60,000 tokens per minute = one token per millisecond; fill the bucket, then wait for 50
     full = AcquireRequest("alpha", (tpm(60_000, 60_000),))
     assert (await store.acquire(full)).admitted
     small = AcquireRequest("alpha", (tpm(60_000, 50),))
     denied = await store.acquire(small)
-    assert not denied.admitted
-    assert 0.03 <= denied.retry_after <= 0.06
-    await asyncio.sleep(denied.retry_after + 0.02)
+    assert not denied.admitted and denied.retry_after == 0.05
+    clock.now += 0.049
+    assert not (await store.acquire(small)).admitted
+    clock.now += 0.001
     assert (await store.acquire(small)).admitted
 
 
@@ -125,11 +151,12 @@ async def test_concurrency_leases(store: LimitStore) -> None:
     assert (await store.acquire(req("4"))).admitted
 
 
-async def test_expired_leases_free_their_slot(store: LimitStore) -> None:
-    conc = Concurrency("conc:a", 1, 0.05)
+async def test_expired_leases_free_their_slot(store: LimitStore, clock: Clock) -> None:
+    conc = Concurrency("conc:a", 1, 30)
     assert (await store.acquire(AcquireRequest("alpha", concurrency=conc, lease="dead"))).admitted
+    clock.now += 29.999
     assert not (await store.acquire(AcquireRequest("alpha", concurrency=conc, lease="x"))).admitted
-    await asyncio.sleep(0.08)  # the replica holding "dead" never settled
+    clock.now += 0.001  # the replica holding "dead" never settled
     assert (await store.acquire(AcquireRequest("alpha", concurrency=conc, lease="y"))).admitted
 
 

@@ -403,10 +403,16 @@ class RedisLimitStore:
     requests in the same loop turn (`Batcher`); redis errors become `ServiceUnavailable`
     (code ``store_unavailable``) so the limiter can fail open or closed."""
 
-    def __init__(self, ns: RedisNamespace) -> None:
+    def __init__(self, ns: RedisNamespace, *, clock: Callable[[], float] | None = None) -> None:
         self.ns = ns
+        self.clock = clock  # tests only: the scripts use the server's clock when it is None
         self._acquire = ns.script("limits_acquire")
         self._settle = ns.script("limits_settle")
+
+    def _now(self) -> str | float:
+        """The scripts' ``now_ms`` argument: empty, for the server's clock, unless a test
+        gave a clock."""
+        return "" if self.clock is None else self.clock() * 1000.0
 
     def _key(self, request: AcquireRequest, scope: str) -> str:
         return self.ns.key("lim:" + request.tag, scope)
@@ -418,6 +424,7 @@ class RedisLimitStore:
         args: list[str | int | float] = [
             len(request.buckets), len(request.budgets), 1 if conc else 0, request.lease,
             math.ceil(conc.lease_seconds * 1000) if conc else 0, conc.limit if conc else 0,
+            self._now(),
         ]
         for b in request.buckets:
             args += [b.limit, b.cost]
@@ -451,7 +458,7 @@ class RedisLimitStore:
         if conc is not None:
             keys.append(self._key(request, conc.scope))
         args: list[str | int | float] = [len(tokens), len(budgets), 1 if conc else 0,
-                                         request.lease, delta_tokens]
+                                         request.lease, delta_tokens, self._now()]
         args += [b.limit for b in tokens]
         args += [math.ceil(g.ttl * 1000) for g in budgets]
         return keys, args
