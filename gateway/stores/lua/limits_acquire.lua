@@ -24,9 +24,9 @@ if not now then
 end
 local period = 60000
 -- the checks and remaining figures compare against the period plus 10 us of slack: a TAT of
--- `limit` intervals of period / limit can sum to a hair over the period (it is stored to 1 us
--- and is a double near 1.7e12 ms), which refused the last request of a full burst within one
--- millisecond (rpm 17 admitted 16). gateway/stores/limits.py has the same slack.
+-- `limit` intervals of period / limit can sum to a hair over the period (it is a double near
+-- 1.7e12 ms), which refused the last request of a full burst within one millisecond.
+-- gateway/stores/limits.py has the same slack.
 local window = period + 0.01
 
 local denied = 0
@@ -98,7 +98,8 @@ end
 if denied == 0 then
   for i = 1, nb do
     local new_tat = new_tats[i]
-    redis.call('SET', KEYS[i], string.format('%.3f', new_tat), 'PX',
+    -- %.17g keeps every bit of the double: the same TATs as the in-process store
+    redis.call('SET', KEYS[i], string.format('%.17g', new_tat), 'PX',
                math.ceil(new_tat - now) + 1000)
   end
   for j = 1, nbud do

@@ -24,7 +24,7 @@ if delta ~= 0 then
     if tat < now then tat = now end
     local new_tat = tat + delta * T
     if new_tat > now then
-      redis.call('SET', KEYS[i], string.format('%.3f', new_tat), 'PX',
+      redis.call('SET', KEYS[i], string.format('%.17g', new_tat), 'PX',
                  math.ceil(new_tat - now) + 1000)
     else
       redis.call('DEL', KEYS[i])
