@@ -39,12 +39,12 @@ HUGE = 10**9
 
 
 def request(i: int) -> AcquireRequest:
-    buckets = (Bucket("key_rpm", "k:bench:rpm", "requests", HUGE, 1),
-               Bucket("key_tpm", "k:bench:tpm", "tokens", HUGE, 100),
-               Bucket("team_rpm", "t:rpm", "requests", HUGE, 1),
-               Bucket("team_tpm", "t:tpm", "tokens", HUGE, 100))
+    buckets = (Bucket("key_rpm", "k:bench:rpm", "requests", HUGE),
+               Bucket("key_tpm", "k:bench:tpm", "tokens", HUGE),
+               Bucket("team_rpm", "t:rpm", "requests", HUGE),
+               Bucket("team_tpm", "t:tpm", "tokens", HUGE))
     return AcquireRequest("bench", buckets, (), Concurrency("c:bench", 100_000, 360.0),
-                          f"lease-{i}")
+                          f"lease-{i}", tokens=100)
 
 
 async def measure(url: str, connection_class: type[Connection], batched: bool) -> float:
@@ -59,7 +59,7 @@ async def measure(url: str, connection_class: type[Connection], batched: bool) -
             ns.key("lim:bench", "c:bench")]
         args: list[int | str] = [4, 0, 1, req.lease, 360_000, 100_000, ""]
         for b in req.buckets:
-            args += [b.limit, b.cost]
+            args += [b.limit, req.cost(b)]
         await script(keys=keys, args=args)
 
     call = store.acquire if batched else direct

@@ -35,9 +35,9 @@ async def build_components(
 ) -> Components:
     from gateway.analytics.assembly import build_analytics
     from gateway.auth import KeyAuthority
+    from gateway.limiter import Limiter
     from gateway.response_cache import CacheHooks
     from gateway.response_cache import ResponseCache as Cache
-    from gateway.limiter import Limiter
     from gateway.stores.cache import make_cache_store
     from gateway.stores.keys import make_key_store
     from gateway.stores.limits import make_limit_store
@@ -58,10 +58,10 @@ async def build_components(
     if hasattr(authority, "aclose"):
         stack.push_async_callback(authority.aclose)
 
-    limit_store = make_limit_store(config, ns)
+    limits_down = metrics.store_unavailable.labels("limits").inc
+    limit_store = make_limit_store(config, ns, on_error=lambda exc: limits_down())
     fallback = make_limit_store(config, None) if ns is not None else None
-    limiter = Limiter(config, limit_store, fallback,
-                      on_unavailable=metrics.store_unavailable.labels("limits").inc)
+    limiter = Limiter(config, limit_store, fallback, on_unavailable=limits_down)
 
     cache_store = make_cache_store(config, ns)
     cache = Cache(config, cache_store,

@@ -7,7 +7,7 @@
 --       budget: limit, cost, ttl_ms.
 -- Returns: {admitted, denied_index (1-based over buckets, budgets, concurrency; 0 = none),
 --           retry_after_ms, then per bucket: remaining, reset_ms; per budget: remaining,
---           reset_ms; then in-flight count}.
+--           reset_ms}.
 -- Time is the server's (TIME), so every replica measures against one clock; only tests pass
 -- now_ms, to move time without sleeping.
 
@@ -84,12 +84,10 @@ for j = 1, nbud do
   out[#out + 1] = ttl
 end
 
-local in_flight = 0
 if has_conc == 1 then
   local ck = KEYS[nb + nbud + 1]
   redis.call('ZREMRANGEBYSCORE', ck, '-inf', now)
-  in_flight = redis.call('ZCARD', ck)
-  if in_flight >= conc_limit and denied == 0 then
+  if redis.call('ZCARD', ck) >= conc_limit and denied == 0 then
     denied = nb + nbud + 1
     retry = 1000
   end
@@ -114,11 +112,9 @@ if denied == 0 then
     local ck = KEYS[nb + nbud + 1]
     redis.call('ZADD', ck, now + lease_ms, lease_id)
     redis.call('PEXPIRE', ck, lease_ms + 1000)
-    in_flight = in_flight + 1
   end
 end
 
 local result = {denied == 0 and 1 or 0, denied, math.ceil(retry)}
 for k = 1, #out do result[#result + 1] = out[k] end
-result[#result + 1] = in_flight
 return result
