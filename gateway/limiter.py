@@ -63,7 +63,8 @@ def format_reset(seconds: float) -> str:
 
 def rate_limit_headers(figures: Iterable[Figure]) -> list[tuple[bytes, bytes]]:
     """OpenAI's ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}``, each kind from its
-    tightest limit (fewest remaining, then the lowest), encoded as the response sends them."""
+    tightest limit (fewest remaining, then the lowest), encoded as the response sends them.
+    Budgets have no header of their own (an exhausted one says so in its 429)."""
     tightest: dict[str, Figure] = {}
     for f in figures:
         best = tightest.get(f.kind)

@@ -33,12 +33,12 @@ from gateway.stores.redis_base import RedisNamespace, unavailable
 
 log = structlog.get_logger("gateway.stores.limits")
 
-PERIOD_MS = 60_000.0  # rpm / tpm: every bucket refills over one minute
+_PERIOD_MS = 60_000.0  # rpm / tpm: every bucket refills over one minute
 # What the GCRA checks and the remaining figures compare against: the period plus 10 µs of
 # slack, because `limit` emission intervals of period / limit ms can sum to a hair over the
 # period in floating point, which refused the last request of a full burst at one instant.
 # limits_acquire.lua has the same slack.
-WINDOW_MS = PERIOD_MS + 0.01
+_WINDOW_MS = _PERIOD_MS + 0.01
 Kind = Literal["requests", "tokens"]
 
 
@@ -140,13 +140,10 @@ class _Spent:
     expires: float
 
 
-_V = TypeVar("_V")
-
-
 class MemoryLimitStore:
     """The same algorithm in process (a single replica, and the fail-open fallback). Nothing
-    here awaits, so every call is atomic on the event loop. Every `SWEEP_EVERY` acquires, the
-    state of limits that are idle (full again, expired, no lease) is dropped."""
+    here awaits, so every call is atomic on the event loop. Every `SWEEP_EVERY` admissions,
+    the state of limits that are idle (full again, expired, no lease) is dropped."""
 
     SWEEP_EVERY = 4096
 
@@ -166,18 +163,18 @@ class MemoryLimitStore:
         after: list[float] = []  # each bucket's TAT once this request is counted, where it fits
         # GCRA: a request of `cost` fits when tat + cost * interval - period <= now
         for i, b in enumerate(request.buckets, 1):
-            interval = PERIOD_MS / b.limit
+            interval = _PERIOD_MS / b.limit
             cost = request.cost(b)
             tat = tats.get(b.scope, now)
             if tat < now:
                 tat = now
-            allow_at = tat + min(cost, b.limit) * interval - WINDOW_MS
+            allow_at = tat + min(cost, b.limit) * interval - _WINDOW_MS
             if allow_at <= now:
                 tat += cost * interval
             elif not denied:
                 denied, retry = i, allow_at - now
             after.append(tat)
-            left = math.floor((WINDOW_MS - (tat - now)) / interval)
+            left = math.floor((_WINDOW_MS - (tat - now)) / interval)
             figures.append(Figure(b.name, b.kind, b.limit, max(left, 0),
                                   math.ceil(tat - now) / 1000))
         spent = self._budgets.setdefault(request.tag, {}) if request.budgets else {}
@@ -220,7 +217,7 @@ class MemoryLimitStore:
             for b in request.buckets:
                 if b.kind == "tokens":
                     tat = max(tats.get(b.scope, now), now)
-                    tats[b.scope] = tat + delta_tokens * (PERIOD_MS / b.limit)
+                    tats[b.scope] = tat + delta_tokens * (_PERIOD_MS / b.limit)
             spent = self._budgets.setdefault(request.tag, {}) if request.budgets else {}
             for g in request.budgets:
                 _charge(spent, g, delta_tokens, now)
@@ -256,6 +253,9 @@ def _lease_free(leases: dict[str, float], limit: int, now: float) -> bool:
         for lease in [lease for lease, expires in leases.items() if expires <= now]:
             del leases[lease]
     return len(leases) < limit
+
+
+_V = TypeVar("_V")
 
 
 def _pruned(tree: dict[str, dict[str, _V]], alive: Callable[[_V], bool]
