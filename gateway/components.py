@@ -93,10 +93,10 @@ async def build_components(config: GatewayConfig, stack: AsyncExitStack,
     await authority.start()
     stack.push_async_callback(authority.aclose)
 
-    limit_store = make_limit_store(config, ns)
+    limits_down = metrics.store_unavailable.labels("limits").inc
+    limit_store = make_limit_store(config, ns, on_error=lambda exc: limits_down())
     fallback = make_limit_store(config, None) if ns is not None else None
-    limiter = Limiter(config, limit_store, fallback,
-                      on_unavailable=metrics.store_unavailable.labels("limits").inc)
+    limiter = Limiter(config, limit_store, fallback, on_unavailable=limits_down)
 
     cache_store = make_cache_store(config, ns)
     cache = ResponseCache(config, cache_store,

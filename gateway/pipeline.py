@@ -17,6 +17,7 @@ import orjson
 import structlog
 
 from gateway.answer import Answer
+from gateway.auth import Principal
 from gateway.backends.base import Backend, ChunkStream, Route, UpstreamCall
 from gateway.errors import (
     GatewayError,
@@ -42,35 +43,21 @@ from gateway.wire import (
 log = structlog.get_logger("gateway.pipeline")
 
 
-class Principal(Protocol):
-    @property
-    def key_id(self) -> str: ...
-
-    @property
-    def team(self) -> str: ...
-
-    def allows(self, model: str) -> bool: ...
-
-
 class Authenticator(Protocol):
     async def authenticate(self, authorization: str | None) -> Principal: ...
 
 
 class Admission(Protocol):
-    raw_headers: list[tuple[bytes, bytes]]  # for the response, encoded
+    headers: list[tuple[bytes, bytes]]  # x-ratelimit-*, encoded as the response sends them
 
-    @property
-    def headers(self) -> dict[str, str]: ...
-
-    async def settle(self, actual_tokens: int) -> None: ...
+    def settle(self, actual_tokens: int) -> None:
+        """Correct the reservation to what was used; once, never waits, never raises."""
+        ...
 
 
 class Admitter(Protocol):
-    def admit_now(self, principal: Any, model: str, estimated_tokens: int) -> Admission | None:
-        """Admit without a coroutine where nothing needs to wait; None: await `admit`."""
-        ...
-
-    async def admit(self, principal: Any, model: str, estimated_tokens: int) -> Admission: ...
+    async def admit(self, principal: Principal, model: str, estimated_tokens: int
+                    ) -> Admission: ...
 
 
 class CachedAnswer(Protocol):
@@ -213,10 +200,7 @@ class Pipeline:
         try:
             if self.admitter is not None:
                 tokens = estimate + (chat.answer_token_budget or self.default_max_tokens)
-                admission = self.admitter.admit_now(principal, route.model, tokens)
-                if admission is None:
-                    admission = await self.admitter.admit(principal, route.model, tokens)
-                ex.admission = admission
+                ex.admission = await self.admitter.admit(principal, route.model, tokens)
         except GatewayError as exc:
             self.metrics.rejected.labels(exc.code or "error").inc()
             return self._error_reply(exc)
@@ -438,10 +422,7 @@ class Pipeline:
         answer.usage = usage
         total = int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
         if ex.admission is not None:
-            actual = 0 if ex.cached else total
-            settle_now = getattr(ex.admission, "settle_now", None)
-            if settle_now is None or not settle_now(actual):
-                self._spawn(ex.admission.settle(actual))
+            ex.admission.settle(0 if ex.cached else total)
         elapsed = time.perf_counter() - ex.started
         route = ex.route
         status = str(ex.status)
@@ -488,7 +469,7 @@ class Pipeline:
         task.add_done_callback(self._background.discard)
 
     async def drain(self) -> None:
-        """Wait for settlements and releases still running (at shutdown)."""
+        """Wait for cache releases still running (at shutdown)."""
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 
@@ -498,7 +479,7 @@ class Pipeline:
             stream: AsyncIterator[Piece] | None = None) -> Reply:
         """A 200 reply, whole (`body`) or streamed, with the exchange's headers."""
         headers = ex.extra_headers
-        raw = ex.admission.raw_headers if ex.admission is not None else ()
+        raw = ex.admission.headers if ex.admission is not None else ()
         if stream is None:
             return Reply(200, headers, body, raw_headers=raw, upstream_wait=ex.upstream_wait)
         return Reply(200, headers, stream=stream, media_type="text/event-stream",
@@ -509,7 +490,8 @@ class Pipeline:
         if ex is None:
             return Reply(exc.status, headers, exc.json())
         if ex.admission is not None:
-            headers = {**ex.admission.headers, **headers}
+            limits = {name.decode(): value.decode() for name, value in ex.admission.headers}
+            headers = {**limits, **headers}
         return Reply(exc.status, headers, exc.json(), upstream_wait=ex.upstream_wait)
 
 

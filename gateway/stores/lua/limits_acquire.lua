@@ -2,12 +2,14 @@
 --
 -- KEYS: one per GCRA bucket, then one per budget counter, then the concurrency zset (if any);
 --       all share one hash tag (the team), so the script touches one cluster slot.
--- ARGV: n_buckets, n_budgets, has_concurrency, lease_id, lease_ms, concurrency_limit,
---       then per bucket: limit_per_minute, cost; then per budget: limit, cost, ttl_ms.
+-- ARGV: n_buckets, n_budgets, has_concurrency, lease_id, lease_ms, concurrency_limit, now_ms
+--       (empty: the server's clock), then per bucket: limit_per_minute, cost; then per
+--       budget: limit, cost, ttl_ms.
 -- Returns: {admitted, denied_index (1-based over buckets, budgets, concurrency; 0 = none),
 --           retry_after_ms, then per bucket: remaining, reset_ms; per budget: remaining,
---           reset_ms; then in-flight count}.
--- Time is the server's (TIME), so every replica measures against one clock.
+--           reset_ms}.
+-- Time is the server's (TIME), so every replica measures against one clock; only tests pass
+-- now_ms, to move time without sleeping.
 
 local nb = tonumber(ARGV[1])
 local nbud = tonumber(ARGV[2])
@@ -15,14 +17,16 @@ local has_conc = tonumber(ARGV[3])
 local lease_id = ARGV[4]
 local lease_ms = tonumber(ARGV[5])
 local conc_limit = tonumber(ARGV[6])
-
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = tonumber(ARGV[7])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local period = 60000
 -- the checks and remaining figures compare against the period plus 10 us of slack: a TAT of
--- `limit` intervals of period / limit can sum to a hair over the period (it is stored to 1 us
--- and is a double near 1.7e12 ms), which refused the last request of a full burst within one
--- millisecond (rpm 17 admitted 16). gateway/stores/limits.py has the same slack.
+-- `limit` intervals of period / limit can sum to a hair over the period (it is a double near
+-- 1.7e12 ms), which refused the last request of a full burst within one millisecond.
+-- gateway/stores/limits.py has the same slack.
 local window = period + 0.01
 
 local denied = 0
@@ -33,8 +37,8 @@ local new_tats = {}
 -- GCRA: a bucket holds its theoretical arrival time (TAT); a request of `cost` units fits
 -- when tat + cost * T - period <= now, with T = period / limit.
 for i = 1, nb do
-  local limit = tonumber(ARGV[6 + (i - 1) * 2 + 1])
-  local cost = tonumber(ARGV[6 + (i - 1) * 2 + 2])
+  local limit = tonumber(ARGV[7 + (i - 1) * 2 + 1])
+  local cost = tonumber(ARGV[7 + (i - 1) * 2 + 2])
   local T = period / limit
   local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
   if tat < now then tat = now end
@@ -60,7 +64,7 @@ for i = 1, nb do
   end
 end
 
-local base = 6 + nb * 2
+local base = 7 + nb * 2
 for j = 1, nbud do
   local limit = tonumber(ARGV[base + (j - 1) * 3 + 1])
   local cost = tonumber(ARGV[base + (j - 1) * 3 + 2])
@@ -80,12 +84,10 @@ for j = 1, nbud do
   out[#out + 1] = ttl
 end
 
-local in_flight = 0
 if has_conc == 1 then
   local ck = KEYS[nb + nbud + 1]
   redis.call('ZREMRANGEBYSCORE', ck, '-inf', now)
-  in_flight = redis.call('ZCARD', ck)
-  if in_flight >= conc_limit and denied == 0 then
+  if redis.call('ZCARD', ck) >= conc_limit and denied == 0 then
     denied = nb + nbud + 1
     retry = 1000
   end
@@ -94,7 +96,8 @@ end
 if denied == 0 then
   for i = 1, nb do
     local new_tat = new_tats[i]
-    redis.call('SET', KEYS[i], string.format('%.3f', new_tat), 'PX',
+    -- %.17g keeps every bit of the double: the same TATs as the in-process store
+    redis.call('SET', KEYS[i], string.format('%.17g', new_tat), 'PX',
                math.ceil(new_tat - now) + 1000)
   end
   for j = 1, nbud do
@@ -109,11 +112,9 @@ if denied == 0 then
     local ck = KEYS[nb + nbud + 1]
     redis.call('ZADD', ck, now + lease_ms, lease_id)
     redis.call('PEXPIRE', ck, lease_ms + 1000)
-    in_flight = in_flight + 1
   end
 end
 
 local result = {denied == 0 and 1 or 0, denied, math.ceil(retry)}
 for k = 1, #out do result[#result + 1] = out[k] end
-result[#result + 1] = in_flight
 return result
