@@ -31,7 +31,7 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[CacheStore]:
     try:
         yield RedisCacheStore(ns, MAX_ENTRY)
     finally:
-        await ns.client.aclose()
+        await ns.aclose()
 
 
 async def test_get_set_and_overwrite(store: CacheStore) -> None:
@@ -60,14 +60,16 @@ async def test_oversize_entries_are_refused(store: CacheStore) -> None:
 async def test_lock_is_exclusive_until_unlocked_or_expired(store: CacheStore) -> None:
     assert await store.lock("k", 10)
     assert not await store.lock("k", 10)
-    await store.unlock("k")
+    store.unlock("k")
+    assert await store.wait("k", 1) is None  # returns once the lock is free
     assert await store.lock("k", 0.05)
     await asyncio.sleep(0.1)
     assert await store.lock("k", 10)  # the first holder's lock expired
 
 
 async def test_unlock_without_a_lock_is_harmless(store: CacheStore) -> None:
-    await store.unlock("nobody")
+    store.unlock("nobody")
+    assert await store.wait("nobody", 1) is None
     assert await store.lock("nobody", 10)
 
 
@@ -85,7 +87,7 @@ async def test_waiter_wakes_when_the_leader_stores(store: CacheStore) -> None:
     async def leader() -> None:
         await asyncio.sleep(0.1)
         await store.set("k", b"answer", 10)
-        await store.unlock("k")
+        store.unlock("k")
 
     started = time.monotonic()
     task = asyncio.create_task(leader())
@@ -99,7 +101,7 @@ async def test_waiter_wakes_when_the_leader_gives_up(store: CacheStore) -> None:
 
     async def leader() -> None:
         await asyncio.sleep(0.1)
-        await store.unlock("k")
+        store.unlock("k")
 
     started = time.monotonic()
     task = asyncio.create_task(leader())
@@ -114,29 +116,12 @@ async def test_wait_is_bounded_by_the_timeout_and_the_lock_ttl(store: CacheStore
     started = time.monotonic()
     assert await store.wait("k", 0.1) is None
     assert 0.09 <= time.monotonic() - started < 0.4
+    store.unlock("k")
+    assert await store.wait("k", 1) is None  # (on Redis, ends the first wait's poller)
     assert await store.lock("other", 0.1)
     started = time.monotonic()
     assert await store.wait("other", 5) is None  # the leader died: its lock expires
     assert time.monotonic() - started < 0.5
-
-
-async def test_memory_claim_reads_or_leads_in_one_call() -> None:
-    now = [100.0]
-    store = MemoryCacheStore(100_000, MAX_ENTRY, clock=lambda: now[0])
-    assert store.claim_now("k", 10) is True  # a miss: this caller leads
-    assert store.claim_now("k", 10) is False  # the next one waits for it
-    waiter = asyncio.create_task(store.wait("k", 5))
-    await asyncio.sleep(0)
-    assert store.set_now("k", b"answer", 10, unlock=True)  # stored, and the lock freed with it
-    assert await asyncio.wait_for(waiter, 1) == b"answer"
-    assert store.claim_now("k", 10) == b"answer"
-    now[0] += 11  # the entry expired: the next caller leads again
-    assert store.claim_now("k", 10) is True
-    assert store.claim_now("k", 10) is False
-    now[0] += 11  # so did that lock (its holder died)
-    assert store.claim_now("k", 10) is True
-    assert not store.set_now("k", b"x" * (MAX_ENTRY + 1), 10, unlock=True)  # refused ...
-    assert store.claim_now("k", 10) is True  # ... but the lock went with it
 
 
 def test_memory_store_evicts_least_recently_used_by_bytes() -> None:
@@ -155,9 +140,9 @@ def test_memory_store_evicts_least_recently_used_by_bytes() -> None:
         assert (stats.entries, stats.bytes, stats.evictions) == (2, 252, 2)
         await store.set("a", b"A" * 10, 10)  # overwrite counts the new size only
         assert store.stats().bytes == 162
-        await store.set(b"k" * 100, b"v" * 100, 10)  # a key's bytes count like a value's:
+        await store.set("k" * 100, b"v" * 100, 10)  # a key's bytes count like a value's:
         assert store.stats().bytes == 11 + 200  # 162 + 200 > 303, so "d" (least recent) went
-        assert await store.get("d") is None and await store.get(b"k" * 100) == b"v" * 100
+        assert await store.get("d") is None and await store.get("k" * 100) == b"v" * 100
 
     asyncio.run(scenario())
 
@@ -183,13 +168,15 @@ async def test_redis_store_frees_only_its_own_lock(redis_url: str) -> None:
         assert await first.lock("k", 0.05)
         await asyncio.sleep(0.1)  # first's lock expired; the second replica leads now
         assert await second.lock("k", 10)
-        await first.unlock("k")  # a late release must not free the second's lock
+        first.unlock("k")  # a late release must not free the second's lock
+        await one.batch.drain()  # (sent without waiting: wait for it here)
         assert not await first.lock("k", 10)
-        await second.unlock("k")
+        second.unlock("k")
+        await two.batch.drain()
         assert await first.lock("k", 10)
     finally:
-        await one.client.aclose()
-        await two.client.aclose()
+        await one.aclose()
+        await two.aclose()
 
 
 @pytest.mark.redis
@@ -198,8 +185,11 @@ async def test_redis_errors_are_translated(redis_url: str) -> None:
     store = RedisCacheStore(ns, MAX_ENTRY)
     try:
         for call in (store.get("k"), store.set("k", b"v", 1), store.lock("k", 1),
-                     store.unlock("k"), store.wait("k", 1)):
+                     store.wait("k", 1)):
             with pytest.raises(ServiceUnavailable):
                 await call
+        failed: asyncio.Future[ServiceUnavailable] = asyncio.get_running_loop().create_future()
+        store.unlock("k", failed.set_result)  # fire and forget: the error is handed over
+        assert isinstance(await asyncio.wait_for(failed, 5), ServiceUnavailable)
     finally:
-        await ns.client.aclose()
+        await ns.aclose()
