@@ -34,7 +34,7 @@ async def poll_trial(store: RedisCacheStore, key: str, leader_ms: int, waiters: 
     async def leader() -> None:
         await asyncio.sleep(leader_ms / 1000)
         await store.set(key, b"v", 10)
-        await store.unlock(key)
+        store.unlock(key)
         written.append(time.perf_counter())
 
     async def waiter() -> float:
