@@ -60,6 +60,8 @@ BYPASS = CacheDecision(None)
 
 @dataclass(frozen=True, slots=True)
 class CachedAnswer:
+    """An answer read from the cache."""
+
     answer: Answer
     age: float  # seconds since it was stored
 
@@ -169,13 +171,14 @@ class ResponseCache:
         if not write:
             return BYPASS
         scope = "global" if self._global else "team:" + team
+        # BLAKE2b rather than SHA-256, whose OpenSSL 3 implementation is looked up per call
         key = hashlib.blake2b(canonical_form(route, scope, body), digest_size=32).hexdigest()
         return CacheDecision(key, read, policy.ttl)
 
     async def claim(self, decision: CacheDecision) -> Claim:
-        """Look the decision's key up; on a miss, lead (hold the key's lock) or
-        wait for the leader's answer. After `lock_seconds` without one the request goes to
-        the upstream itself, not leading."""
+        """Look the decision's key up; on a miss, lead (hold the key's lock) or wait for the
+        leader's answer. After `lock_seconds` without one the request goes to the upstream
+        itself, not leading."""
         key = decision.key
         if key is None:
             return Claim(decision, "bypass")
