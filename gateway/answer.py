@@ -1,8 +1,9 @@
 """The assembled assistant answer of one exchange, built from chunks or from a completion.
 
 Streams are re-emitted chunk by chunk; this accumulator keeps what metering, the cache and
-analytics need (text, reasoning, tool calls, finish reason, usage, extension fields) and can
-turn an answer back into a `chat.completion` or into a replayable list of chunk deltas.
+analytics need (text, reasoning, tool calls, finish reason, usage, extension fields, an
+upstream completion's own fields) and can turn an answer back into a `chat.completion` or
+into a replayable list of chunk deltas.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from gateway.wire import chunk, usage_chunk
 # Extension fields a backend may put on the final chunk and on the completion's message
 # (e.g. Nuclia citations). They are never mixed into the answer text.
 EXTENSION_KEYS = ("citations", "nuclia")
+# A completion's fields the gateway sets itself; an upstream's other top-level fields
+# (``system_fingerprint``, ``service_tier``) are kept as its `completion_fields`.
+COMPLETION_KEYS = frozenset({"id", "object", "created", "model", "choices", "usage"})
 REPLAY_PIECE = 48  # characters per replayed chunk when the answer came in one piece
 
 
@@ -41,6 +45,7 @@ class Answer:
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
     extensions: dict[str, Any] = field(default_factory=dict)
+    completion_fields: dict[str, Any] = field(default_factory=dict)
     chunks: int = 0
 
     @property
@@ -105,6 +110,7 @@ class Answer:
             if key in message:
                 self.extensions[key] = message[key]
         self.finish_reason = choice.get("finish_reason") or self.finish_reason
+        self.completion_fields = {k: v for k, v in data.items() if k not in COMPLETION_KEYS}
 
     def message(self) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": self.text if
@@ -124,6 +130,7 @@ class Answer:
             "model": model,
             "choices": [{"index": 0, "message": self.message(),
                          "finish_reason": self.finish_reason or "stop"}],
+            **self.completion_fields,
         }
         if self.usage is not None:
             completion["usage"] = self.usage

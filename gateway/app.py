@@ -196,7 +196,6 @@ async def assemble(
         conversation_header=config.analytics.conversation_header,
         user_header=config.analytics.user_header,
     )
-    stack.push_async_callback(pipeline.drain)
     admin = None
     if config.server.admin_key and config.server.admin_key.get_secret_value():
         admin = Starlette(

@@ -30,6 +30,7 @@ from gateway.errors import (
 )
 from gateway.exchange import ExchangeObserver, ExchangeRecord, Outcome
 from gateway.metrics import Metrics
+from gateway.response_cache import CachedAnswer, CacheDecision, Claim
 from gateway.tokens import prompt_tokens, text_tokens
 from gateway.wire import (
     SSE_DONE,
@@ -60,36 +61,15 @@ class Admitter(Protocol):
                     ) -> Admission: ...
 
 
-class CachedAnswer(Protocol):
-    answer: Answer
-    age: float
-    completion: dict[str, Any] | None  # as first sent, for an entry of a non-streamed answer
-
-
-class CacheDecision(Protocol):
-    key: str | bytes | None
-    read: bool
-    write: bool
-    leader: bool  # holds the key's single-flight lock until its answer is stored or it ends
-    status: str  # bypass | miss | hit (with `hit`) | pending: await `lookup`
-    hit: Any
-
-
 class ResponseCache(Protocol):
-    def begin(self, route: Route, body: dict[str, Any], team: str,
-              cache_control: str | None) -> Any: ...
+    def decide(self, route: Route, body: dict[str, Any], team: str,
+               cache_control: str | None) -> CacheDecision: ...
 
-    async def lookup(self, decision: Any) -> tuple[Any, bool]: ...
+    async def claim(self, decision: CacheDecision) -> Claim: ...
 
-    async def put(self, decision: Any, answer: Answer, completion: bytes | None = None
-                  ) -> bool: ...
+    async def store(self, claim: Claim, answer: Answer) -> None: ...
 
-    def put_now(self, decision: Any, answer: Answer, completion: bytes | None = None
-                ) -> bool | None: ...
-
-    async def release(self, decision: Any) -> None: ...
-
-    def release_now(self, decision: Any) -> bool: ...
+    def release(self, claim: Claim) -> None: ...
 
 
 # A piece of a streamed body and whether it is the last one (sent with the end of the body).
@@ -123,7 +103,7 @@ class Exchange:
     headers: Mapping[str, str]
     prompt_estimate: int
     admission: Admission | None = None
-    decision: Any = None
+    claim: Claim | None = None
     answer: Answer = field(default_factory=Answer)
     status: int = 200
     outcome: Outcome = "completed"
@@ -160,7 +140,6 @@ class Pipeline:
         self.default_max_tokens = default_max_tokens
         self.conversation_header = conversation_header
         self.user_header = user_header
-        self._background: set[asyncio.Task[None]] = set()
         # cache results by (model, result): plain counts, reported when metrics are sampled
         self._cache_events = metrics.tally(metrics.cache_events)
         self._requests = metrics.tally(metrics.requests)  # by model, backend, status
@@ -245,38 +224,30 @@ class Pipeline:
 
     # -- cache -------------------------------------------------------------------------------
 
-    async def _cached(self, ex: Exchange) -> Any:
+    async def _cached(self, ex: Exchange) -> CachedAnswer | None:
         cache = self.cache
         if cache is None:
             return None
-        decision = cache.begin(ex.route, ex.body, ex.principal.team,
-                               ex.headers.get("cache-control"))
-        ex.decision = decision
-        status = decision.status
-        hit = decision.hit
-        if status == "pending":
-            hit, coalesced = await cache.lookup(decision)
-            status = "hit" if hit is not None else "miss"
-            if coalesced:
-                key = (ex.route.model, "coalesced")
-                self._cache_events[key] = self._cache_events.get(key, 0) + 1
-        key = (ex.route.model, status)
-        self._cache_events[key] = self._cache_events.get(key, 0) + 1
-        ex.extra_headers["x-gateway-cache"] = status
-        if hit is not None:
-            ex.extra_headers["age"] = str(int(hit.age))
-        return hit
+        decision = cache.decide(ex.route, ex.body, ex.principal.team,
+                                ex.headers.get("cache-control"))
+        claim = ex.claim = await cache.claim(decision)
+        self._count_cache(ex.route.model, claim.status)
+        if claim.coalesced:
+            self._count_cache(ex.route.model, "coalesced")
+        ex.extra_headers["x-gateway-cache"] = claim.status
+        if claim.hit is not None:
+            ex.extra_headers["age"] = str(int(claim.hit.age))
+        return claim.hit
 
-    def _replay(self, ex: Exchange, hit: Any) -> Reply:
+    def _count_cache(self, model: str, result: str) -> None:
+        key = (model, result)
+        self._cache_events[key] = self._cache_events.get(key, 0) + 1
+
+    def _replay(self, ex: Exchange, hit: CachedAnswer) -> Reply:
         ex.answer = hit.answer
         cid, created = _ids()
         if not ex.chat.stream:
-            completion = hit.completion
-            if completion is None:
-                completion = hit.answer.to_completion(cid, ex.route.model, created)
-            else:  # as first sent, under this response's own id and time
-                completion["id"] = cid
-                completion["created"] = created
+            completion = hit.answer.to_completion(cid, ex.route.model, created)
             return self._ok(ex, orjson.dumps(completion))
         chunks = hit.answer.replay_chunks(cid, ex.route.model, created,
                                           include_usage=ex.chat.include_usage, pieces=None)
@@ -309,8 +280,8 @@ class Pipeline:
         answer.usage = completion["usage"]
         ex.ttft = time.perf_counter() - ex.started
         data = orjson.dumps(completion)
-        if not self._store_now(ex, data):
-            await self._store(ex, data)
+        if ex.claim is not None and self.cache is not None:
+            await self.cache.store(ex.claim, answer)
         return self._ok(ex, data)
 
     async def _relay(self, ex: Exchange, stream: ChunkStream) -> AsyncIterator[Piece]:
@@ -353,8 +324,8 @@ class Pipeline:
                 tail.append(sse_event(usage_chunk(cid, model, created, answer.usage)))
             tail.append(SSE_DONE)
             yield b"".join(tail), True
-            if not self._store_now(ex):
-                await self._store(ex)
+            if ex.claim is not None and self.cache is not None:
+                await self.cache.store(ex.claim, answer)
         except GatewayError as exc:
             self._fail(ex, exc)
             yield sse_event(exc.body()), True
@@ -375,19 +346,6 @@ class Pipeline:
         for call in ex.answer.tool_calls.values():
             completion += text_tokens(str((call.get("function") or {}).get("arguments") or ""))
         return usage_dict(ex.prompt_estimate, completion, estimated=True)
-
-    def _store_now(self, ex: Exchange, completion: bytes | None = None) -> bool:
-        """Cache a finished answer without a coroutine where the store allows; False: the
-        caller awaits `_store`. `completion`: the body sent, for an answer not streamed."""
-        decision = ex.decision
-        if decision is None or not decision.write or ex.status != 200:
-            return True  # (`put_now` checks the rest: a finished answer)
-        assert self.cache is not None  # it made the decision
-        return self.cache.put_now(decision, ex.answer, completion) is not None
-
-    async def _store(self, ex: Exchange, completion: bytes | None = None) -> None:
-        assert self.cache is not None
-        await self.cache.put(ex.decision, ex.answer, completion)
 
     # -- endings -----------------------------------------------------------------------------
 
@@ -412,11 +370,8 @@ class Pipeline:
         if ex.finished:
             return
         ex.finished = True
-        decision = ex.decision
-        # a leader that stored its answer has released its lock with it
-        if decision is not None and decision.leader and self.cache is not None \
-                and not self.cache.release_now(decision):
-            self._spawn(self.cache.release(decision))
+        if ex.claim is not None and self.cache is not None:
+            self.cache.release(ex.claim)  # a lead not ended by storing the answer
         answer = ex.answer
         usage = answer.usage or self._usage(ex)
         answer.usage = usage
@@ -462,16 +417,6 @@ class Pipeline:
                 observer.exchange_finished(record)
             except Exception:  # an observer must never break the request path
                 log.exception("observer_failed", observer=type(observer).__name__)
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def drain(self) -> None:
-        """Wait for cache releases still running (at shutdown)."""
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
 
     # -- replies -----------------------------------------------------------------------------
 

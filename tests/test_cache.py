@@ -1,4 +1,4 @@
-"""ResponseCache: canonical keys, policy decisions, serialisation and single flight."""
+"""ResponseCache: keys, policy decisions, entries, and claims with single flight."""
 
 from __future__ import annotations
 
@@ -18,16 +18,15 @@ from gateway.backends.base import Route
 from gateway.config import GatewayConfig
 from gateway.metrics import Metrics
 from gateway.response_cache import (
-    EXACT_KEY_BYTES,
+    CacheDecision,
     CacheHooks,
+    Claim,
     ResponseCache,
-    canonical_body,
+    canonical_form,
     decode_answer,
     encode_answer,
-    encode_completion,
-    key_material,
 )
-from gateway.stores.cache import CacheStore, MemoryCacheStore, RedisCacheStore
+from gateway.stores.cache import CacheStats, CacheStore, Failed, MemoryCacheStore, RedisCacheStore
 from gateway.stores.redis_base import RedisNamespace, connect
 from gateway.wire import ChatRequest
 
@@ -52,9 +51,14 @@ def body(**extra: Any) -> dict[str, Any]:
 
 
 def decide(cache: ResponseCache, raw: dict[str, Any], *, team: str = "t1",
-           header: str | None = None, route: Route = ROUTE) -> Any:
+           header: str | None = None, route: Route = ROUTE) -> CacheDecision:
     ChatRequest.model_validate(raw)  # as the pipeline does before it asks the cache
     return cache.decide(route, raw, team, header)
+
+
+async def claim(cache: ResponseCache, raw: dict[str, Any] | None = None,
+                header: str | None = None) -> Claim:
+    return await cache.claim(decide(cache, body() if raw is None else raw, header=header))
 
 
 def answer(text: str = "Hello there, world") -> Answer:
@@ -64,8 +68,7 @@ def answer(text: str = "Hello there, world") -> Answer:
 
 @pytest.fixture
 def cache() -> ResponseCache:
-    config = make_config()
-    return ResponseCache(config, MemoryCacheStore(10_000, 5_000))
+    return ResponseCache(make_config(), MemoryCacheStore(10_000, 5_000))
 
 
 # -- keys -------------------------------------------------------------------------------------
@@ -93,8 +96,7 @@ def test_key_changes_with_what_changes_the_answer(cache: ResponseCache,
     assert decide(cache, body(**change)).key != decide(cache, body()).key
 
 
-def test_key_changes_with_temperature_route_and_options() -> None:
-    cache = ResponseCache(make_config(), MemoryCacheStore(10_000, 5_000))
+def test_key_changes_with_temperature_route_and_options(cache: ResponseCache) -> None:
     free = Route("free", "inkeep", "inkeep-qa", {})
     assert decide(cache, body(temperature=0.2), route=free).key != \
         decide(cache, body(temperature=0.7), route=free).key
@@ -111,71 +113,32 @@ def test_scope_team_by_default_global_when_configured() -> None:
     assert decide(shared, body(), team="a").key == decide(shared, body(), team="b").key
 
 
-def test_in_process_keys_are_the_canonical_body_and_long_ones_a_digest() -> None:
-    cache = ResponseCache(make_config(), MemoryCacheStore(10_000, 5_000))
-    short = decide(cache, body(max_tokens=5)).key
-    assert isinstance(short, bytes)
-    tag, canonical = orjson.loads(short)  # [tag, the body], sorted keys
-    assert isinstance(tag, int) and orjson.dumps(canonical) == canonical_body(body(max_tokens=5))
-    # the tag stands for the route and scope: another team has another
-    other_team = decide(cache, body(max_tokens=5), team="t2").key
-    assert isinstance(other_team, bytes) and other_team != short
-    assert orjson.loads(other_team)[1] == canonical
-    long = body(messages=[{"role": "user", "content": "x" * EXACT_KEY_BYTES}])
-    digest = decide(cache, long).key
-    assert isinstance(digest, str) and len(digest) == 64
-    assert decide(cache, {**long, "user": "u-1"}).key == digest
-
-
-def test_in_process_keys_hold_no_more_memory_than_their_length() -> None:
-    # kept in the store: a key that kept orjson's ~4 KB working buffer made the byte bound
-    # undercount the memory held ~10x
-    cache = ResponseCache(make_config(), MemoryCacheStore(10_000, 5_000))
-    bodies = [body(max_tokens=i) for i in range(500)]
-    tracemalloc.start()
+async def test_keys_are_digests_every_replica_and_store_computes_alike() -> None:
+    ns = connect("redis://127.0.0.1:1/0", "test")
+    one = ResponseCache(make_config(), MemoryCacheStore(10_000, 5_000))
+    two = ResponseCache(make_config(), RedisCacheStore(ns, 5_000))
     try:
-        before = tracemalloc.get_traced_memory()[0]
-        keys = [cache.decide(ROUTE, raw, "t1", None).key for raw in bodies]
-        held = (tracemalloc.get_traced_memory()[0] - before) / len(keys)
-    finally:
-        tracemalloc.stop()
-    assert all(isinstance(key, bytes) for key in keys)
-    assert held < 2 * max(len(key or b"") for key in keys)
-
-
-def test_caches_sharing_an_in_process_store_never_share_a_tag() -> None:
-    store = MemoryCacheStore(10_000, 5_000)
-    one, two = ResponseCache(make_config(), store), ResponseCache(make_config(), store)
-    other = Route("docs", "inkeep", "inkeep-rag", {})
-    assert decide(one, body()).key != decide(two, body(), route=other).key
-
-
-async def test_shared_keys_are_digests_every_replica_computes_alike() -> None:
-    namespaces = [connect("redis://127.0.0.1:1/0", "test") for _ in range(2)]
-    try:
-        one, two = (ResponseCache(make_config(), RedisCacheStore(ns, 5_000))
-                    for ns in namespaces)
-        decide(two, body(), route=Route("free", "inkeep", "x"))  # tags would differ now
-        key = decide(one, body()).key
-        # BLAKE2b-256 of the route's material, then the canonical body
-        digest = hashlib.blake2b(key_material(ROUTE, "team:t1") + canonical_body(body()),
+        decide(two, body(), route=Route("free", "inkeep", "x"))  # nothing a process keeps counts
+        key = decide(one, body(user="u-1")).key
+        # BLAKE2b-256 of the canonical form: route, scope, the relevant body with sorted keys
+        digest = hashlib.blake2b(canonical_form(ROUTE, "team:t1", body()),
                                  digest_size=32).hexdigest()
         assert key == decide(two, body()).key == digest
-        assert isinstance(key, str) and len(key) == 64
+        form = orjson.loads(canonical_form(ROUTE, "team:t1", body(user="u-1")))
+        assert form["body"] == body() and form["scope"] == "team:t1"
     finally:
-        for ns in namespaces:
-            await ns.client.aclose()
+        await ns.aclose()
 
 
 # -- policy -----------------------------------------------------------------------------------
 
 def test_policy_decisions(cache: ResponseCache) -> None:
     plain = decide(cache, body())
-    assert (plain.read, plain.write, plain.ttl) == (True, True, 60)
+    assert plain.key is not None and (plain.read, plain.ttl) == (True, 60)
     refresh = decide(cache, body(), header="no-cache")
-    assert (refresh.read, refresh.write) == (False, True) and refresh.key == plain.key
+    assert not refresh.read and refresh.key == plain.key  # not read, but stored
     no_store = decide(cache, body(), header="max-age=0, No-Store")
-    assert (no_store.key, no_store.read, no_store.write) == (None, False, False)
+    assert (no_store.key, no_store.read) == (None, False)
     assert decide(cache, body(temperature=0.5)).key is None  # not deterministic
     assert decide(cache, body(temperature=0)).read
     assert decide(cache, body(temperature=0.0, n=1, top_p=1)).read
@@ -186,8 +149,7 @@ def test_policy_decisions(cache: ResponseCache) -> None:
     assert decide(cache, body(n="2")).key is None
     disabled = decide(cache, body(model="chat"), route=Route("chat", "inkeep", "x"))
     assert disabled.key is None  # no per-model policy and the default is off
-    free = decide(cache, body(temperature=0.9), route=Route("free", "inkeep", "x"))
-    assert free.read and free.write
+    assert decide(cache, body(temperature=0.9), route=Route("free", "inkeep", "x")).read
 
 
 def test_default_policy_applies_to_models_without_one() -> None:
@@ -204,46 +166,54 @@ def test_answers_round_trip_with_their_chunk_boundaries() -> None:
                       tool_calls={0: {"id": "c1", "type": "function",
                                       "function": {"name": "f", "arguments": "{}"}}},
                       finish_reason="tool_calls", usage={"total_tokens": 9},
-                      extensions={"citations": [{"id": 1}]})
+                      extensions={"citations": [{"id": 1}]},
+                      completion_fields={"system_fingerprint": "fp_1"})
     decoded = decode_answer(encode_answer(original, 1000.0))
     assert decoded is not None
-    restored, created, completion = decoded
-    assert completion is None
+    restored, created = decoded
     assert created == 1000.0
-    assert restored.content == original.content
-    assert (restored.reasoning, restored.tool_calls, restored.finish_reason, restored.usage,
-            restored.extensions) == (original.reasoning, original.tool_calls, "tool_calls",
-                                     original.usage, original.extensions)
-    assert decode_answer(b"not json") is None
+    assert restored == original
+
+
+def test_a_whole_hit_rebuilds_the_completion_first_sent() -> None:
+    sent = {"id": "up-1", "object": "chat.completion", "created": 7, "model": "docs",
+            "system_fingerprint": "fp_1", "service_tier": "default",
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                "role": "assistant", "content": "Hi", "reasoning_content": "hm",
+                "citations": [1], "nuclia": {"learning_id": "l1"}}}],
+            "usage": {"total_tokens": 3}}
+    answer = Answer()
+    answer.add_completion(orjson.loads(orjson.dumps(sent)))
+    decoded = decode_answer(encode_answer(answer, 1000.5))
+    assert decoded is not None
+    rebuilt = decoded[0].to_completion("new-id", "docs", 9)
+    assert rebuilt == {**sent, "id": "new-id", "created": 9}
 
 
 def test_entries_of_another_format_read_as_misses() -> None:
-    old = b'{"v": 1, "created": 1.0, "content": ["hi"], "finish_reason": "stop"}'
-    for data in (old, b"[1, 2]", b"not json", b'[3, 0, [], [], [], "stop", null, {}]'):
-        assert decode_answer(data) is None
+    old_json = b'{"v": 1, "created": 1.0, "content": ["hi"], "finish_reason": "stop"}'
+    old_array = b'[2, 1.0, ["hi"], [], [], "stop", null, {}]'
+    old_completion = b"\x03" + bytes(8) + b'{"choices": [{"message": {"content": "x"}}]}'
+    current = encode_answer(answer(), 1.0)
+    for data in (old_json, old_array, old_completion, b"[1, 2]", b"not json", b"", b"7",
+                 current[:-1], current.replace(b'"stop"', b"{}", 1).replace(b"[", b"{", 1),
+                 b'[3, "x", 1, 2, 3, "stop", null, {}, {}]'):
+        assert decode_answer(data) is None, data
+    assert decode_answer(current) is not None
 
 
-def test_completions_are_stored_as_sent_and_read_back_whole() -> None:
-    sent = {"id": "up-1", "object": "chat.completion", "created": 7, "model": "docs",
-            "system_fingerprint": "fp_1",
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": "Hi", "citations": [1]}}],
-            "usage": {"total_tokens": 3}}
-    data = orjson.dumps(sent)
-    decoded = decode_answer(encode_completion(data, 1000.5))
-    assert decoded is not None
-    answer, created, completion = decoded
-    assert created == 1000.5 and completion == sent
-    assert (answer.content, answer.finish_reason, answer.usage, answer.extensions) == (
-        ["Hi"], "stop", {"total_tokens": 3}, {"citations": [1]})
-
-
-def test_broken_completion_entries_read_as_misses() -> None:
-    whole = encode_completion(b'{"choices": [{"message": {"content": "x"}}]}', 1.0)
-    assert decode_answer(whole) is not None
-    for data in (whole[:9], whole[:5], whole[:-1], encode_completion(b'{"choices": []}', 1.0),
-                 encode_completion(b'[1]', 1.0), encode_completion(b'{"choices": [2]}', 1.0)):
-        assert decode_answer(data) is None
+def test_entries_hold_no_more_memory_than_their_length() -> None:
+    # kept as they are in the in-process store: an entry that kept orjson's ~4 KB working
+    # buffer would make the byte bound undercount the memory held ~10x
+    answers = [answer(f"answer number {i}") for i in range(500)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        entries = [encode_answer(a, 1.0) for a in answers]
+        held = (tracemalloc.get_traced_memory()[0] - before) / len(entries)
+    finally:
+        tracemalloc.stop()
+    assert held < 2 * max(len(entry) for entry in entries)
 
 
 def test_a_whole_answer_replays_as_several_chunks() -> None:
@@ -256,64 +226,146 @@ def test_a_whole_answer_replays_as_several_chunks() -> None:
     assert len([p for p in pieces if p]) > 3 and "".join(p or "" for p in pieces) == text
 
 
-async def test_put_get_hit_with_age(cache: ResponseCache) -> None:
-    decision = decide(cache, body())
-    assert await cache.get(decision) is None
-    assert await cache.put(decision, answer())
-    hit = await cache.get(decision)
-    assert hit is not None
-    assert hit.answer.content == ["Hello", " there, world"]
-    assert 0 <= hit.age < 1 and abs(hit.created - time.time()) < 1
+# -- claims -----------------------------------------------------------------------------------
+
+async def test_store_then_hit_with_age(cache: ResponseCache) -> None:
+    first = await claim(cache)
+    assert (first.status, first.hit, first.leads) == ("miss", None, True)
+    await cache.store(first, answer())
+    assert not first.leads  # storing ended the lead
+    hit = await claim(cache)
+    assert hit.status == "hit" and hit.hit is not None and not hit.leads
+    assert hit.hit.answer.content == ["Hello", " there, world"]
+    assert 0 <= hit.hit.age < 1
     assert cache.stored_bytes > 0
 
 
-async def test_put_refuses_unfinished_oversize_and_unwritable(cache: ResponseCache) -> None:
-    decision = decide(cache, body())
-    assert not await cache.put(decision, Answer(content=["cut"]))  # no finish_reason
-    assert not await cache.put(decision, answer("x" * 6_000))  # over max_entry_bytes
-    assert not await cache.put(decide(cache, body(), header="no-store"), answer())
-    assert await cache.get(decision) is None
+async def test_bypass_claims_nothing_and_stores_nothing(cache: ResponseCache) -> None:
+    for found in (await claim(cache, header="no-store"), await claim(cache, body(n=2))):
+        assert (found.status, found.hit, found.leads) == ("bypass", None, False)
+        await cache.store(found, answer())
+    assert cache.stored_bytes == 0
 
 
-# -- single flight ----------------------------------------------------------------------------
+async def test_store_refuses_unfinished_and_oversize_answers(cache: ResponseCache) -> None:
+    lead = await claim(cache)
+    await cache.store(lead, Answer(content=["cut"]))  # no finish_reason: cut off
+    assert not lead.leads  # the lead ends all the same
+    again = await claim(cache)
+    assert again.status == "miss" and again.leads
+    await cache.store(again, answer("x" * 6_000))  # over max_entry_bytes
+    assert (await claim(cache)).status == "miss"
+
+
+async def test_no_cache_refreshes_without_looking_or_leading(cache: ResponseCache) -> None:
+    lead = await claim(cache)
+    await cache.store(lead, answer("old"))
+    refresh = await claim(cache, header="no-cache")
+    assert (refresh.status, refresh.hit, refresh.leads) == ("miss", None, False)
+    await cache.store(refresh, answer("new answer"))
+    found = await claim(cache)
+    assert found.hit is not None and found.hit.answer.text == "new answer"
+
+
+async def test_an_entry_that_does_not_decode_is_a_miss_that_leads() -> None:
+    store = MemoryCacheStore(10_000, 5_000)
+    cache = ResponseCache(make_config(), store)
+    key = decide(cache, body()).key
+    assert key is not None
+    await store.set(key, b"an entry of an older gateway", 60)
+    found = await claim(cache)
+    assert (found.status, found.leads) == ("miss", True)
+    cache.release(found)
+
+
+class Watched:
+    """A store that tells when requests wait on it (so tests need not sleep)."""
+
+    def __init__(self, store: CacheStore, waits: Waits) -> None:
+        self.store = store
+        self.waits = waits
+
+    async def get(self, key: str) -> bytes | None:
+        return await self.store.get(key)
+
+    async def set(self, key: str, value: bytes, ttl: float) -> bool:
+        return await self.store.set(key, value, ttl)
+
+    async def lock(self, key: str, ttl: float) -> bool:
+        return await self.store.lock(key, ttl)
+
+    def unlock(self, key: str, failed: Failed | None = None) -> None:
+        self.store.unlock(key, failed)
+
+    async def wait(self, key: str, within: float) -> bytes | None:
+        self.waits.change(+1)
+        try:
+            return await self.store.wait(key, within)
+        finally:
+            self.waits.change(-1)
+
+    def stats(self) -> CacheStats:
+        return self.store.stats()
+
+
+class Waits:
+    """How many requests wait on the stores of a test's replicas right now."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._goals: list[tuple[int, asyncio.Event]] = []
+
+    def change(self, by: int) -> None:
+        self.count += by
+        for goal, event in self._goals:
+            if self.count >= goal:
+                event.set()
+
+    async def reach(self, count: int) -> None:
+        if self.count < count:
+            event = asyncio.Event()
+            self._goals.append((count, event))
+            await asyncio.wait_for(event.wait(), 5)
+
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis),
                         pytest.param("two-replicas", marks=pytest.mark.redis)])
-async def caches(request: pytest.FixtureRequest) -> AsyncIterator[list[ResponseCache]]:
+async def replicas(request: pytest.FixtureRequest
+                   ) -> AsyncIterator[tuple[list[ResponseCache], Waits]]:
+    """Caches that share entries and locks, and the count of their waits."""
     config = make_config()
+    waits = Waits()
     if request.param == "memory":
-        store = MemoryCacheStore(100_000, 50_000)
-        yield [ResponseCache(config, store)]
+        yield [ResponseCache(config, Watched(MemoryCacheStore(100_000, 50_000), waits))], waits
         return
     url = request.getfixturevalue("redis_proc").url
     namespaces: list[RedisNamespace] = [connect(url, "test")]
     await namespaces[0].client.flushall()
     if request.param == "two-replicas":
         namespaces.append(connect(url, "test"))
-    stores: list[CacheStore] = [RedisCacheStore(ns, 50_000) for ns in namespaces]
     try:
-        yield [ResponseCache(config, store) for store in stores]
+        yield [ResponseCache(config, Watched(RedisCacheStore(ns, 50_000), waits))
+               for ns in namespaces], waits
     finally:
         for ns in namespaces:
-            await ns.client.aclose()
+            await ns.aclose()
 
 
-async def test_twenty_identical_requests_make_one_leader(caches: list[ResponseCache]) -> None:
+async def test_twenty_identical_requests_make_one_leader(
+        replicas: tuple[list[ResponseCache], Waits]) -> None:
+    caches, waits = replicas
     upstream_calls = 0
 
     async def request(i: int) -> str:
         nonlocal upstream_calls
         cache = caches[i % len(caches)]
-        decision = decide(cache, body())
-        hit = await cache.acquire(decision)
-        if hit is not None:
-            return "coalesced:" + hit.answer.text
+        found = await claim(cache)
+        if found.hit is not None:
+            assert found.coalesced and found.status == "hit"
+            return "coalesced:" + found.hit.answer.text
         upstream_calls += 1
-        try:
-            await asyncio.sleep(0.15)
-            await cache.put(decision, answer())
-        finally:
-            await cache.release(decision)
+        await waits.reach(19)  # the upstream answers once everybody else waits
+        await cache.store(found, answer())
         return "leader"
 
     results = await asyncio.gather(*(request(i) for i in range(20)))
@@ -322,129 +374,105 @@ async def test_twenty_identical_requests_make_one_leader(caches: list[ResponseCa
     assert results.count("coalesced:Hello there, world") == 19
 
 
-async def test_failed_leader_wakes_waiters_quickly(caches: list[ResponseCache]) -> None:
+async def test_a_failed_leader_hands_over_to_one_waiter_at_once(
+        replicas: tuple[list[ResponseCache], Waits]) -> None:
+    caches, waits = replicas
     leaders = 0
 
     async def request(i: int) -> str:
         nonlocal leaders
         cache = caches[i % len(caches)]
-        decision = decide(cache, body())
-        hit = await cache.acquire(decision)
-        if hit is not None:
+        found = await claim(cache)
+        if found.hit is not None:
             return "coalesced"
         leaders += 1
-        first = leaders == 1
-        try:
-            await asyncio.sleep(0.1)
-            if not first:  # the first leader fails (no put); the next one succeeds
-                await cache.put(decision, answer())
-        finally:
-            await cache.release(decision)
+        if leaders == 1:  # the first leader fails once all nine wait: no store
+            await waits.reach(9)
+            cache.release(found)
+        else:  # the next one succeeds once the other eight wait (again)
+            await waits.reach(8)
+            await cache.store(found, answer())
         return "leader"
 
     started = time.monotonic()
     results = await asyncio.gather(*(request(i) for i in range(10)))
-    elapsed = time.monotonic() - started
     assert results.count("leader") == 2 and results.count("coalesced") == 8
-    assert elapsed < 1.0  # far below lock_seconds (2 s)
+    assert time.monotonic() - started < 1.0  # far below lock_seconds (2 s)
 
 
-async def test_a_waiter_takes_over_from_a_failed_leader(caches: list[ResponseCache]) -> None:
-    first = decide(caches[0], body())
-    assert await caches[0].acquire(first) is None and first.leader
-    second = decide(caches[-1], body())
-    waiter = asyncio.create_task(caches[-1].acquire(second))
-    await asyncio.sleep(0.05)
-    started = time.monotonic()
-    await caches[0].release(first)  # the leader failed: nothing stored
-    assert await waiter is None
-    assert second.leader  # the waiter leads now
-    assert time.monotonic() - started < 0.5
-    await caches[-1].release(second)
+async def test_storing_ends_the_lead_and_releasing_twice_frees_nobody_else(
+        replicas: tuple[list[ResponseCache], Waits]) -> None:
+    caches, waits = replicas
+    one, other = caches[0], caches[-1]
+    leader = await claim(one)
+    assert leader.leads
+    follower = asyncio.create_task(claim(other))
+    await waits.reach(1)
+    await one.store(leader, answer())
+    found = await asyncio.wait_for(follower, 5)
+    assert (found.status, found.coalesced, found.leads) == ("hit", True, False)
+    one.release(leader)  # harmless: storing ended the lead
+    third = await claim(one, body(max_tokens=9))
+    assert third.leads
+    one.release(leader)
+    fourth = asyncio.create_task(claim(other, body(max_tokens=9)))
+    await waits.reach(1)  # still led by the third
+    assert not fourth.done()
+    one.release(third)
+    assert (await asyncio.wait_for(fourth, 5)).leads
 
 
-def begin(cache: ResponseCache, raw: dict[str, Any]) -> Any:
-    ChatRequest.model_validate(raw)
-    return cache.begin(ROUTE, raw, "t1", None)
-
-
-async def test_an_in_process_leader_frees_its_waiters_as_it_stores(cache: ResponseCache) -> None:
-    leader = begin(cache, body())
-    assert (leader.status, leader.hit, leader.leader) == ("miss", None, True)
-    follower = begin(cache, body())
-    assert follower.status == "pending" and not follower.leader  # another request leads
-    waiting = asyncio.create_task(cache.lookup(follower))
-    await asyncio.sleep(0.01)
-    assert not waiting.done()
-    assert await cache.put(leader, answer())
-    assert not leader.leader  # storing ended its lead: nothing is left for `release`
-    hit, coalesced = await asyncio.wait_for(waiting, 1)
-    assert coalesced and hit is not None and hit.answer.text == "Hello there, world"
-    assert not follower.leader
-    await cache.release(leader)  # harmless, and frees nobody else's lock
-    found = begin(cache, body())  # the entry, at once
-    assert found.status == "hit" and found.hit.answer.text == "Hello there, world"
-    assert not found.leader
-    third = begin(cache, body(max_tokens=9))
-    assert third.status == "miss" and third.leader
-    await cache.release(leader)
-    assert begin(cache, body(max_tokens=9)).status == "pending"  # still led by third
-
-
-def test_begin_bypasses_and_refreshes_without_looking(cache: ResponseCache) -> None:
-    assert cache.begin(ROUTE, body(), "t1", "no-store").status == "bypass"
-    refresh = cache.begin(ROUTE, body(), "t1", "no-cache")  # no lookup, no lock: a write
-    assert (refresh.status, refresh.write, refresh.leader) == ("miss", True, False)
-    other = Route("chat", "inkeep", "inkeep-qa", {})  # no cache policy
-    assert cache.begin(other, body(model="chat"), "t1", None).status == "bypass"
-
-
-async def test_an_entry_that_does_not_decode_is_led_again(cache: ResponseCache) -> None:
+async def test_a_waiter_served_an_entry_that_does_not_decode_goes_upstream() -> None:
+    store, waits = MemoryCacheStore(10_000, 5_000), Waits()
+    cache = ResponseCache(make_config(), Watched(store, waits))
     key = decide(cache, body()).key
-    assert key is not None
-    await cache.store.set(key, b"not an entry", 60)
-    decision = begin(cache, body())
-    assert decision.status == "pending"  # `lookup` leads in its place
-    assert await cache.lookup(decision) == (None, False) and decision.leader
-    await cache.release(decision)
+    assert key is not None and await store.lock(key, 10)
+    follower = asyncio.create_task(claim(cache))
+    await waits.reach(1)
+    await store.set(key, b"not an entry", 60)
+    store.unlock(key)
+    found = await asyncio.wait_for(follower, 1)
+    assert (found.status, found.hit, found.leads, found.coalesced) == (
+        "miss", None, False, False)
 
 
-async def test_waiters_fall_back_to_upstream_after_lock_seconds() -> None:
-    config = make_config(lock_seconds=0.2)
-    cache = ResponseCache(config, MemoryCacheStore(10_000, 5_000))
-    stuck = decide(cache, body())
-    assert await cache.acquire(stuck) is None  # a leader that never finishes nor releases
+async def test_waiters_go_upstream_after_lock_seconds() -> None:
+    cache = ResponseCache(make_config(lock_seconds=0.1), MemoryCacheStore(10_000, 5_000))
+    stuck = await claim(cache)  # a leader that never finishes nor releases
+    assert stuck.leads
     started = time.monotonic()
-    follower = decide(cache, body())
-    assert await cache.acquire(follower) is None  # took over once the lock expired
-    assert 0.15 < time.monotonic() - started < 1.0
+    follower = await claim(cache)
+    assert follower.status == "miss" and follower.leads  # took over once the lock expired
+    assert 0.05 < time.monotonic() - started < 1.0
 
 
 # -- the cache never fails a request ----------------------------------------------------------
 
 async def test_store_errors_become_misses_and_are_logged() -> None:
     errors: list[int] = []
+    released = asyncio.Event()
+
+    def store_error() -> None:
+        errors.append(1)
+        released.set()
+
     ns = connect("redis://127.0.0.1:1/0", "test")
-    cache = ResponseCache(make_config(), RedisCacheStore(ns, 5_000),
-                          CacheHooks(store_error=lambda: errors.append(1)))
+    cache = ResponseCache(make_config(), RedisCacheStore(ns, 5_000), CacheHooks(store_error))
     try:
-        decision = decide(cache, body())
         with capture_logs() as logs:
-            assert await cache.get(decision) is None
-            assert await cache.acquire(decision) is None
-            assert not await cache.put(decision, answer())
-            await cache.release(decision)
-        events = [entry["event"] for entry in logs]
-        assert events.count("cache_store_unavailable") >= 3
-        assert len(errors) == len(events)
+            found = await claim(cache)
+            assert (found.status, found.hit, found.leads) == ("miss", None, False)
+            await cache.store(found, answer())
+            assert len(errors) == 2
+            released.clear()
+            cache.release(Claim(found.decision, "miss", leads=True))  # a lead Redis lost
+            await asyncio.wait_for(released.wait(), 5)
+        operations = [entry["operation"] for entry in logs
+                      if entry["event"] == "cache_store_unavailable"]
+        assert operations == ["claim", "store", "release"] and len(errors) == 3
         assert all("127.0.0.1" not in str(entry) for entry in logs)
     finally:
-        await ns.client.aclose()
-
-
-def test_decision_status_before_lookup(cache: ResponseCache) -> None:
-    assert decide(cache, body()).status == "miss"
-    assert decide(cache, body(), header="no-store").status == "bypass"
+        await ns.aclose()
 
 
 async def test_cache_figures_reach_the_metrics_when_sampled() -> None:

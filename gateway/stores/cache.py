@@ -4,12 +4,10 @@
 the moment a leader releases its lock. `RedisCacheStore` shares entries and locks across
 replicas (``SET PX`` / ``SET NX PX``; a lock is freed only by its holder, cache_unlock.lua).
 
-Redis waiters poll (5 ms doubling to 25 ms) and the waiters of one key in a process share one
-poller, chosen by measurement (see docs/performance.md): polling wakes them 3-13 ms
-after the leader's write against 3-4 ms for pub/sub, but pub/sub took one subscription
-connection per waiter (57-76 new connections per trial) where the poller opened none, for
-16-165 commands per 0.05-2 s leader. Next to an LLM answer of seconds, 10 ms is noise;
-a connection per waiting request is not.
+Redis waiters poll (5 ms doubling to 25 ms), and the waiters of one key in a process share one
+poller, rather than subscribe: pub/sub wakes them a few milliseconds sooner but takes a
+connection per waiting request, where the poller opens none (docs/performance.md has the
+measurements). Next to an LLM answer of seconds, 10 ms is noise; a connection per waiter is not.
 Entry and lock of one key share a hash tag, so they live in one cluster slot.
 """
 
@@ -26,21 +24,18 @@ from typing import Protocol
 import redis.exceptions
 
 from gateway.config import GatewayConfig
+from gateway.errors import ServiceUnavailable
 from gateway.stores.redis_base import RedisNamespace, unavailable
 
-# What an entry costs beyond the bytes of its key and value (the two objects' headers and
-# allocator rounding, the (value, expiry, cost) tuple, the float and the int, the ordered
-# dict's node and slots): measured as the growth of RSS over 100,000 `set_now` calls, 934 B
-# per entry of 290-byte keys and 300-byte values (the bench's shape: 344 B beyond both), and
-# 903 B for 64-byte keys and 511-byte values (328 B). The memory bound counts this per entry
-# to bound the memory really held.
+# What an entry holds beyond the bytes of its key and value (object headers, the entry's tuple,
+# the ordered dict's node), measured as RSS growth per entry: counted against the memory
+# bound so that the bound is the memory really held.
 ENTRY_OVERHEAD = 344
-
-# A shared store's keys are hex digests (str); the in-process store also takes the canonical
-# request itself (bytes, see gateway/cache.py).
-CacheKey = str | bytes
 POLL_FIRST = 0.005
 POLL_MAX = 0.025  # longest pause between two polls of a waiter on Redis (see module docstring)
+
+# Told when a fire-and-forget call failed (a lock not freed expires by itself).
+Failed = Callable[[ServiceUnavailable], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,19 +47,25 @@ class CacheStats:
 
 
 class CacheStore(Protocol):
-    async def get(self, key: CacheKey) -> bytes | None: ...
+    """Entries and single-flight locks under keys the response cache computes (digests)."""
 
-    async def set(self, key: CacheKey, value: bytes, ttl: float) -> bool:
-        """Store unless the value is over the entry bound; True when stored."""
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def set(self, key: str, value: bytes, ttl: float) -> bool:
+        """Store unless the value is over the entry bound; True when stored. `value` is kept
+        as it is: it must hold no more memory than its length."""
         ...
 
-    async def lock(self, key: CacheKey, ttl: float) -> bool:
+    async def lock(self, key: str, ttl: float) -> bool:
         """Become the one request computing `key` (single flight); False when taken."""
         ...
 
-    async def unlock(self, key: CacheKey) -> None: ...
+    def unlock(self, key: str, failed: Failed | None = None) -> None:
+        """Free this process's lock on `key`, without waiting (harmless when not held);
+        `failed` hears of an error."""
+        ...
 
-    async def wait(self, key: CacheKey, within: float) -> bytes | None:
+    async def wait(self, key: str, within: float) -> bytes | None:
         """Wait until the lock holder stores the entry (returned) or gives up (None)."""
         ...
 
@@ -87,42 +88,15 @@ class MemoryCacheStore:
         self.evictions = 0
         self.refused = 0
         self._clock = clock
-        # key -> (value, expiry, cost): an entry counts len(key) + len(value) +
-        # entry_overhead against the bound (kept with it: evicting then reads one number
-        # instead of measuring two objects, ~4% of a miss, for 32 B per entry)
-        self._entries: OrderedDict[CacheKey, tuple[bytes, float, int]] = OrderedDict()
-        self._locks: dict[CacheKey, float] = {}  # key -> when its lock expires
+        # key -> (value, expiry, cost); the cost (key, value and overhead) is kept so that
+        # evicting reads one number instead of measuring two objects
+        self._entries: OrderedDict[str, tuple[bytes, float, int]] = OrderedDict()
+        self._locks: dict[str, float] = {}  # key -> when its lock expires
         # key -> the event its waiters wait on, made by the first of them (most leaders have
         # no waiter); set and dropped when the lock is freed
-        self._waiters: dict[CacheKey, asyncio.Event] = {}
+        self._waiters: dict[str, asyncio.Event] = {}
 
-    # Each operation has a ``*_now`` form: nothing here waits, so the response cache calls
-    # them without making a coroutine (the async forms are the `CacheStore` protocol).
-
-    async def get(self, key: CacheKey) -> bytes | None:
-        return self.get_now(key)
-
-    def claim_now(self, key: CacheKey, lock_seconds: float) -> bytes | bool:
-        """`get_now`, and on a miss `lock_now`, in one call (the miss path of every cacheable
-        request): the entry; else True when this request now holds the key's lock, False
-        when another one does."""
-        now = self._clock()
-        found = self._entries.get(key)
-        if found is not None:
-            if found[1] > now:
-                self._entries.move_to_end(key)
-                return found[0]
-            self._drop(key)
-        expires = now + lock_seconds
-        held = self._locks.setdefault(key, expires)
-        if held is expires:
-            return True
-        if held > now:
-            return False
-        self._locks[key] = expires  # a lock left to expire by a leader that went away
-        return True
-
-    def get_now(self, key: CacheKey) -> bytes | None:
+    async def get(self, key: str) -> bytes | None:
         found = self._entries.get(key)
         if found is None:
             return None
@@ -132,18 +106,7 @@ class MemoryCacheStore:
         self._entries.move_to_end(key)
         return found[0]
 
-    async def set(self, key: CacheKey, value: bytes, ttl: float) -> bool:
-        return self.set_now(key, value, ttl)
-
-    def set_now(self, key: CacheKey, value: bytes, ttl: float, *, unlock: bool = False
-                ) -> bool:
-        """`set`; with `unlock`, the caller's lock on the key is freed too (stored or not), so
-        that its waiters read the entry at once. `value` is kept as it is: it must not hold
-        more memory than its length (see `encode_answer`)."""
-        if unlock:  # `unlock_now` inline (a call is ~2% of a miss): its waiters run once
-            self._locks.pop(key, None)  # this returns, with the entry in place
-            if self._waiters:
-                self._wake(key)
+    async def set(self, key: str, value: bytes, ttl: float) -> bool:
         length = len(value)
         cost = len(key) + length + self.entry_overhead
         if length > self.max_entry_bytes or cost > self.max_bytes:
@@ -153,41 +116,30 @@ class MemoryCacheStore:
         if key in entries:
             self._drop(key)
         entries[key] = (value, self._clock() + ttl, cost)
-        size = self.size + cost
-        while size > self.max_bytes:
-            size -= entries.popitem(False)[1][2]  # the oldest (last=False, unparsed)
+        self.size += cost
+        while self.size > self.max_bytes:
+            self.size -= entries.popitem(last=False)[1][2]  # the least recently used
             self.evictions += 1
-        self.size = size
         return True
 
-    def _drop(self, key: CacheKey) -> None:
+    def _drop(self, key: str) -> None:
         self.size -= self._entries.pop(key)[2]
 
-    async def lock(self, key: CacheKey, ttl: float) -> bool:
-        return self.lock_now(key, ttl)
-
-    def lock_now(self, key: CacheKey, ttl: float) -> bool:
-        held = self._locks.get(key)
+    async def lock(self, key: str, ttl: float) -> bool:
         now = self._clock()
+        held = self._locks.get(key)
         if held is not None and held > now:
             return False
-        self._locks[key] = now + ttl
+        self._locks[key] = now + ttl  # free, or left to expire by a leader that went away
         return True
 
-    async def unlock(self, key: CacheKey) -> None:
-        self.unlock_now(key)
-
-    def unlock_now(self, key: CacheKey) -> None:
+    def unlock(self, key: str, failed: Failed | None = None) -> None:
         self._locks.pop(key, None)
-        if self._waiters:
-            self._wake(key)
-
-    def _wake(self, key: CacheKey) -> None:
         event = self._waiters.pop(key, None)
         if event is not None:
             event.set()
 
-    async def wait(self, key: CacheKey, within: float) -> bytes | None:
+    async def wait(self, key: str, within: float) -> bytes | None:
         expires = self._locks.get(key)
         if expires is not None:
             remaining = min(within, expires - self._clock())
@@ -198,7 +150,7 @@ class MemoryCacheStore:
                 try:
                     await asyncio.wait_for(event.wait(), remaining)
                 except TimeoutError:
-                    if not event.is_set() and self._waiters.get(key) is event \
+                    if self._waiters.get(key) is event \
                             and self._locks.get(key, 0.0) <= self._clock():
                         del self._waiters[key]  # its leader died: nobody will set it
                     return None
@@ -214,25 +166,22 @@ class RedisCacheStore:
         self.max_entry_bytes = max_entry_bytes
         self.refused = 0
         self._token = os.urandom(8).hex()  # this process's locks, so it frees only its own
-        self._pollers: dict[CacheKey, asyncio.Future[bytes | None]] = {}
+        self._pollers: dict[str, asyncio.Future[bytes | None]] = {}
 
-    def _keys(self, key: CacheKey) -> tuple[str, str]:
-        # the response cache hands a shared store digests only: an in-process key (the
-        # canonical body behind a process-local tag) would mean nothing to another replica
-        assert isinstance(key, str), "Redis cache keys are digests"
+    def _keys(self, key: str) -> tuple[str, str]:
         return self.ns.key(f"c:{key}", "v"), self.ns.key(f"c:{key}", "lock")
 
-    # get, set and lock go through the namespace's auto-pipelining: the lookups and writes of
-    # the requests of one loop turn share one round trip
+    # get, set, lock and unlock go through the namespace's auto-pipelining: the lookups and
+    # writes of the requests of one loop turn share one round trip
 
-    async def get(self, key: CacheKey) -> bytes | None:
+    async def get(self, key: str) -> bytes | None:
         try:
             value = await self.ns.batch.call("GET", self._keys(key)[0])
         except (redis.exceptions.RedisError, OSError) as exc:
             raise unavailable(exc) from exc
         return value if isinstance(value, bytes) else None
 
-    async def set(self, key: CacheKey, value: bytes, ttl: float) -> bool:
+    async def set(self, key: str, value: bytes, ttl: float) -> bool:
         if len(value) > self.max_entry_bytes:
             self.refused += 1
             return False
@@ -243,11 +192,10 @@ class RedisCacheStore:
             raise unavailable(exc) from exc
         return True
 
-    async def lock(self, key: CacheKey, ttl: float) -> bool:
+    async def lock(self, key: str, ttl: float) -> bool:
         def abandoned(taken: object) -> None:
             if taken:  # the caller went away holding the lock: free it for the waiters
-                self.ns.batch.cast_script(self.ns.script("cache_unlock"), [self._keys(key)[1]],
-                                          [self._token])
+                self.unlock(key)
 
         try:
             taken = await self.ns.batch.call("SET", self._keys(key)[1], self._token, "NX",
@@ -257,13 +205,15 @@ class RedisCacheStore:
             raise unavailable(exc) from exc
         return bool(taken)
 
-    async def unlock(self, key: CacheKey) -> None:
-        try:
-            await self.ns.script("cache_unlock")(keys=[self._keys(key)[1]], args=[self._token])
-        except redis.exceptions.RedisError as exc:
-            raise unavailable(exc) from exc
+    def unlock(self, key: str, failed: Failed | None = None) -> None:
+        def report(exc: BaseException) -> None:
+            if failed is not None:
+                failed(unavailable(exc))
 
-    async def wait(self, key: CacheKey, within: float) -> bytes | None:
+        self.ns.batch.cast_script(self.ns.script("cache_unlock"), [self._keys(key)[1]],
+                                  [self._token], failed=report)
+
+    async def wait(self, key: str, within: float) -> bytes | None:
         # Waiters of one key in this process share one poller: Redis sees one poll per
         # process and key, not one per waiting request.
         poller = self._pollers.get(key)
@@ -276,13 +226,13 @@ class RedisCacheStore:
         except TimeoutError:
             return None
 
-    def _poller_done(self, key: CacheKey, poller: asyncio.Future[bytes | None]) -> None:
+    def _poller_done(self, key: str, poller: asyncio.Future[bytes | None]) -> None:
         if self._pollers.get(key) is poller:
             del self._pollers[key]
         if not poller.cancelled():
             poller.exception()  # retrieved here too: its waiters may all have timed out
 
-    async def _poll(self, key: CacheKey, within: float) -> bytes | None:
+    async def _poll(self, key: str, within: float) -> bytes | None:
         value_key, lock_key = self._keys(key)
         deadline = time.monotonic() + within
         delay = POLL_FIRST
