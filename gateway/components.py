@@ -15,12 +15,13 @@ from pathlib import Path
 from gateway.analytics.assembly import Analytics, build_analytics
 from gateway.auth import KeyAuthority
 from gateway.config import GatewayConfig
+from gateway.errors import ServiceUnavailable
 from gateway.limiter import Limiter
 from gateway.metrics import Metrics
 from gateway.response_cache import CacheHooks, ResponseCache
-from gateway.stores.cache import make_cache_store
+from gateway.stores.cache import CacheStore, MemoryCacheStore, RedisCacheStore
 from gateway.stores.keys import KeyStore, MemoryKeyStore, RedisKeyStore
-from gateway.stores.limits import make_limit_store
+from gateway.stores.limits import LimitStore, MemoryLimitStore, RedisLimitStore
 from gateway.stores.outbox import OutboxStore, RedisOutbox
 from gateway.stores.redis_base import RedisNamespace, connect
 from gateway.stores.spool import SpoolOutbox
@@ -39,6 +40,18 @@ def make_key_store(config: GatewayConfig, ns: RedisNamespace | None) -> KeyStore
     if ns is not None:
         return RedisKeyStore(ns)
     return MemoryKeyStore(config.resolve(config.keys.file))
+
+
+def make_limit_store(config: GatewayConfig, ns: RedisNamespace | None,
+                     on_error: Callable[[ServiceUnavailable], None] | None = None) -> LimitStore:
+    """Redis, else in process (which never fails: `on_error` is for Redis only)."""
+    return RedisLimitStore(ns, on_error) if ns is not None else MemoryLimitStore()
+
+
+def make_cache_store(config: GatewayConfig, ns: RedisNamespace | None) -> CacheStore:
+    if ns is not None:
+        return RedisCacheStore(ns, config.cache.max_entry_bytes)
+    return MemoryCacheStore(config.cache.memory_max_bytes, config.cache.max_entry_bytes)
 
 
 def usage_file(config: GatewayConfig) -> Path:

@@ -23,7 +23,6 @@ from typing import Protocol
 
 import redis.exceptions
 
-from gateway.config import GatewayConfig
 from gateway.errors import ServiceUnavailable
 from gateway.stores.redis_base import RedisNamespace, unavailable
 
@@ -254,9 +253,3 @@ class RedisCacheStore:
 
     def stats(self) -> CacheStats:
         return CacheStats(None, None, 0, self.refused)
-
-
-def make_cache_store(config: GatewayConfig, ns: RedisNamespace | None) -> CacheStore:
-    if ns is not None:
-        return RedisCacheStore(ns, config.cache.max_entry_bytes)
-    return MemoryCacheStore(config.cache.memory_max_bytes, config.cache.max_entry_bytes)

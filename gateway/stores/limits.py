@@ -27,7 +27,6 @@ from typing import Literal, Protocol, TypeVar
 import structlog
 from redis.exceptions import RedisError
 
-from gateway.config import GatewayConfig
 from gateway.errors import ServiceUnavailable
 from gateway.stores.redis_base import RedisNamespace, unavailable
 
@@ -353,10 +352,3 @@ def _figures(request: AcquireRequest, flat: list[int]) -> tuple[Figure, ...]:
         found.append(Figure(g.name, "budget", g.limit, flat[i], flat[i + 1] / 1000))
         i += 2
     return tuple(found)
-
-
-def make_limit_store(config: GatewayConfig, ns: RedisNamespace | None,
-                     on_error: Callable[[ServiceUnavailable], None] | None = None) -> LimitStore:
-    """Redis when `ns` is given (the config names a Redis store), else in-process (which
-    never fails, so `on_error` is for Redis only)."""
-    return RedisLimitStore(ns, on_error) if ns is not None else MemoryLimitStore()
