@@ -96,7 +96,7 @@ class Exchange:
     request_id: str
     started: float  # perf_counter
     wall: float
-    principal: Any
+    principal: Principal
     route: Route
     chat: ChatRequest
     body: dict[str, Any]
@@ -152,38 +152,40 @@ class Pipeline:
         try:
             principal = await self.authenticator.authenticate(headers.get("authorization"))
             body, chat = parse_chat_request(raw)
-            route = self.routes.get(chat.model)
-            if route is None:
-                raise ModelNotFound(
-                    f"The model '{chat.model}' does not exist or is not served by this gateway. "
-                    "GET /v1/models lists the models you can use.",
-                    param="model",
-                )
-            if not principal.allows(route.model):
-                raise PermissionDenied(
-                    f"Your key may not use the model '{route.model}'.", param="model"
-                )
-            backend = self.backends[route.backend]
-            missing = backend.credentials_missing()
-            if missing:
-                raise ServiceUnavailable(
-                    f"The model '{route.model}' is not available: its backend '{route.backend}' "
-                    f"has no upstream credentials. Set {missing} and restart the gateway.",
-                    code="backend_not_configured",
-                )
-        except GatewayError as exc:
-            self.metrics.rejected.labels(exc.code or "error").inc()
-            return self._error_reply(exc)
-        estimate = prompt_tokens(body["messages"])
-        ex = Exchange(request_id, started, wall, principal, route, chat, body, headers, estimate)
-        try:
+            route, backend = self._route(principal, chat.model)
+            estimate = prompt_tokens(body["messages"])
+            ex = Exchange(request_id, started, wall, principal, route, chat, body, headers,
+                          estimate)
             if self.admitter is not None:
                 tokens = estimate + (chat.answer_token_budget or self.default_max_tokens)
                 ex.admission = await self.admitter.admit(principal, route.model, tokens)
-        except GatewayError as exc:
+        except GatewayError as exc:  # refused before anything was reserved: no record
             self.metrics.rejected.labels(exc.code or "error").inc()
             return self._error_reply(exc)
         return await self._admitted(ex, backend)
+
+    def _route(self, principal: Principal, model: str) -> tuple[Route, Backend]:
+        """The route and backend of `model`, when this principal may use it and the backend
+        has its credentials."""
+        route = self.routes.get(model)
+        if route is None:
+            raise ModelNotFound(
+                f"The model '{model}' does not exist or is not served by this gateway. "
+                "GET /v1/models lists the models you can use.",
+                param="model",
+            )
+        if not principal.allows(route.model):
+            raise PermissionDenied(f"Your key may not use the model '{route.model}'.",
+                                   param="model")
+        backend = self.backends[route.backend]
+        missing = backend.credentials_missing()
+        if missing:
+            raise ServiceUnavailable(
+                f"The model '{route.model}' is not available: its backend '{route.backend}' "
+                f"has no upstream credentials. Set {missing} and restart the gateway.",
+                code="backend_not_configured",
+            )
+        return route, backend
 
     async def _admitted(self, ex: Exchange, backend: Backend) -> Reply:
         handed_off = False
@@ -199,13 +201,12 @@ class Pipeline:
             if ex.chat.stream:
                 stream = await backend.stream(call)
                 ex.upstream_wait = time.perf_counter() - upstream_started
-                reply = self._ok(ex, stream=self._relay(ex, stream))
-                if stream.meta.get("learning_id"):
-                    reply.headers["x-nuclia-learning-id"] = stream.meta["learning_id"]
+                ex.extra_headers.update(call.reply_headers)
                 handed_off = True
-                return reply
+                return self._ok(ex, stream=self._relay(ex, stream))
             completion = await backend.complete(call)
             ex.upstream_wait = time.perf_counter() - upstream_started
+            ex.extra_headers.update(call.reply_headers)
             return await self._completed(ex, completion)
         except GatewayError as exc:
             self._fail(ex, exc)
@@ -290,27 +291,11 @@ class Pipeline:
         Chunks that arrived in one upstream read leave in one write; the read that carried
         ``[DONE]`` goes out together with the usage chunk, our ``[DONE]`` and the end of the
         response body."""
-        model = ex.route.model
         cid, created = _ids()
-        answer = ex.answer
-        include_usage = ex.chat.include_usage
         try:
             tail: list[bytes] = []
             async for batch, last in stream.batches():
-                out: list[bytes] = []
-                for data in batch:
-                    answer.add_chunk(data)
-                    if "usage" in data:
-                        del data["usage"]
-                        if not data.get("choices"):
-                            continue  # the upstream's usage chunk: re-sent at the end if asked
-                    data["model"] = model
-                    data["object"] = "chat.completion.chunk"
-                    if not data.get("id"):
-                        data["id"] = cid
-                    if not data.get("created"):
-                        data["created"] = created
-                    out.append(sse_event(data))
+                out = self._reemit(ex, batch, cid, created)
                 if not out:
                     continue
                 if ex.ttft is None:
@@ -319,13 +304,14 @@ class Pipeline:
                     tail = out
                     break
                 yield (out[0] if len(out) == 1 else b"".join(out)), False
-            if include_usage:
-                answer.usage = answer.usage or self._usage(ex)
-                tail.append(sse_event(usage_chunk(cid, model, created, answer.usage)))
+            if ex.chat.include_usage:
+                ex.answer.usage = ex.answer.usage or self._usage(ex)
+                tail.append(sse_event(usage_chunk(cid, ex.route.model, created,
+                                                  ex.answer.usage)))
             tail.append(SSE_DONE)
             yield b"".join(tail), True
             if ex.claim is not None and self.cache is not None:
-                await self.cache.store(ex.claim, answer)
+                await self.cache.store(ex.claim, ex.answer)
         except GatewayError as exc:
             self._fail(ex, exc)
             yield sse_event(exc.body()), True
@@ -341,6 +327,27 @@ class Pipeline:
             await stream.aclose()
             await self._finish(ex)
 
+    def _reemit(self, ex: Exchange, batch: list[dict[str, Any]], cid: str, created: int
+                ) -> list[bytes]:
+        """One upstream read's chunks as our SSE events: under the public model name, with
+        an id and time where the upstream gave none. Each is added to the answer first; the
+        upstream's usage is kept for the end of the stream (sent only when asked)."""
+        out: list[bytes] = []
+        for data in batch:
+            ex.answer.add_chunk(data)
+            if "usage" in data:
+                del data["usage"]
+                if not data.get("choices"):
+                    continue  # the upstream's usage chunk
+            data["model"] = ex.route.model
+            data["object"] = "chat.completion.chunk"
+            if not data.get("id"):
+                data["id"] = cid
+            if not data.get("created"):
+                data["created"] = created
+            out.append(sse_event(data))
+        return out
+
     def _usage(self, ex: Exchange) -> dict[str, Any]:
         completion = text_tokens(ex.answer.text) + text_tokens("".join(ex.answer.reasoning))
         for call in ex.answer.tool_calls.values():
@@ -350,12 +357,15 @@ class Pipeline:
     # -- endings -----------------------------------------------------------------------------
 
     def _fail(self, ex: Exchange, exc: GatewayError) -> None:
-        ex.status = exc.status
-        ex.outcome = "error"
-        ex.error = exc.body()
         if isinstance(exc, UpstreamError):
             self.metrics.child(self.metrics.upstream_errors, ex.route.backend,
                                exc.code or "error").inc()
+            log.warning("upstream_failed", backend=ex.route.backend, code=exc.code,
+                        status=exc.status, detail=exc.detail)
+            exc.message = f"{exc.message} Request id: {ex.request_id}."
+        ex.status = exc.status
+        ex.outcome = "error"
+        ex.error = exc.body()
 
     def _interrupted(self, ex: Exchange, exc: BaseException) -> None:
         """The drain's cut is an error the client is told of; anything else interrupting an
@@ -372,13 +382,20 @@ class Pipeline:
         ex.finished = True
         if ex.claim is not None and self.cache is not None:
             self.cache.release(ex.claim)  # a lead not ended by storing the answer
-        answer = ex.answer
-        usage = answer.usage or self._usage(ex)
-        answer.usage = usage
-        total = int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
+        usage = ex.answer.usage = ex.answer.usage or self._usage(ex)
         if ex.admission is not None:
-            ex.admission.settle(0 if ex.cached else total)
+            used = int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
+            ex.admission.settle(0 if ex.cached else used)
         elapsed = time.perf_counter() - ex.started
+        self._observe(ex, elapsed)
+        record = self._record(ex, elapsed)
+        for observer in self.observers:
+            try:
+                observer.exchange_finished(record)
+            except Exception:  # an observer must never break the request path
+                log.exception("observer_failed", observer=type(observer).__name__)
+
+    def _observe(self, ex: Exchange, elapsed: float) -> None:
         route = ex.route
         status = str(ex.status)
         key = (route.model, route.backend, status)
@@ -387,7 +404,10 @@ class Pipeline:
             elapsed)
         if ex.ttft is not None and not ex.cached:
             self.metrics.child(self.metrics.ttft, route.model, route.backend).observe(ex.ttft)
-        record = ExchangeRecord(
+
+    def _record(self, ex: Exchange, elapsed: float) -> ExchangeRecord:
+        answer, route = ex.answer, ex.route
+        return ExchangeRecord(
             request_id=ex.request_id,
             time=ex.wall,
             team=ex.principal.team,
@@ -399,7 +419,7 @@ class Pipeline:
             messages=ex.body["messages"],
             answer=answer.text,
             finish_reason=answer.finish_reason,
-            usage=usage,
+            usage=answer.usage or {},
             latency_ms=round(elapsed * 1000, 3),
             ttft_ms=None if ex.ttft is None else round(ex.ttft * 1000, 3),
             status=ex.status,
@@ -412,11 +432,6 @@ class Pipeline:
             user=ex.headers.get(self.user_header) or ex.chat.user,
             conversation_id=ex.headers.get(self.conversation_header),
         )
-        for observer in self.observers:
-            try:
-                observer.exchange_finished(record)
-            except Exception:  # an observer must never break the request path
-                log.exception("observer_failed", observer=type(observer).__name__)
 
     # -- replies -----------------------------------------------------------------------------
 

@@ -210,10 +210,10 @@ async def collect(nuclia: NucliaBackend, call: UpstreamCall
         async for batch, _ in stream.batches():
             chunks.extend(batch)
     except GatewayError as exc:
-        return chunks, stream.meta, exc
+        return chunks, call.reply_headers, exc
     finally:
         await stream.aclose()
-    return chunks, stream.meta, None
+    return chunks, call.reply_headers, None
 
 
 def content(chunks: list[dict[str, Any]]) -> str:
@@ -228,14 +228,14 @@ async def test_stream_end_to_end(backend: NucliaBackend, fake: Starlette) -> Non
     chunks, meta, error = await collect(backend, call)
     assert error is None
     assert content(chunks) == answer_text(question)
-    assert meta == {"learning_id": f"{fake.state.calls:032x}"}
+    assert meta == {"x-nuclia-learning-id": f"{fake.state.calls:032x}"}
     final = chunks[-1]
     assert final["choices"][0]["finish_reason"] == "stop"
     prompt, completion = fake_tokens(question, answer_text(question))
     assert final["usage"]["prompt_tokens"] == prompt
     assert final["usage"]["completion_tokens"] == completion
     ext = final["nuclia"]
-    assert ext["learning_id"] == meta["learning_id"]
+    assert ext["learning_id"] == meta["x-nuclia-learning-id"]
     assert ext["citations"] and ext["footnote_citations"] and len(ext["sources"]) == 6
     sent = fake.state.last_headers
     assert sent["x-nuclia-serviceaccount"] == f"Bearer {TOKEN}"

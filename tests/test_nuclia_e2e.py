@@ -76,6 +76,20 @@ async def test_whole_answer_with_extension(gateway: str) -> None:
     assert completion.usage is not None and completion.usage.completion_tokens > 0
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_learning_id_is_a_header_streamed_or_not(gateway: str, stream: bool) -> None:
+    async with async_client(gateway) as client:
+        raw = await client.chat.completions.with_raw_response.create(
+            model="kb", messages=ask("Which id?"), stream=stream)
+        if stream:
+            async for _ in raw.parse():
+                pass
+        else:
+            raw.parse()
+    learning_id = raw.headers.get("x-nuclia-learning-id")
+    assert learning_id and len(learning_id) == 32
+
+
 async def test_slow_upstream_first_token_is_not_delayed(gateway: str) -> None:
     async with async_client(gateway) as client:
         started = time.perf_counter()

@@ -35,6 +35,8 @@ class UpstreamCall:
     chat: ChatRequest
     body: dict[str, Any]  # the client's body as received (unknown fields included)
     headers: Mapping[str, str] = field(default_factory=dict)  # client headers worth passing on
+    # headers the backend adds to the client's reply (e.g. Nuclia's learning id)
+    reply_headers: dict[str, str] = field(default_factory=dict)
 
 
 # (chunks, last): the chunks translated from one upstream read, which the pipeline relays in
@@ -46,8 +48,6 @@ Batch = tuple[list[dict[str, Any]], bool]
 class ChunkStream(Protocol):
     """An opened upstream stream: already past the HTTP status check. Whoever opened it
     closes it (`aclose`)."""
-
-    meta: dict[str, str]  # e.g. {"learning_id": ...}: exposed to the client as extension data
 
     def batches(self) -> AsyncIterator[Batch]:
         """The chunks, one `Batch` per upstream read. A failure (`UpstreamError`) is raised

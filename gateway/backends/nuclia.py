@@ -291,10 +291,9 @@ def map_nuclia_status(backend: str, status: int, body: bytes, headers: Any) -> G
 class NucliaChunkStream:
     """An opened Nuclia answer stream, translated chunk by chunk; closes its response."""
 
-    def __init__(self, response: UpstreamResponse, backend: str, model: str) -> None:
+    def __init__(self, response: UpstreamResponse, backend: str, model: str,
+                 learning_id: str | None) -> None:
         self._response = response
-        learning_id = response.headers.get("nuclia-learning-id")
-        self.meta: dict[str, str] = {"learning_id": learning_id} if learning_id else {}
         self._translator = AskTranslator(backend=backend, cid=completion_id(), model=model,
                                          created=int(time.time()), learning_id=learning_id)
 
@@ -374,7 +373,8 @@ class NucliaBackend:
         if response.status >= 400:
             raw = await response.read()
             raise map_nuclia_status(self.name, response.status, raw, response.headers)
-        return NucliaChunkStream(response, self.name, call.route.model)
+        learning_id = _learning_id(call, response)
+        return NucliaChunkStream(response, self.name, call.route.model, learning_id)
 
     async def complete(self, call: UpstreamCall) -> dict[str, Any]:
         synchronous = self._config.synchronous
@@ -384,7 +384,7 @@ class NucliaBackend:
         raw = await response.read()
         if response.status >= 400:
             raise map_nuclia_status(self.name, response.status, raw, response.headers)
-        learning_id = response.headers.get("nuclia-learning-id")
+        learning_id = _learning_id(call, response)
         cid, created, model = completion_id(), int(time.time()), call.route.model
         if synchronous:
             try:
@@ -410,4 +410,13 @@ class NucliaBackend:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _learning_id(call: UpstreamCall, response: UpstreamResponse) -> str | None:
+    """Nuclia's id of this answer (for its feedback API), also told to the client in
+    ``x-nuclia-learning-id``."""
+    learning_id = response.headers.get("nuclia-learning-id")
+    if learning_id:
+        call.reply_headers["x-nuclia-learning-id"] = learning_id
+    return learning_id
 

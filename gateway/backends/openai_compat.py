@@ -57,7 +57,6 @@ class OpenAIChunkStream:
     def __init__(self, response: UpstreamResponse, backend: str) -> None:
         self._response = response
         self._backend = backend
-        self.meta: dict[str, str] = {}
 
     async def batches(self) -> AsyncIterator[Batch]:
         """One batch per upstream read; the read that carried ``[DONE]`` is the last."""

@@ -10,7 +10,9 @@ Two dialects, as in ``shared/specs/UPSTREAMS.md``:
 The answer is derived from the last user message, so tests can predict it. Markers in that
 message select a scenario:
 
-    [401] [403] [404] [429] [500] [503]  that HTTP error before the stream
+    [401] [403] [404] [429] [500] [503]  that HTTP error before the stream (the 429 and
+                the 5xx bodies name internal hosts and paths, as real ones can)
+    [html-502]  a proxy's HTML error page
     [problem]   a 400 application/problem+json body
     [slow]      0.2 s between chunks, or before a whole answer    [hang]  no answer at all
     [cut]       the stream stops mid-answer, no finish_reason, no [DONE]
@@ -65,10 +67,19 @@ def _tokens(text: str) -> int:
     return max(1, len(text) // 4)
 
 
+# What real upstream errors carry and a client must never see.
+INTERNAL_DETAIL = "at worker-7.svc.cluster.local:8443 (/srv/app/handlers.py:512)"
+HTML_502 = (b"<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad "
+            b"Gateway</h1></center><hr><center>nginx/1.25.3 (internal-lb-3.prod.local)"
+            b"</center></body></html>")
+
+
 def _error_body(status: int, agents: bool) -> tuple[bytes, str]:
     messages = {401: "Invalid API key", 403: "Forbidden", 404: "Not found",
-                429: "Too many requests", 500: "Internal server error",
-                503: "Service unavailable", 400: "Bad request: messages are malformed"}
+                429: f"Too many requests {INTERNAL_DETAIL}",
+                500: f"Internal server error {INTERNAL_DETAIL}",
+                503: f"Service unavailable {INTERNAL_DETAIL}",
+                400: "Bad request: messages are malformed"}
     message = messages.get(status, "error")
     if agents or status == 400:
         problem = {"title": message, "status": status, "detail": message,
@@ -99,6 +110,8 @@ def create_fake_inkeep_app(*, api_key: str | None = None, delay: float = 0.0) ->
             data, media = _error_body(status, agents)
             headers = {"retry-after": "7"} if status == 429 else {}
             return Response(data, status_code=status, media_type=media, headers=headers)
+        if "[html-502]" in question:
+            return Response(HTML_502, status_code=502, media_type="text/html")
         if "[problem]" in question:
             data, media = _error_body(400, True)
             return Response(data, status_code=400, media_type=media)
@@ -188,7 +201,8 @@ async def _events(
         if pause:
             await asyncio.sleep(pause)
         if "[midstream-error]" in question and i == 2:
-            error = {"error": {"message": "upstream model crashed", "type": "server_error"}}
+            error = {"error": {"message": f"upstream model crashed {INTERNAL_DETAIL}",
+                               "type": "server_error"}}
             yield b"data: " + orjson.dumps(error) + b"\n\n"
             return
         if "[cut]" in question and i == len(pieces) // 2:

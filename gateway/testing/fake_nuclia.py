@@ -17,7 +17,9 @@ The answer is derived from the query (`answer_text`), split into ~10 ``answer`` 
 clearly that it is a SAMPLE. Markers in the query select a scenario:
 
     [401] [402] [403] [404] [412] [422] [429] [500] [503] [529] [530]
-                     that HTTP error before the stream ({"detail": ...}; 429 has retry-after: 7)
+                     that HTTP error before the stream ({"detail": ...}; 429 has retry-after: 7;
+                     the 429 and 5xx details name internal hosts and paths, as real ones can)
+    [html-502]       a proxy's HTML error page
     [no-retrieval]   status -3 first, "Not enough data to answer this.", empty retrieval,
                      no metadata (as Nuclia does when nothing is found)
     [no-context]     the answer, status -2 (no_context), metadata
@@ -52,6 +54,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from gateway.testing.fake_inkeep import HTML_502, INTERNAL_DETAIL
+
 SAMPLE_NOTE = "(sample answer from the gateway's local fake Nuclia Knowledge Box)"
 NOT_ENOUGH_DATA = "Not enough data to answer this."
 NDB_CLIENTS = frozenset({"api", "widget", "web", "dashboard", "desktop", "chrome_extension",
@@ -61,8 +65,10 @@ _STATUS = re.compile(r"\[(401|402|403|404|412|422|429|500|503|529|530)\]")
 _DETAILS = {401: "Invalid service account token", 402: "Usage limits exceeded",
             403: "Forbidden", 404: "Knowledge Box not found",
             412: "Invalid query: rephrase impossible", 422: "Invalid query",
-            429: "Too many requests", 500: "Internal server error",
-            503: "Service unavailable", 529: "Rephrase error", 530: "Retrieval error"}
+            429: f"Too many requests {INTERNAL_DETAIL}",
+            500: f"Internal server error {INTERNAL_DETAIL}",
+            503: f"Service unavailable {INTERNAL_DETAIL}",
+            529: f"Rephrase error {INTERNAL_DETAIL}", 530: f"Retrieval error {INTERNAL_DETAIL}"}
 
 
 def answer_text(query: str) -> str:
@@ -217,10 +223,10 @@ def scenario_items(query: str, body: dict[str, Any], headers: Any) -> list[dict[
     if "[llm-error]" in query:
         kept = items[:answers[min(2, len(answers) - 1)] + 1]
         retrieval = next(item for item in items if item["type"] == "retrieval")
-        return [*kept, retrieval, _status("-1", "error", "Sample LLM failure")]
+        return [*kept, retrieval, _status("-1", "error", f"Sample LLM failure {INTERNAL_DETAIL}")]
     if "[stream-error]" in query:
         return [*items[:answers[min(1, len(answers) - 1)] + 1],
-                {"type": "error", "error": "Sample unexpected failure"}]
+                {"type": "error", "error": f"Sample unexpected failure {INTERNAL_DETAIL}"}]
     if "[cut]" in query:
         return items[:answers[len(answers) // 2]]
     return items
@@ -330,12 +336,15 @@ def create_fake_nuclia_app(
             status = int(forced.group(1))
             retry = {"retry-after": "7"} if status == 429 else {}
             return JSONResponse({"detail": _DETAILS[status]}, status_code=status, headers=retry)
+        if "[html-502]" in query:
+            return Response(HTML_502, status_code=502, media_type="text/html")
         if "[hang]" in query:
             await asyncio.sleep(3600)
         headers = {"nuclia-learning-id": lid}
         if request.headers.get("x-synchronous") == "true":
             if "[stream-error]" in query:
-                return JSONResponse({"detail": "Sample unexpected failure"}, status_code=500)
+                return JSONResponse({"detail": f"Sample unexpected failure {INTERNAL_DETAIL}"},
+                                    status_code=500)
             return Response(orjson.dumps(sync_response(query, body, request.headers, lid)),
                             media_type="application/json", headers=headers)
         items = scenario_items(query, body, request.headers)
