@@ -77,7 +77,7 @@ async def test_burst_up_to_the_limit_then_denied_with_retry_after(store: LimitSt
     assert denied.figures[0].limit == 5
 
 
-@pytest.mark.parametrize("limit", [7, 13, 17, 99])
+@pytest.mark.parametrize("limit", [7, 13, 17, 99, 106, 997, 3001])
 async def test_a_full_burst_at_one_instant_is_admitted_whole(store: LimitStore,
                                                              limit: int) -> None:
     # `limit` intervals of 60000 / limit ms can sum to a hair over the minute

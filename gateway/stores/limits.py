@@ -33,11 +33,18 @@ from gateway.stores.redis_base import RedisNamespace, unavailable
 log = structlog.get_logger("gateway.stores.limits")
 
 _PERIOD_MS = 60_000.0  # rpm / tpm: every bucket refills over one minute
-# What the GCRA checks and the remaining figures compare against: the period plus 10 µs of
-# slack, because `limit` emission intervals of period / limit ms can sum to a hair over the
-# period in floating point, which refused the last request of a full burst at one instant.
-# limits_acquire.lua has the same slack.
-_WINDOW_MS = _PERIOD_MS + 0.01
+# What the GCRA checks and the remaining figures compare against: the period plus slack for
+# floating point. A TAT near today's unix time in ms is a double whose last bit is worth
+# 0.24 µs, so each emission interval added to it can round that much over: a full burst of
+# `limit` requests at one instant summed to more than the period and its last request was
+# refused. Requests of `cost` fill a bucket in limit / cost additions, so the slack is that
+# many last bits (and at least 10 µs). limits_acquire.lua has the same slack.
+_SLACK_PER_ADDITION_MS = 0.00025
+_MIN_SLACK_MS = 0.01
+
+
+def _window(limit: int, cost: int) -> float:
+    return _PERIOD_MS + max(_MIN_SLACK_MS, limit / max(cost, 1) * _SLACK_PER_ADDITION_MS)
 Kind = Literal["requests", "tokens"]
 
 
@@ -164,16 +171,17 @@ class MemoryLimitStore:
         for i, b in enumerate(request.buckets, 1):
             interval = _PERIOD_MS / b.limit
             cost = request.cost(b)
+            window = _window(b.limit, cost)
             tat = tats.get(b.scope, now)
             if tat < now:
                 tat = now
-            allow_at = tat + min(cost, b.limit) * interval - _WINDOW_MS
+            allow_at = tat + min(cost, b.limit) * interval - window
             if allow_at <= now:
                 tat += cost * interval
             elif not denied:
                 denied, retry = i, allow_at - now
             after.append(tat)
-            left = math.floor((_WINDOW_MS - (tat - now)) / interval)
+            left = math.floor((window - (tat - now)) / interval)
             figures.append(Figure(b.name, b.kind, b.limit, max(left, 0),
                                   math.ceil(tat - now) / 1000))
         spent = self._budgets.setdefault(request.tag, {}) if request.budgets else {}

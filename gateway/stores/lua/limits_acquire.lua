@@ -23,11 +23,13 @@ if not now then
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local period = 60000
--- the checks and remaining figures compare against the period plus 10 us of slack: a TAT of
--- `limit` intervals of period / limit can sum to a hair over the period (it is a double near
--- 1.7e12 ms), which refused the last request of a full burst within one millisecond.
--- gateway/stores/limits.py has the same slack.
-local window = period + 0.01
+-- the checks and remaining figures compare against the period plus slack for floating point:
+-- a TAT is a double near 1.7e12 ms whose last bit is worth 0.24 us, so each interval added
+-- to it can round that much over, and a full burst at one instant summed to more than the
+-- period. Requests of `cost` fill a bucket in limit / cost additions, so the slack is that
+-- many last bits (and at least 10 us). gateway/stores/limits.py has the same slack.
+local slack_per_addition = 0.00025
+local min_slack = 0.01
 
 local denied = 0
 local retry = 0
@@ -40,6 +42,7 @@ for i = 1, nb do
   local limit = tonumber(ARGV[7 + (i - 1) * 2 + 1])
   local cost = tonumber(ARGV[7 + (i - 1) * 2 + 2])
   local T = period / limit
+  local window = period + math.max(min_slack, limit / math.max(cost, 1) * slack_per_addition)
   local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
   if tat < now then tat = now end
   local check = math.min(cost, limit) * T
