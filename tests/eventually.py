@@ -7,18 +7,27 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar, cast
+from typing import Any, TypeVar, overload
 
 T = TypeVar("T")
 
 
-async def eventually(probe: Callable[[], T | Awaitable[T]], within: float = 10.0) -> T:
+@overload
+async def eventually(probe: Callable[[], Awaitable[T]], within: float = ...) -> T: ...
+
+
+@overload
+async def eventually(probe: Callable[[], T], within: float = ...) -> T: ...
+
+
+async def eventually(probe: Callable[[], Any], within: float = 10.0) -> Any:
     """The first truthy result of `probe` (a function or a coroutine function), polled every
     10 ms; fails the test after `within` seconds."""
     deadline = time.monotonic() + within
     while True:
-        found = probe()
-        result = cast(T, await found if inspect.isawaitable(found) else found)
+        result = probe()
+        if inspect.isawaitable(result):
+            result = await result
         if result:
             return result
         assert time.monotonic() < deadline, f"timed out after {within} s"
