@@ -96,6 +96,8 @@ async def test_totals_equal_the_sum_of_the_records(
         rows = await store.query(None, DAY, DAY)
         if ns is not None:
             await ns.client.aclose()
+    # the flusher is gone, though stop() came as a Redis write was answered
+    assert [t for t in asyncio.all_tasks() if t.get_name() == "usage-meter"] == []
     assert totals(rows) == {
         "requests": 400,
         "prompt_tokens": sum(r.prompt_tokens for r in records),
