@@ -35,7 +35,8 @@ async def make(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
             if not namespaces:
                 await ns.client.flushall()
             namespaces.append(ns)
-            box = RedisOutbox(ns, SINKS, claim_idle_seconds=IDLE)
+            # the default 30 s: what comes back here was released, not left by a dead consumer
+            box = RedisOutbox(ns, SINKS)
         opened.append(box)
         return box
 
@@ -189,7 +190,7 @@ async def test_records_a_dead_consumer_left_pending_go_to_another(redis_url: str
 async def test_touch_keeps_held_records_from_being_taken(redis_url: str) -> None:
     a, b = connect(redis_url, "test"), connect(redis_url, "test")
     try:
-        # an idle time well above a touch-then-claim round trip, however loaded the machine
+        # long enough that a touch and the claim right after it never straddle it
         box_a = RedisOutbox(a, SINKS, claim_idle_seconds=0.3)
         box_b = RedisOutbox(b, SINKS, claim_idle_seconds=0.3)
         await box_a.put(recs(2))
