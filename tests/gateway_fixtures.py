@@ -7,12 +7,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig, parse_config
 from gateway.testing.configs import config_yaml, static_key
 from gateway.testing.server import run_server
+from tests.eventually import eventually
 
 CLIENT_KEY = "sk-test-client-key"
 OTHER_KEY = "sk-test-other-team"
@@ -58,6 +60,17 @@ def gateway_config(
 async def serve_gateway(config: GatewayConfig, **kw: Any) -> AsyncIterator[str]:
     async with run_server(create_app(config, **kw)) as url:
         yield url
+
+
+async def settled(url: str) -> None:
+    """Wait until the gateway has no chat completion in flight (its /metrics say so): every
+    exchange it took has ended and handed its record to the observers."""
+    async with httpx.AsyncClient(base_url=url) as http:
+        async def idle() -> bool:
+            found = await http.get("/metrics")
+            return "\ngateway_in_flight_requests 0.0\n" in found.text
+
+        await eventually(idle)
 
 
 def async_client(url: str, key: str = CLIENT_KEY, **kw: Any) -> openai.AsyncOpenAI:

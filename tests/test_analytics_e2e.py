@@ -3,9 +3,7 @@ SDK, the fake Inkeep upstream and the fake Analytics API): what a team sees end 
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ from pydantic import SecretStr
 from gateway.testing.fake_analytics import AnalyticsState, create_fake_analytics_app
 from gateway.testing.fake_inkeep import answer_text, create_fake_inkeep_app
 from gateway.testing.server import run_server
+from tests.eventually import eventually
 from tests.gateway_fixtures import (
     CLIENT_KEY,
     OTHER_KEY,
@@ -32,13 +31,6 @@ HOOK_SECRET = "hook-secret-do-not-leak"
 
 def ask(text: str) -> list[Any]:
     return [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
-
-
-async def until(check: Callable[[], bool], within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -85,7 +77,8 @@ async def test_every_exchange_is_mirrored_metered_and_can_get_feedback(
     await client.close()
 
     # three exchanges: each reaches both sinks once, the conversation id threads the first
-    await until(lambda: len(sink.on("/conversations")) == 3 and len(sink.on("/hook")) == 3)
+    await eventually(lambda: len(sink.on("/conversations")) == 3
+                     and len(sink.on("/hook")) == 3)
     conversations = sink.on("/conversations")
     first = conversations[0].body
     assert first["id"] == "conv-42" and first["type"] == "openai"
@@ -135,11 +128,11 @@ async def test_every_exchange_is_mirrored_metered_and_can_get_feedback(
             rows: list[dict[str, Any]] = got.json()["data"]
             return rows
 
-        deadline = time.monotonic() + 10
-        while sum(r["requests"] for r in await usage()) < 3:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.1)
-        rows = await usage()
+        async def all_three() -> list[dict[str, Any]]:
+            rows = await usage()  # the meter writes in the background, about once a second
+            return rows if sum(r["requests"] for r in rows) >= 3 else []
+
+        rows = await eventually(all_three)
         assert reply.usage is not None and streamed_usage is not None
         by_model = {r["model"]: r for r in rows}
         assert by_model["qa"]["requests"] == 2 and by_model["qa"]["cached"] == 1

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +18,15 @@ from gateway import auth
 from gateway.auth import KeyAuthority, create_key, generate_key, hash_key, parse_duration
 from gateway.config import GatewayConfig, parse_config
 from gateway.errors import AuthenticationFailed
-from gateway.stores.keys import MemoryKeyStore, ModelLimit, RedisKeyStore, TeamRecord
-from gateway.stores.redis_base import connect
+from gateway.stores.keys import (
+    Invalidate,
+    MemoryKeyStore,
+    ModelLimit,
+    RedisKeyStore,
+    TeamRecord,
+)
+from gateway.stores.redis_base import RedisNamespace, connect
+from tests.eventually import eventually
 
 STATIC = "sk-static-test-key"
 
@@ -96,16 +105,21 @@ async def test_revocation_seen_after_the_cache_expires(tmp_path: Path) -> None:
 
 
 class SlowStore(MemoryKeyStore):
-    """A key store whose reads take a while (like a network store), counting them."""
+    """A key store like a network store: a read's reply arrives when the test lets it
+    (`reply`, open at first); `read` is set once a record has been read. Counts reads."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.reads = 0
+        self.read = asyncio.Event()
+        self.reply = asyncio.Event()
+        self.reply.set()
 
     async def get_key(self, key_id: str) -> Any:
         self.reads += 1
         found = await super().get_key(key_id)
-        await asyncio.sleep(0.01)  # the reply is on its way
+        self.read.set()
+        await self.reply.wait()  # the reply is on its way
         return found
 
 
@@ -117,7 +131,12 @@ async def test_requests_in_flight_share_one_load_of_a_stale_key(tmp_path: Path) 
     authority = KeyAuthority(cfg, store, clock=clock)
     header = f"Bearer {issued.secret}"
     for _ in range(2):  # cold, then expired
-        principals = await asyncio.gather(*(authority.authenticate(header) for _ in range(50)))
+        store.read.clear()
+        store.reply.clear()
+        requests = [asyncio.ensure_future(authority.authenticate(header)) for _ in range(50)]
+        await store.read.wait()  # all 50 are in flight, a load waits for its reply
+        store.reply.set()
+        principals = await asyncio.gather(*requests)
         assert {p.key_id for p in principals} == {issued.record.id}
         clock.now += 1.01
     assert store.reads == 2
@@ -129,10 +148,12 @@ async def test_a_revocation_during_a_load_is_not_undone_by_it(tmp_path: Path) ->
     issued = await create_key(cfg, store, team="alpha")
     authority = KeyAuthority(cfg, store)
     header = f"Bearer {issued.secret}"
+    store.reply.clear()
     loading = asyncio.ensure_future(authority.authenticate(header))
-    await asyncio.sleep(0.005)  # the load has read the old record, its reply is on the way
+    await store.read.wait()  # the load has read the old record, its reply is on the way
     await store.revoke_key(issued.record.id)
     authority.invalidate(issued.record.id)  # as the store's change feed does
+    store.reply.set()
     await loading  # admitted on what it read before the revocation
     with pytest.raises(AuthenticationFailed):
         await authority.authenticate(header)
@@ -222,6 +243,30 @@ def test_parse_duration() -> None:
             parse_duration(bad)
 
 
+class SubscribedStore(RedisKeyStore):
+    """A Redis key store whose `subscribed` is set once its change feed listens."""
+
+    def __init__(self, ns: RedisNamespace) -> None:
+        super().__init__(ns)
+        self.subscribed = asyncio.Event()
+
+    async def watch(self, invalidate: Invalidate) -> None:
+        def seen(key_id: str) -> None:
+            if key_id == "*":  # what a (re)subscription announces
+                self.subscribed.set()
+            invalidate(key_id)
+
+        await super().watch(seen)
+
+
+async def refuses(authority: KeyAuthority, secret: str) -> bool:
+    try:
+        await authority.authenticate(f"Bearer {secret}")
+    except AuthenticationFailed:
+        return True
+    return False
+
+
 @pytest.mark.redis
 async def test_revocation_reaches_every_replica_within_a_second(
     redis_url: str, tmp_path: Path
@@ -230,24 +275,21 @@ async def test_revocation_reaches_every_replica_within_a_second(
         update={"cache_seconds": 30.0})})  # a long cache: only the invalidation can help
     admin_ns = connect(redis_url, "gw")
     replicas = [connect(redis_url, "gw") for _ in range(3)]
-    authorities = [KeyAuthority(cfg, RedisKeyStore(ns)) for ns in replicas]
+    stores = [SubscribedStore(ns) for ns in replicas]
+    authorities = [KeyAuthority(cfg, store) for store in stores]
     try:
         for authority in authorities:
             await authority.start()
+        for store in stores:
+            await asyncio.wait_for(store.subscribed.wait(), 5)
         issued = await create_key(cfg, RedisKeyStore(admin_ns), team="alpha")
-        await asyncio.sleep(0.1)
         for authority in authorities:
             await authority.authenticate(f"Bearer {issued.secret}")
         await RedisKeyStore(admin_ns).revoke_key(issued.record.id)
-        started = asyncio.get_running_loop().time()
+        started = time.monotonic()
         for authority in authorities:
-            while True:
-                try:
-                    await authority.authenticate(f"Bearer {issued.secret}")
-                except AuthenticationFailed:
-                    break
-                assert asyncio.get_running_loop().time() - started < 1.0
-                await asyncio.sleep(0.01)
+            await eventually(functools.partial(refuses, authority, issued.secret), within=1.0)
+        assert time.monotonic() - started < 1.0
     finally:
         for authority in authorities:
             await authority.aclose()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,22 +18,21 @@ from tests.gateway_fixtures import (
     async_client,
     gateway_config,
     serve_gateway,
+    settled,
 )
 
 
 class Recorder:
     def __init__(self) -> None:
+        self.url = ""
         self.records: list[ExchangeRecord] = []
 
     def exchange_finished(self, record: ExchangeRecord) -> None:
         self.records.append(record)
 
-    async def wait(self, count: int) -> list[ExchangeRecord]:
-        for _ in range(200):
-            if len(self.records) >= count:
-                break
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)  # and no more than that
+    async def wait(self) -> list[ExchangeRecord]:
+        """Every record of the exchanges so far, once the gateway has finished them all."""
+        await settled(self.url)
         return self.records
 
 
@@ -44,6 +42,7 @@ async def setup() -> AsyncIterator[tuple[str, Recorder, Any]]:
     app = create_fake_inkeep_app(api_key=UPSTREAM_KEY)
     async with run_server(app) as upstream:
         async with serve_gateway(gateway_config(upstream), observers=[recorder]) as url:
+            recorder.url = url
             yield url, recorder, app
 
 
@@ -56,7 +55,7 @@ async def test_completed_stream(setup: tuple[str, Recorder, Any]) -> None:
             extra_headers={"x-conversation-id": "conv-1", "x-end-user-id": "u-9"})
         async for _ in stream:
             pass
-    [record] = await recorder.wait(1)
+    [record] = await recorder.wait()
     assert record.outcome == "completed" and record.status == 200 and record.stream
     assert record.answer == answer_text(question)
     assert record.finish_reason == "stop"
@@ -74,7 +73,7 @@ async def test_non_streamed(setup: tuple[str, Recorder, Any]) -> None:
     async with async_client(url) as client:
         await client.chat.completions.create(
             model="qa", messages=[{"role": "user", "content": "hi"}], user="end-user-7")
-    [record] = await recorder.wait(1)
+    [record] = await recorder.wait()
     assert record.outcome == "completed" and not record.stream
     assert record.user == "end-user-7"
     assert not record.usage.get("estimated")  # the fake upstream reports usage
@@ -91,7 +90,7 @@ async def test_upstream_error(setup: tuple[str, Recorder, Any]) -> None:
         with pytest.raises(openai.APIError):
             async for _ in stream:
                 pass
-    before, during = await recorder.wait(2)
+    before, during = await recorder.wait()
     assert before.outcome == "error" and before.status == 502 and before.error
     assert during.outcome == "error" and during.status == 502 and during.answer
 
@@ -107,7 +106,7 @@ async def test_client_disconnect_mid_stream(setup: tuple[str, Recorder, Any]) ->
             async for line in response.aiter_lines():
                 if "content" in line:
                     break
-    [record] = await recorder.wait(1)
+    [record] = await recorder.wait()
     assert record.outcome == "client_disconnected"
     assert record.status == 499
 
@@ -118,4 +117,4 @@ async def test_rejected_requests_make_no_record(setup: tuple[str, Recorder, Any]
         with pytest.raises(openai.AuthenticationError):
             await client.chat.completions.create(
                 model="qa", messages=[{"role": "user", "content": "hi"}])
-    assert await recorder.wait(0) == []
+    assert await recorder.wait() == []

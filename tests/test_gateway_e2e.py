@@ -12,6 +12,7 @@ import pytest
 
 from gateway.testing.fake_inkeep import answer_text, create_fake_inkeep_app
 from gateway.testing.server import run_server
+from tests.eventually import eventually
 from tests.gateway_fixtures import (
     CLIENT_KEY,
     LIMITED_KEY,
@@ -245,10 +246,7 @@ async def test_client_disconnect_cancels_upstream(gateway: str, upstream: tuple[
             async for line in response.aiter_lines():
                 if "content" in line:
                     break
-    for _ in range(100):
-        if app.state.streams_cancelled:
-            break
-        await asyncio.sleep(0.02)
+    await eventually(lambda: app.state.streams_cancelled, within=2)
     assert app.state.streams_cancelled == 1
     assert app.state.streams_finished == 0
 

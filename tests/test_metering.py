@@ -35,13 +35,17 @@ def mixed_run(n: int, seed: int = 7) -> list[ExchangeRecord]:
 
 
 class CountingStore:
+    """Counts writes (`written` is set at each one) and fails them on demand."""
+
     def __init__(self, inner: UsageStore) -> None:
         self.inner = inner
         self.calls: list[int] = []
         self.fail = False
+        self.written = asyncio.Event()
 
     async def add(self, rows: list[UsageDelta]) -> None:
         self.calls.append(len(rows))
+        self.written.set()
         if self.fail:
             raise ConnectionError("store down")
         await self.inner.add(rows)
@@ -78,19 +82,22 @@ async def test_totals_equal_the_sum_of_the_records(
         await ns.client.flushall()
         inner = RedisUsageStore(ns)
     store = CountingStore(inner)
-    meter = Meter(store, flush_interval=0.05)
+    meter = Meter(store, flush_interval=3600, max_pending=50)
     meter.start()
     records = mixed_run(400)
     try:
         for i, rec in enumerate(records):
             meter.exchange_finished(rec)
-            if i % 50 == 0:
-                await asyncio.sleep(0.02)
+            if i % 50 == 49:  # a background flush is due: the next records come while it writes
+                store.written.clear()
+                await asyncio.wait_for(store.written.wait(), 5)
     finally:
         await meter.stop()
         rows = await store.query(None, DAY, DAY)
         if ns is not None:
             await ns.client.aclose()
+    # the flusher is gone, though stop() came as a Redis write was answered
+    assert [t for t in asyncio.all_tasks() if t.get_name() == "usage-meter"] == []
     assert totals(rows) == {
         "requests": 400,
         "prompt_tokens": sum(r.prompt_tokens for r in records),
@@ -123,10 +130,7 @@ async def test_flushes_early_once_max_pending_records_wait() -> None:
     try:
         for _ in range(10):
             meter.exchange_finished(record())
-        for _ in range(100):
-            if store.calls:
-                break
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(store.written.wait(), 5)  # not the hour of `flush_interval`
         assert store.calls == [1]
     finally:
         await meter.stop()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +19,13 @@ from gateway.analytics.sinks import Sink, idempotency_key, make_sinks
 from gateway.components import make_outbox
 from gateway.config import GatewayConfig
 from gateway.metrics import Metrics
-from gateway.stores.outbox import Outbox, RedisOutbox
+from gateway.stores.outbox import Outbox, OutboxItem, RedisOutbox
 from gateway.stores.redis_base import RedisNamespace, connect
+from gateway.stores.spool import SpoolOutbox
 from gateway.testing.fake_analytics import AnalyticsState, create_fake_analytics_app
 from gateway.testing.server import run_server
 from tests.analytics_records import record
+from tests.eventually import eventually
 
 API_KEY = "analytics-key"
 FAST = Backoff(initial=0.01, factor=2.0, cap=0.1)
@@ -56,11 +58,31 @@ def build(config: GatewayConfig, ns: RedisNamespace | None = None,
     return Mirror(config, outbox, sinks, metrics, backoff=FAST, poll_interval=0.05, **kw)
 
 
-async def until(check: Callable[[], bool], within: float = 20.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, "timed out waiting"
-        await asyncio.sleep(0.02)
+class WatchedSpool(SpoolOutbox):
+    """A spool that reports the number of records in each write."""
+
+    def __init__(self, directory: Path, sinks: list[str]) -> None:
+        super().__init__(directory, sinks)
+        self.writes: asyncio.Queue[int] = asyncio.Queue()
+
+    async def put(self, entries: list[tuple[bytes, str]]) -> None:
+        await super().put(entries)
+        self.writes.put_nowait(len(entries))
+
+
+class WatchedRedisOutbox(RedisOutbox):
+    """Redis streams that report the number of records each claim took."""
+
+    def __init__(self, ns: RedisNamespace, sinks: list[str], *,
+                 claim_idle_seconds: float) -> None:
+        super().__init__(ns, sinks, claim_idle_seconds=claim_idle_seconds)
+        self.claims: asyncio.Queue[int] = asyncio.Queue()
+
+    async def claim(self, sink: str, n: int, consumer: str,
+                    block_ms: int | None = None) -> list[OutboxItem]:
+        items = await super().claim(sink, n, consumer, block_ms)
+        self.claims.put_nowait(len(items))
+        return items
 
 
 def conversation_turns(n_convs: int, turns: int) -> list[Any]:
@@ -106,7 +128,7 @@ async def test_batched_webhook_delivers_each_record_once_in_order_through_faults
         state.faults.fail_next(3, 500)
         for rec in records:
             mirror.exchange_finished(rec)
-        await until(lambda: len(state.by_key("/hook")) >= len(records))
+        await eventually(lambda: len(state.by_key("/hook")) >= len(records))
     finally:
         await mirror.stop()
     assert state.refused == 3
@@ -125,16 +147,17 @@ async def test_batches_fill_up_while_one_is_in_flight(
     config = make_config(tmp_path, url, webhook=True, batch=8)
     config = config.model_copy(update={"analytics": config.analytics.model_copy(
         update={"sinks": config.analytics.sinks[1:]})})  # the webhook alone
-    mirror = build(config)
+    box = WatchedSpool(tmp_path / "outbox", ["hook"])
+    mirror = Mirror(config, box, make_sinks(config.analytics.sinks), backoff=FAST,
+                    poll_interval=0.05)
     await mirror.start()
     records = [record(request_id=f"c{i}-t0", conversation_id=f"conv-{i}") for i in range(8)]
     try:
         started = time.monotonic()
-        mirror.exchange_finished(records[0])
-        for rec in records[1:]:  # one outbox write each (the writer's interval is 10 ms)
-            await asyncio.sleep(0.03)
+        for rec in records:  # one outbox write each, the first one's POST already sent
             mirror.exchange_finished(rec)
-        await until(lambda: len(state.by_key("/hook")) >= len(records))
+            assert await asyncio.wait_for(box.writes.get(), 5) == 1
+        await eventually(lambda: len(state.by_key("/hook")) >= len(records))
         elapsed = time.monotonic() - started
     finally:
         await mirror.stop()
@@ -157,7 +180,7 @@ async def test_deliveries_do_not_stall_between_rounds(
     try:
         for rec in records:
             mirror.exchange_finished(rec)
-        await until(lambda: len(state.by_key("/conversations")) == len(records), within=20)
+        await eventually(lambda: len(state.by_key("/conversations")) == len(records), within=20)
     finally:
         await mirror.stop()
     # 10 rounds of 4: with a stall of one poll interval per round this takes over 9 s
@@ -179,17 +202,17 @@ async def test_faults_then_recovery_deliver_everything_once_in_order(
     await mirror.start()
     records = conversation_turns(5, 6)
     try:
-        state.faults.fail_for(0.5, 500)
+        state.faults.fail_next(30, 500)  # more than one per delivery: retries fail too
         for i, rec in enumerate(records):
             mirror.exchange_finished(rec)
             if i == 10:
-                await asyncio.sleep(0.6)
+                await eventually(lambda: state.faults.next_n == 0)  # the 500s were all served
                 state.faults.fail_next(6, 500, hang=1.5)  # past the sink's 1 s timeout
             if i == 20:
-                await until(lambda: state.faults.next_n == 0)  # the hangs were all served
+                await eventually(lambda: state.faults.next_n == 0)  # the hangs were all served
                 state.faults.fail_next(4, 429)
-        await until(lambda: len(state.by_key("/conversations")) == len(records)
-                    and len(state.by_key("/hook")) == len(records))
+        await eventually(lambda: len(state.by_key("/conversations")) == len(records)
+                         and len(state.by_key("/hook")) == len(records), within=20)
     finally:
         await mirror.stop()
         if ns is not None:
@@ -230,17 +253,17 @@ async def test_refused_and_expired_records_are_dead_lettered_then_replayed(
         assert state.accepted == [] and await mirror.outbox.depth() == {"ink": 0}
         state.faults.clear()
         assert await mirror.outbox.replay_dead() == 2
-        await until(lambda: len(state.by_key("/conversations")) == 2)
+        await eventually(lambda: len(state.by_key("/conversations")) == 2)
     finally:
         await mirror.stop()
     assert set(state.by_key("/conversations")) == {"gw-refused", "gw-expired"}
 
 
-async def until_dead(outbox: Outbox, n: int, within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while len(await outbox.list_dead()) < n:
-        assert time.monotonic() < deadline, "timed out waiting for dead letters"
-        await asyncio.sleep(0.02)
+async def until_dead(outbox: Outbox, n: int) -> None:
+    async def enough() -> bool:
+        return len(await outbox.list_dead()) >= n
+
+    await eventually(enough, within=5.0)
 
 
 async def test_the_spool_survives_a_restart(
@@ -259,7 +282,7 @@ async def test_the_spool_survives_a_restart(
     second = build(config)  # a new process on the same directory
     await second.start()
     try:
-        await until(lambda: len(state.by_key("/conversations")) == 20)
+        await eventually(lambda: len(state.by_key("/conversations")) == 20)
     finally:
         await second.stop()
     assert all(len(v) == 1 for v in state.by_key("/conversations").values())
@@ -295,12 +318,15 @@ async def test_records_a_crashed_replica_claimed_are_delivered_by_another(
         await crashed.put([(orjson.dumps(r.to_dict()), idempotency_key(r))
                                 for r in records])
         assert len(await crashed.claim("ink", 10, "replica-that-died")) == 5  # never acked
-        survivor = build(config, live_ns)
+        box = WatchedRedisOutbox(live_ns, ["ink"], claim_idle_seconds=0.3)
+        survivor = Mirror(config, box, make_sinks(config.analytics.sinks), backoff=FAST,
+                          poll_interval=0.05)
         await survivor.start()
         try:
-            await asyncio.sleep(0.15)
-            assert state.accepted == []  # not idle long enough yet
-            await until(lambda: len(state.by_key("/conversations")) == 5)
+            # the survivor's first look: there, but not idle long enough to be taken yet
+            assert await asyncio.wait_for(box.claims.get(), 5) == 0
+            assert state.accepted == []
+            await eventually(lambda: len(state.by_key("/conversations")) == 5)
         finally:
             await survivor.stop()
         assert await RedisOutbox(live_ns, ["ink"]).depth() == {"ink": 0}

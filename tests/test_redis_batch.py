@@ -109,7 +109,7 @@ async def test_a_reply_for_a_cancelled_caller_goes_to_abandoned(redis_url: str) 
     abandoned: list[Any] = []
     try:
         waiting = asyncio.ensure_future(ns.batch.call("INCR", "n", abandoned=abandoned.append))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one loop turn, not a wait: the batch's task sends the call
         waiting.cancel()
         await ns.batch.drain()
         assert abandoned == [1]  # the command ran: the callback may undo it

@@ -88,18 +88,24 @@ async def test_watch_announces_changes_from_another_connection(
     if isinstance(store, MemoryKeyStore):
         pytest.skip("the file store relies on the mtime check, tested below")
     seen: list[str] = []
-    watcher = asyncio.create_task(store.watch(seen.append))
+    subscribed, both = asyncio.Event(), asyncio.Event()
+
+    def invalidate(key_id: str) -> None:
+        seen.append(key_id)
+        if key_id == "*":  # what a (re)subscription announces: changes may have been missed
+            subscribed.set()
+        if seen.count("k9") >= 2:
+            both.set()
+
+    watcher = asyncio.create_task(store.watch(invalidate))
     try:
-        await asyncio.sleep(0.1)
+        await asyncio.wait_for(subscribed.wait(), 5)
         other_ns = connect(request.getfixturevalue("redis_proc").url, "test")
         other = RedisKeyStore(other_ns)
         await other.put_key(record("k9"))
         await other.revoke_key("k9")
         await other_ns.client.aclose()
-        for _ in range(50):
-            if seen.count("k9") >= 2:
-                break
-            await asyncio.sleep(0.02)
+        await asyncio.wait_for(both.wait(), 1)
         assert seen.count("k9") == 2
     finally:
         watcher.cancel()

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
-from gateway.stores.outbox import Outbox, RedisOutbox
+from gateway.stores.outbox import Outbox, OutboxItem, RedisOutbox
 from gateway.stores.redis_base import RedisNamespace, connect
 from gateway.stores.spool import SpoolOutbox
+from tests.eventually import eventually
 
 SINKS = ["ink", "hook"]
 IDLE = 0.05
@@ -35,7 +35,8 @@ async def make(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
             if not namespaces:
                 await ns.client.flushall()
             namespaces.append(ns)
-            box = RedisOutbox(ns, SINKS, claim_idle_seconds=IDLE)
+            # the default 30 s: what comes back here was released, not left by a dead consumer
+            box = RedisOutbox(ns, SINKS)
         opened.append(box)
         return box
 
@@ -90,8 +91,7 @@ async def test_nack_counts_attempts_and_keeps_the_first_failure(make: Make) -> N
     twice = await box.nack(once, now=1010.0)
     assert (once.attempts, once.first_failure) == (1, 1000.0)
     assert (twice.attempts, twice.first_failure) == (2, 1000.0)
-    await box.release([twice])
-    await asyncio.sleep(IDLE * 2)
+    await box.release([twice], "c1")
     [again] = await box.claim("ink", 1, "c2")
     assert (again.key, again.attempts, again.first_failure) == ("key-0", 2, 1000.0)
     await box.ack([again])
@@ -108,8 +108,7 @@ async def test_ack_acks_a_batch_for_its_sink_only(make: Make) -> None:
     assert (await box.depth())["ink"] == 1
     assert [i.key for i in await box.claim("hook", 10, "c1")] == [f"key-{i}" for i in range(4)]
     again = await make()  # a restart (or another replica): the acked stay gone
-    await box.release([items[2]])
-    await asyncio.sleep(IDLE * 2)
+    await box.release([items[2]], "c1")
     left = await again.claim("ink", 10, "c2")
     assert [(i.key, i.attempts) for i in left] == [("key-2", 0)]
 
@@ -119,8 +118,7 @@ async def test_released_records_come_back_first_in_their_order(make: Make) -> No
     await box.put(recs(6))
     first = await box.claim("ink", 4, "c1")
     await box.ack([first[1]])
-    await box.release([first[3], first[0], first[2]])
-    await asyncio.sleep(IDLE * 2)  # Redis: a released record is taken once idle
+    await box.release([first[3], first[0], first[2]], "c1")
     again = await box.claim("ink", 10, "c2")
     assert [i.key for i in again] == ["key-0", "key-2", "key-3", "key-4", "key-5"]
 
@@ -154,8 +152,7 @@ async def test_records_survive_a_reopen(make: Make) -> None:
     await box.ack([items[0]])
     await box.dead_letter(items[1], "refused")
     await box.nack(items[2], now=42.0)
-    await box.release(items[2:])
-    await asyncio.sleep(IDLE * 2)
+    await box.release(items[2:], "c1")
     again = await make()
     assert await again.depth() == {"ink": 2, "hook": 4}
     got = await again.claim("ink", 10, "c2")
@@ -182,8 +179,7 @@ async def test_records_a_dead_consumer_left_pending_go_to_another(redis_url: str
         taken = await box_a.claim("ink", 3, "replica-a")  # ... and replica a dies
         assert len(taken) == 3
         assert await box_b.claim("ink", 3, "replica-b") == []  # not idle long enough yet
-        await asyncio.sleep(IDLE * 3)
-        got = await box_b.claim("ink", 3, "replica-b")
+        got = await eventually(lambda: box_b.claim("ink", 3, "replica-b"))
         assert [i.key for i in got] == ["key-0", "key-1", "key-2"]
     finally:
         await a.client.aclose()
@@ -194,14 +190,19 @@ async def test_records_a_dead_consumer_left_pending_go_to_another(redis_url: str
 async def test_touch_keeps_held_records_from_being_taken(redis_url: str) -> None:
     a, b = connect(redis_url, "test"), connect(redis_url, "test")
     try:
+        # long enough that a touch and the claim right after it never straddle it
         box_a = RedisOutbox(a, SINKS, claim_idle_seconds=0.3)
         box_b = RedisOutbox(b, SINKS, claim_idle_seconds=0.3)
-        await box_a.put(recs(1))
-        held = await box_a.claim("ink", 1, "replica-a")
-        for _ in range(4):
-            await asyncio.sleep(0.1)
-            await box_a.touch(held, "replica-a")
-            assert await box_b.claim("ink", 1, "replica-b") == []
+        await box_a.put(recs(2))
+        held, dropped = await box_a.claim("ink", 2, "replica-a")
+
+        async def touch_then_take() -> list[OutboxItem]:
+            await box_a.touch([held], "replica-a")
+            return await box_b.claim("ink", 2, "replica-b")
+
+        # b takes the record a stopped touching once it is idle, never the one a holds
+        got = await eventually(touch_then_take)
+        assert [i.key for i in got] == [dropped.key] == ["key-1"]
     finally:
         await a.client.aclose()
         await b.client.aclose()
@@ -219,7 +220,7 @@ async def test_spool_takes_an_ack_of_a_record_back_in_line(tmp_path: Path) -> No
     box = SpoolOutbox(tmp_path, ["ink"])
     await box.put(recs(3))
     [one, _, _] = await box.claim("ink", 3, "c")
-    await box.release([one])
+    await box.release([one], "c")
     await box.ack([one])  # acked while back in line: it must not be handed out again
     assert [i.key for i in await box.claim("ink", 3, "c")] == []
     assert (await box.depth())["ink"] == 2

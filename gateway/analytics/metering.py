@@ -56,6 +56,7 @@ class Meter:
         self._day = day_of(0)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._lock = asyncio.Lock()
         # label values per (team, model, backend, status, cached), made once
         self._labels: dict[tuple[str, str, str, int, bool], tuple[tuple[str, ...], ...]] = {}
@@ -135,7 +136,7 @@ class Meter:
             self.flushes += 1
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):  # not wait_for: see mirror.wait_event
                 async with asyncio.timeout(self.flush_interval):
                     await self._wake.wait()
@@ -149,8 +150,13 @@ class Meter:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait({self._task}, timeout=2.0)
+            # Asked, not cancelled: on Python 3.11 a cancellation that lands as a Redis reply
+            # arrives is lost inside redis-py (asyncio.wait_for), and the flusher ran on.
+            self._stopping = True
+            self._wake.set()
+            done, _ = await asyncio.wait({self._task}, timeout=2.0)
+            if not done:  # a write that hangs
+                self._task.cancel()
             self._task = None
         try:
             await self.flush()

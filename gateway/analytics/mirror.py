@@ -416,7 +416,7 @@ class Mirror:
             worker.inflight = 0
             worker.partial = False
         with contextlib.suppress(Exception):
-            await self.outbox.release(held)
+            await self.outbox.release(held, self.consumer)
         left = {}
         with contextlib.suppress(Exception):
             left = await self.outbox.depth()

@@ -11,7 +11,8 @@ has its own queue (spool) or stream (Redis), so a slow sink never holds up anoth
 
 Implementations: `gateway.stores.spool.SpoolOutbox` (in-process, an append-only file under
 ``analytics.outbox.spool_dir``) and `RedisOutbox` here (one stream + consumer group per sink,
-XAUTOCLAIM of entries a crashed replica left pending for ``claim_idle_seconds``).
+XAUTOCLAIM of entries a crashed replica left pending for ``claim_idle_seconds``, and of
+released ones at once).
 """
 
 from __future__ import annotations
@@ -80,8 +81,9 @@ class Outbox(Protocol):
         """Keep claims alive while the caller holds them (Redis: resets their idle time)."""
         ...
 
-    async def release(self, items: list[OutboxItem]) -> None:
-        """Give claimed records back undelivered (shutdown); they are claimed again later."""
+    async def release(self, items: list[OutboxItem], consumer: str) -> None:
+        """Give records `consumer` claimed back undelivered (shutdown): the next claim, by
+        any consumer, takes them again, first and in their order."""
         ...
 
     async def dead_letter(self, item: OutboxItem, reason: str) -> None:
@@ -241,9 +243,20 @@ class RedisOutbox:
         except redis.exceptions.RedisError as exc:
             raise unavailable(exc) from exc
 
-    async def release(self, items: list[OutboxItem]) -> None:
-        # Left pending: another consumer (or this one restarted) claims them once idle.
-        return None
+    async def release(self, items: list[OutboxItem], consumer: str) -> None:
+        # Still pending, but idle since 1970 (TIME 0): the next XAUTOCLAIM (this box's next
+        # claim, or another replica's) takes them at once; `claim_idle_seconds` is for
+        # consumers that died holding records.
+        if not items:
+            return
+        pipe = self.ns.client.pipeline(transaction=False)
+        for sink, ids in ids_by_sink(items).items():
+            pipe.xclaim(self._stream(sink), GROUP, consumer, 0, ids, time=0, justid=True)
+            self._last_autoclaim.pop(sink, None)
+        try:
+            await pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            raise unavailable(exc) from exc
 
     async def dead_letter(self, item: OutboxItem, reason: str) -> None:
         stream = self._stream(item.sink)

@@ -364,7 +364,7 @@ class SpoolOutbox:
     async def touch(self, items: list[OutboxItem], consumer: str) -> None:
         return None
 
-    async def release(self, items: list[OutboxItem]) -> None:
+    async def release(self, items: list[OutboxItem], consumer: str) -> None:
         for item in items:
             self._claimed[item.sink].discard(int(item.id))
         for sink in {item.sink for item in items}:  # back in line, in their order
