@@ -23,6 +23,7 @@ from gateway.testing.fake_analytics import AnalyticsState, create_fake_analytics
 from gateway.testing.fake_inkeep import create_fake_inkeep_app
 from gateway.testing.process import GatewayProcess, gateway_env, run_gateway, spawn
 from gateway.testing.server import run_server
+from tests.eventually import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -59,14 +60,6 @@ def write_config(tmp_path: Path, upstream: str, server: dict[str, Any],
 
 def chat(text: str, *, stream: bool = True) -> dict[str, Any]:
     return {"model": "qa", "stream": stream, "messages": [{"role": "user", "content": text}]}
-
-
-async def eventually(condition: Any, within: float = 10.0) -> None:
-    """Poll an observable condition of another process until it holds."""
-    deadline = time.monotonic() + within
-    while not await condition():
-        assert time.monotonic() < deadline, "the condition never held"
-        await asyncio.sleep(0.02)
 
 
 async def first_chunk_then_rest(client: httpx.AsyncClient, url: str, text: str,

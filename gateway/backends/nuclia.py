@@ -131,7 +131,7 @@ def _turn(message: Message, index: int) -> _Turn:
             f"Nuclia models do not support '{role}' messages (messages[{index}]).",
             param=f"messages[{index}].role",
         )
-    if role == "assistant" and (message.model_extra or {}).get("tool_calls"):
+    if role == "assistant" and message.tool_calls:
         raise UnsupportedParameter(
             "Nuclia models do not support tool calls in the conversation.",
             param=f"messages[{index}].tool_calls",

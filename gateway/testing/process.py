@@ -127,10 +127,11 @@ def run_gateways(config: Path, count: int, *, workers: int = 1,
                  env: Mapping[str, str] | None = None, ready: str = "/healthz",
                  timeout: float = 30.0, grace: float = 10.0,
                  args: Sequence[str] = ()) -> Iterator[list[GatewayProcess]]:
-    """`count` replicas of ``gateway serve --config config``, each on a free port with
-    `workers` uvicorn workers (and `args`, e.g. ``--demo``); all are started before the first is waited for (start-up is
-    mostly imports). Each logs to ``gateway-<port>.log`` beside the config. The block starts
-    once every replica answers ``GET ready``; all are stopped when it exits."""
+    """`count` replicas of ``gateway serve --config config`` (plus `args`, e.g. ``--demo``),
+    each on a free port with `workers` uvicorn workers; all are started before the first is
+    waited for (start-up is mostly imports). Each logs to ``gateway-<port>.log`` beside the
+    config. The block starts once every replica answers ``GET ready``; all are stopped when
+    it exits."""
     with ExitStack() as stack:
         started = []
         for _ in range(count):
