@@ -29,6 +29,7 @@ from gateway.response_cache import (
 from gateway.stores.cache import CacheStats, CacheStore, Failed, MemoryCacheStore, RedisCacheStore
 from gateway.stores.redis_base import RedisNamespace, connect
 from gateway.wire import ChatRequest
+from tests.eventually import eventually
 
 ROUTE = Route("docs", "inkeep", "inkeep-qa", {})
 
@@ -483,11 +484,12 @@ async def test_cache_figures_reach_the_metrics_when_sampled() -> None:
     metrics.sample_total(metrics.cache_stored, lambda: written[0])
     held[0], written[0] = 120, 300
     sampling = asyncio.create_task(metrics.sample_every(0.01))  # what each worker runs
-    await asyncio.sleep(0.1)
-    sampling.cancel()
     value = metrics.registry.get_sample_value
+    try:
+        await eventually(lambda: value("gateway_cache_stored_bytes_total") == 300, within=2)
+    finally:
+        sampling.cancel()
     assert value("gateway_cache_bytes") == 120
-    assert value("gateway_cache_stored_bytes_total") == 300
     held[0], written[0] = None, 500  # None: a store that cannot tell leaves the gauge
     assert b"gateway_cache_stored_bytes_total 500.0" in metrics.render()[0]
     assert value("gateway_cache_bytes") == 120

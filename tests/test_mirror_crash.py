@@ -4,8 +4,6 @@ exactly once (by idempotency key), in order per conversation."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -19,6 +17,7 @@ from gateway.testing.fake_analytics import AnalyticsState, create_fake_analytics
 from gateway.testing.fake_inkeep import create_fake_inkeep_app
 from gateway.testing.process import GatewayProcess, run_gateway
 from gateway.testing.server import run_server
+from tests.eventually import eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
@@ -95,23 +94,20 @@ async def test_records_of_a_killed_replica_are_delivered_by_the_next(
     ns = connect(redis_url, PREFIX)
     stream = ns.key("outbox:ink", "stream")
     try:
-        deadline = time.monotonic() + 10
-        while True:  # every record is in the outbox and claimed by replica A
+        async def claimed_by_a() -> bool:  # every record is in the outbox, claimed by A
             pending = await ns.client.xpending(stream, "delivery")
-            if pending["pending"] == n and state.refused > 0:
-                break
-            assert time.monotonic() < deadline, pending
-            await asyncio.sleep(0.05)
+            return bool(pending["pending"] == n and state.refused > 0)
+
+        await eventually(claimed_by_a, within=10)
         replica_a.kill()
         state.faults.clear()
         start()  # replica B
-        deadline = time.monotonic() + 15
         # until B has delivered and acknowledged every record: once the outbox is empty,
         # nothing is left that could arrive a second time
-        while len(state.by_key("/conversations")) < n or await ns.client.xlen(stream):
-            assert time.monotonic() < deadline, (len(state.by_key("/conversations")),
-                                                 await ns.client.xlen(stream))
-            await asyncio.sleep(0.05)
+        async def delivered_by_b() -> bool:
+            return len(state.by_key("/conversations")) >= n and not await ns.client.xlen(stream)
+
+        await eventually(delivered_by_b, within=15)
     finally:
         await ns.client.aclose()
     by_key = state.by_key("/conversations")
