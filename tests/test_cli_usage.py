@@ -13,7 +13,7 @@ import pytest
 
 from gateway.analytics.reports import default_range, usage_report
 from gateway.cli.main import main
-from gateway.cli.usage import render
+from gateway.cli.usage_command import render
 from gateway.components import make_outbox, make_usage_store, usage_file
 from gateway.config import load_config
 from gateway.stores.redis_base import connect

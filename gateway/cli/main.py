@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway.app import create_app
-from gateway.cli import keys, outbox, usage
+from gateway.cli import keys_command, outbox_command, usage_command
 from gateway.cli.command import CONFIG_HELP, table
 from gateway.config import ConfigError, GatewayConfig, config_path, load_config
 from gateway.demo import demo_app
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", help=CONFIG_HELP)
     check.set_defaults(func=_check_config)
 
-    for command in (keys, usage, outbox):
+    for command in (keys_command, usage_command, outbox_command):
         command.register(sub)
     return parser
 
