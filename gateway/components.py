@@ -20,6 +20,7 @@ from gateway.limiter import Limiter
 from gateway.metrics import Metrics
 from gateway.response_cache import CacheHooks, ResponseCache
 from gateway.stores.cache import CacheStore, MemoryCacheStore, RedisCacheStore
+from gateway.stores.fallback_outbox import FORWARD, FallbackOutbox
 from gateway.stores.keys import KeyStore, MemoryKeyStore, RedisKeyStore
 from gateway.stores.limits import LimitStore, MemoryLimitStore, RedisLimitStore
 from gateway.stores.outbox import OutboxStore, RedisOutbox
@@ -65,13 +66,20 @@ def make_usage_store(config: GatewayConfig, ns: RedisNamespace | None) -> UsageS
     return MemoryUsageStore(usage_file(config))
 
 
-def make_outbox(config: GatewayConfig, ns: RedisNamespace | None) -> OutboxStore:
-    """Redis streams, else the spool under ``analytics.outbox.spool_dir``."""
+def make_outbox(config: GatewayConfig, ns: RedisNamespace | None, *,
+                fallback: bool = True) -> OutboxStore:
+    """Redis streams (with a local spool for when Redis is away, unless `fallback` is off:
+    the CLI looks at Redis only), else the spool under ``analytics.outbox.spool_dir``."""
     sinks = [s.name for s in config.analytics.sinks]
     box = config.analytics.outbox
-    if ns is not None:
-        return RedisOutbox(ns, sinks, claim_idle_seconds=box.claim_idle_seconds)
-    return SpoolOutbox(config.resolve(box.spool_dir), sinks, max_resident=box.max_queue)
+    spool_dir = config.resolve(box.spool_dir)
+    if ns is None:
+        return SpoolOutbox(spool_dir, sinks, max_resident=box.max_queue)
+    redis = RedisOutbox(ns, sinks, claim_idle_seconds=box.claim_idle_seconds)
+    if not fallback:
+        return redis
+    spool = SpoolOutbox(spool_dir / "redis-fallback", [FORWARD], max_resident=box.max_queue)
+    return FallbackOutbox(redis, spool, remember=box.max_queue)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@
     ├── ServiceUnavailable           503 (backend not configured, store down)
     │   ├── Overloaded               503 server_overloaded: the replica's request cap
     │   └── ShuttingDown             503 server_shutting_down: cut by the drain
+    ├── QueueLost                    the outbox's store lost a sink's queue (internal)
     └── UpstreamError                502 by default; raised by backends at the boundary
         ├── UpstreamAuthError        502 the gateway's upstream credentials were refused
         ├── UpstreamRateLimited      429 upstream said slow down (retry_after passed on)
@@ -155,6 +156,17 @@ class ShuttingDown(ServiceUnavailable):
     def __init__(self) -> None:
         super().__init__("The gateway replica serving this request is shutting down and its "
                          "grace period ran out. Retry the request.", headers={"retry-after": "1"})
+
+
+class QueueLost(GatewayError):
+    """The outbox's store lost a sink's queue (a Redis that restarted empty); never shown to
+    a client: the outbox puts back what it still owes that sink."""
+
+    code = "outbox_queue_lost"
+
+    def __init__(self, message: str, *, sink: str) -> None:
+        super().__init__(message)
+        self.sink = sink
 
 
 # The message of the cancellation by which a draining process cuts what still runs.

@@ -73,6 +73,7 @@ class _Held:
     item: OutboxItem
     record: ExchangeRecord | None  # None: undecodable data (dead-lettered)
     due: float = 0.0  # monotonic time of the next attempt
+    delivered: bool = False  # the sink has it; only the outbox's ack is still to do
 
 
 @dataclass
@@ -229,18 +230,10 @@ class Mirror:
                     await self._dead(worker, conv, held, "undecodable record")
                 else:
                     ready.append((conv, held))
-            if not ready:
-                return
-            try:
-                await worker.sink.deliver([Delivery(h.record, h.item.key, h.item.data)
-                                           for _, h in ready if h.record is not None])
-            except UpstreamError as exc:
-                for conv, held in ready:
-                    await self._failed(worker, conv, held, exc)
-                return
-            await self.outbox.ack([held.item for _, held in ready])
-            self._pop(worker, [conv for conv, _ in ready])
-            self._count(name, "delivered", len(ready))
+            if ready and await self._send(worker, ready):
+                await self.outbox.ack([held.item for _, held in ready])
+                self._pop(worker, [conv for conv, _ in ready])
+                self._count(name, "delivered", len(ready))
         except Exception:  # the outbox may be down: the records stay claimed, try later
             log.warning("sink_delivery_failed", sink=name, exc_info=True)
             for _, held in group:
@@ -251,6 +244,24 @@ class Mirror:
             if partial:
                 worker.partial = False
             worker.wake.set()
+
+    async def _send(self, worker: _SinkWorker, ready: list[tuple[str, _Held]]) -> bool:
+        """Hand the records the sink does not have yet to it; False when it failed (each
+        record is then retried or dead-lettered)."""
+        to_send = [h for _, h in ready if not h.delivered]
+        if not to_send:
+            return True
+        try:
+            await worker.sink.deliver([Delivery(h.record, h.item.key, h.item.data)
+                                       for h in to_send if h.record is not None])
+        except UpstreamError as exc:
+            for conv, held in ready:
+                if not held.delivered:
+                    await self._failed(worker, conv, held, exc)
+            return False
+        for held in to_send:  # an ack that fails now is retried without delivering again
+            held.delivered = True
+        return True
 
     async def _failed(self, worker: _SinkWorker, conv: str, held: _Held,
                       exc: UpstreamError) -> None:
@@ -365,6 +376,7 @@ class Mirror:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
+        await self.outbox.start()
         for sink in self.sinks:
             await sink.start()
         self._writer = asyncio.create_task(self._writer_loop(), name="outbox-writer")

@@ -41,7 +41,7 @@ def _print_depth(depth: dict[str, int]) -> None:
 
 async def _on_redis(args: argparse.Namespace, config: GatewayConfig,
                     ns: RedisNamespace) -> int:
-    box = make_outbox(config, ns)
+    box = make_outbox(config, ns, fallback=False)
     if args.action == "depth":
         _print_depth(await box.depth())
     elif args.action == "list-dead":

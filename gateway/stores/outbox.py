@@ -17,12 +17,15 @@ released ones at once).
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis.exceptions
 
+from gateway.errors import QueueLost
 from gateway.stores.redis_base import RedisNamespace, unavailable
 
 GROUP = "delivery"
@@ -57,9 +60,14 @@ class Outbox(Protocol):
 
     sinks: tuple[str, ...]
 
-    async def put(self, entries: list[tuple[bytes, str]]) -> None:
-        """Add records (the record's JSON, its idempotency key) for every sink; durable when
-        this returns."""
+    async def start(self) -> None:
+        """Begin any background work of the store (before the first put or claim)."""
+        ...
+
+    async def put(self, entries: list[tuple[bytes, str]],
+                  sinks: Sequence[str] | None = None) -> None:
+        """Add records (the record's JSON, its idempotency key) for every sink (or those of
+        `sinks`); durable when this returns."""
         ...
 
     async def claim(self, sink: str, n: int, consumer: str) -> list[OutboxItem]:
@@ -128,9 +136,16 @@ class RedisOutbox:
 
     Keys: ``{prefix}:{outbox:<sink>}:stream`` (fields ``k`` idempotency key, ``d`` data),
     ``{prefix}:{outbox:<sink>}:failures`` (hash: entry id -> ``attempts first_failure``),
+    ``{prefix}:{outbox:<sink>}:seen:<key>`` (a record was added, for `SEEN_SECONDS`),
     ``{prefix}:{outbox}:dead`` (fields ``s`` sink, ``k``, ``d``, ``r`` reason, ``t``, ``a``).
     Acked entries are XDELeted, so XLEN is the depth.
+
+    A Redis that restarted empty has lost the consumer groups: the first claim that finds
+    its group gone (``NOGROUP``) creates it again and raises `QueueLost`, so that whoever
+    still holds records for that sink can put them back.
     """
+
+    SEEN_SECONDS = 3600.0  # how long a put remembers an idempotency key
 
     def __init__(self, ns: RedisNamespace, sinks: list[str], *,
                  claim_idle_seconds: float = 30.0) -> None:
@@ -140,6 +155,7 @@ class RedisOutbox:
         self._ready: set[str] = set()
         self._last_autoclaim: dict[str, float] = {}
         self._dead = ns.key("outbox", "dead")
+        self._put = ns.script("outbox_put")
 
     def _stream(self, sink: str) -> str:
         return self.ns.key(f"outbox:{sink}", "stream")
@@ -159,23 +175,46 @@ class RedisOutbox:
             raise unavailable(exc) from exc
         self._ready.add(sink)
 
-    async def put(self, entries: list[tuple[bytes, str]]) -> None:
-        if not entries or not self.sinks:
+    async def start(self) -> None:
+        return None
+
+    async def put(self, entries: list[tuple[bytes, str]],
+                  sinks: Sequence[str] | None = None) -> None:
+        """For every sink (or those of `sinks`); a record already put within
+        `SEEN_SECONDS` is not added again."""
+        if not entries:
             return
-        for sink in self.sinks:
-            await self._ensure(sink)
-        pipe = self.ns.client.pipeline(transaction=False)
+        ttl = int(self.SEEN_SECONDS * 1000)
+        flat: list[bytes | str] = []
         for data, key in entries:
-            for sink in self.sinks:
-                pipe.xadd(self._stream(sink), {"k": key, "d": data})
-        try:
-            await pipe.execute()
+            flat += (key, data)
+        targets = self.sinks if sinks is None else sinks
+        for sink in targets:
+            await self._ensure(sink)
+        try:  # one script per sink (a sink's keys share its hash tag), in one round trip
+            await asyncio.gather(*(
+                self.ns.batch.run_script(self._put, [self._stream(sink)],
+                                         [ttl, self.ns.key(f"outbox:{sink}", "seen", ""),
+                                          *flat])
+                for sink in targets))
         except redis.exceptions.RedisError as exc:
             raise unavailable(exc) from exc
 
     async def claim(self, sink: str, n: int, consumer: str,
                     block_ms: int | None = None) -> list[OutboxItem]:
         await self._ensure(sink)
+        try:
+            return await self._claim(sink, n, consumer, block_ms)
+        except redis.exceptions.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise unavailable(exc) from exc
+        self._ready.discard(sink)
+        await self._ensure(sink)
+        raise QueueLost(f"The outbox of sink '{sink}' was gone (Redis restarted empty?); "
+                        "it was created again.", sink=sink)
+
+    async def _claim(self, sink: str, n: int, consumer: str,
+                     block_ms: int | None) -> list[OutboxItem]:
         client, stream = self.ns.client, self._stream(sink)
         found: list[tuple[Any, dict[Any, Any]]] = []
         try:
@@ -194,6 +233,8 @@ class RedisOutbox:
                 return []
             ids = [_text(entry_id) for entry_id, _ in found]
             failures = await client.hmget(self._failures(sink), ids)
+        except redis.exceptions.ResponseError:
+            raise  # NOGROUP: `claim` recreates the group
         except redis.exceptions.RedisError as exc:
             raise unavailable(exc) from exc
         items = []
@@ -238,10 +279,7 @@ class RedisOutbox:
         pipe = self.ns.client.pipeline(transaction=False)
         for sink, ids in ids_by_sink(items).items():
             pipe.xclaim(self._stream(sink), GROUP, consumer, 0, ids, justid=True)
-        try:
-            await pipe.execute()
-        except redis.exceptions.RedisError as exc:
-            raise unavailable(exc) from exc
+        await self._reclaim(pipe)
 
     async def release(self, items: list[OutboxItem], consumer: str) -> None:
         # Still pending, but idle since 1970 (TIME 0): the next XAUTOCLAIM (this box's next
@@ -253,8 +291,16 @@ class RedisOutbox:
         for sink, ids in ids_by_sink(items).items():
             pipe.xclaim(self._stream(sink), GROUP, consumer, 0, ids, time=0, justid=True)
             self._last_autoclaim.pop(sink, None)
+        await self._reclaim(pipe)
+
+    async def _reclaim(self, pipe: Any) -> None:
+        """XCLAIMs of held records; a group that is gone holds nothing to claim (the next
+        `claim` recreates it)."""
         try:
             await pipe.execute()
+        except redis.exceptions.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise unavailable(exc) from exc
         except redis.exceptions.RedisError as exc:
             raise unavailable(exc) from exc
 

@@ -30,7 +30,7 @@ import fcntl
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -299,21 +299,25 @@ class SpoolOutbox:
 
     # -- the Outbox protocol -----------------------------------------------------------------
 
-    async def put(self, entries: list[tuple[bytes, str]]) -> None:
-        self._put(entries)
+    async def start(self) -> None:
+        return None
+
+    async def put(self, entries: list[tuple[bytes, str]],
+                  sinks: Sequence[str] | None = None) -> None:
+        self._put(entries, self.sinks if sinks is None else tuple(sinks))
         await self.flush()
 
-    def _put(self, entries: list[tuple[bytes, str]]) -> None:
+    def _put(self, entries: list[tuple[bytes, str]], targets: tuple[str, ...]) -> None:
         """Queue records in memory and buffer their put lines; `flush()` makes them durable."""
-        if not self.sinks:
+        if not targets:
             return
-        sinks = self._sinks_json
+        sinks = self._sinks_json if targets == self.sinks else orjson.dumps(targets)
         for data, key in entries:  # `data` is held as it is: the mirror's is right-sized
             rid, self._next_id = self._next_id, self._next_id + 1
-            entry = _Entry(rid, key, data, -1, 0, set(self.sinks))
+            entry = _Entry(rid, key, data, -1, 0, set(targets))
             self._entries[rid] = entry
             self._resident += 1
-            for sink in self.sinks:
+            for sink in targets:
                 self._pending[sink][rid] = None
                 self._unclaimed[sink][rid] = None
             self._buffer.append((_put_line(rid, key, sinks, data), entry))
