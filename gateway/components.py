@@ -116,8 +116,9 @@ async def build_components(config: GatewayConfig, stack: AsyncExitStack,
 
     limits_down = metrics.store_unavailable.labels("limits").inc
     limit_store = make_limit_store(config, ns, on_error=lambda exc: limits_down())
-    fallback = make_limit_store(config, None) if ns is not None else None
-    limiter = Limiter(config, limit_store, fallback, on_unavailable=limits_down)
+    limiter = Limiter(config, limit_store, MemoryLimitStore(), on_unavailable=limits_down)
+    await limiter.start()
+    stack.push_async_callback(limiter.aclose)
 
     cache_store = make_cache_store(config, ns)
     cache = ResponseCache(config, cache_store,

@@ -8,17 +8,27 @@ limit at all is admitted without touching any store.
 
 When the shared store is unreachable: ``fail_open`` (default) admits through the in-process
 `fallback` store (logged as ``limits_store_unavailable`` and counted through `on_unavailable`),
-``fail_closed`` answers 503. The shared store is tried again after `retry_interval` seconds,
-so a recovered Redis is picked up without a restart.
+``fail_closed`` answers 503. So that an incident does not hand out fresh bursts:
+
+- the fallback starts from the last figures the shared store gave for each limit (a key that
+  had spent its burst has none left locally either);
+- each replica counts on its share of a limit: the limit divided by the replicas that were
+  live (each beats in the store every `BEAT_SECONDS`);
+- when the shared store answers again (tried every `retry_interval` seconds) it first takes
+  what the fallback counted (the larger of the two, per limit), so a Redis that came back
+  empty does not grant another burst.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
+import math
 import secrets
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import structlog
@@ -33,6 +43,7 @@ from gateway.stores.limits import (
     Concurrency,
     Decision,
     Figure,
+    Held,
     Kind,
     LimitStore,
     MemoryLimitStore,
@@ -41,6 +52,9 @@ from gateway.stores.limits import (
 log = structlog.get_logger("gateway.limiter")
 
 _PLANS = 4096  # cached plans (key × model) before the cache starts over
+_REMEMBERED = 16_384  # limits whose last figures are kept for the fallback
+BEAT_SECONDS = 2.0  # how often a replica says it is live
+ALIVE_SECONDS = 10.0  # a replica not heard from for this long is not counted
 _NAMES = {"rpm": "requests per minute (rpm)", "tpm": "tokens per minute (tpm)"}
 _HEADER_NAMES = {kind: tuple(f"x-ratelimit-{field}-{kind}".encode()
                              for field in ("limit", "remaining", "reset"))
@@ -125,7 +139,7 @@ class Limiter:
         self,
         config: GatewayConfig,
         store: LimitStore,
-        fallback: LimitStore | None = None,
+        fallback: MemoryLimitStore | None = None,
         *,
         on_unavailable: Callable[[], None] | None = None,
         retry_interval: float = 1.0,
@@ -146,6 +160,31 @@ class Limiter:
         self._leases = itertools.count()
         self._periods = _Periods.at(-1)
         self._plans: dict[tuple[str, str], _Plan] = {}
+        # (team, scope) -> the last figure the shared store gave, with the local time (ms)
+        self._last: dict[tuple[str, str], tuple[Figure, float]] = {}
+        self._degraded = False  # the fallback has counted since the shared store went away
+        self._recovering = asyncio.Lock()
+        self.replica = secrets.token_hex(6)
+        self.replicas = 1  # live replicas, as the store last said
+        self._beating: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Beat in the shared store, so that every replica knows how many share a limit."""
+        self._beating = asyncio.create_task(self._beat(), name="limits-replicas")
+
+    async def aclose(self) -> None:
+        if self._beating is not None:
+            self._beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._beating
+
+    async def _beat(self) -> None:
+        while True:
+            with contextlib.suppress(ServiceUnavailable):  # keep the last count meanwhile
+                self.replicas = await self.store.live_replicas(self.replica, ALIVE_SECONDS)
+            await asyncio.sleep(BEAT_SECONDS)
 
     async def admit(self, principal: Principal, model: str, estimated_tokens: int) -> Admission:
         plan = self._plans.get((principal.key_id, model))
@@ -156,30 +195,84 @@ class Limiter:
         request = AcquireRequest(principal.team, plan.buckets, self._budgets(plan),
                                  plan.concurrency, self._lease_prefix + str(next(self._leases)),
                                  estimated_tokens)
-        store = self.store if self._down_until <= time.monotonic() else self._fallback()
-        try:
-            decision = await store.acquire(request)
-        except ServiceUnavailable as exc:
-            self._down_until = time.monotonic() + self.retry_interval
-            log.warning("limits_store_unavailable", error=exc.code,
-                        fail_mode=self.config.limits.fail_mode)
-            if self.on_unavailable is not None:
-                self.on_unavailable()
-            store = self._fallback()
+        store: LimitStore = self.store
+        decision = None
+        if self._down_until <= time.monotonic():
+            try:
+                if self._degraded:
+                    await self._recover()
+                decision = await store.acquire(request)
+                self._remember(request, decision)
+            except ServiceUnavailable as exc:
+                await self._went_away(exc)
+        if decision is None:
+            if not self.fail_open:
+                raise ServiceUnavailable(
+                    "Rate limits cannot be checked: the gateway's shared store is "
+                    "unreachable. Retry shortly.", code="store_unavailable")
+            store, request = self.fallback, self._shared(request)
             decision = await store.acquire(request)
         if not decision.admitted:
             raise self._refusal(principal, model, request, decision)
         return Admission(rate_limit_headers(decision.figures), store, request)
 
-    def _fallback(self) -> LimitStore:
-        """The store to count on while the shared one is unreachable (fail_open), else 503."""
-        if not self.fail_open:
-            raise ServiceUnavailable(
-                "Rate limits cannot be checked: the gateway's shared store is unreachable. "
-                "Retry shortly.",
-                code="store_unavailable",
-            )
-        return self.fallback
+    # -- store incidents ---------------------------------------------------------------------
+
+    def _remember(self, request: AcquireRequest, decision: Decision) -> None:
+        """The shared store's last figures, where the fallback would start from."""
+        now = self.clock() * 1000.0
+        scopes = [b.scope for b in request.buckets] + [g.scope for g in request.budgets]
+        if len(self._last) >= _REMEMBERED:
+            self._last.clear()
+        for scope, figure in zip(scopes, decision.figures, strict=True):
+            self._last[(request.tag, scope)] = (figure, now)
+
+    async def _went_away(self, exc: ServiceUnavailable) -> None:
+        """The shared store did not answer: it is not tried again for `retry_interval`;
+        failing open, the fallback counts from now on, starting (once per incident) from the
+        store's last figures."""
+        log.warning("limits_store_unavailable", error=exc.code, replicas=self.replicas,
+                    fail_mode=self.config.limits.fail_mode)
+        if self.on_unavailable is not None:
+            self.on_unavailable()
+        self._down_until = time.monotonic() + self.retry_interval
+        if self.fail_open and not self._degraded:
+            self._degraded = True
+            self.fallback.clear()
+            await self.fallback.merge(self._seeds())
+
+    def _seeds(self) -> list[Held]:
+        now = self.clock() * 1000.0
+        seeds = []
+        for (tag, scope), (figure, at) in self._last.items():
+            if figure.kind == "budget":
+                seeds.append(Held(tag, scope, "budget", figure.limit - figure.remaining,
+                                  at + figure.reset * 1000 - now))
+            else:  # the time at which the bucket is full again, as ms from now
+                seeds.append(Held(tag, scope, "bucket", at + figure.reset * 1000 - now))
+        return seeds
+
+    def _shared(self, request: AcquireRequest) -> AcquireRequest:
+        """`request` with each rate and the concurrency cap divided among the live replicas
+        (budgets are not: an incident of minutes is a sliver of a day's)."""
+        n = self.replicas
+        if n <= 1:
+            return request
+        conc = request.concurrency
+        return replace(
+            request,
+            buckets=tuple(replace(b, limit=max(b.limit // n, 1)) for b in request.buckets),
+            concurrency=replace(conc, limit=math.ceil(conc.limit / n)) if conc else None)
+
+    async def _recover(self) -> None:
+        """Before the shared store admits again, it takes what the fallback counted."""
+        async with self._recovering:
+            if not self._degraded:
+                return  # another request did it meanwhile
+            await self.store.merge(self.fallback.held())
+            self._degraded = False
+            self.fallback.clear()
+            log.info("limits_store_recovered")
 
     # -- plan --------------------------------------------------------------------------------
 

@@ -18,9 +18,10 @@ leaks its slot only until the lease expires (the request timeout plus a margin).
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
 
@@ -115,8 +116,29 @@ class Decision:
     figures: tuple[Figure, ...]  # buckets then budgets, in request order
 
 
+@dataclass(frozen=True, slots=True)
+class Held:
+    """What a store holds for one limit, to hand to another store: a bucket's TAT as ms ahead
+    of now (`ttl_ms` 0), or a budget's tokens used and the ms until its count expires."""
+
+    tag: str
+    scope: str
+    kind: Literal["bucket", "budget"]
+    value: float
+    ttl_ms: float = 0.0
+
+
 class LimitStore(Protocol):
     async def acquire(self, request: AcquireRequest) -> Decision: ...
+
+    async def merge(self, held: Sequence[Held]) -> None:
+        """Keep, for each limit, the larger of what the store holds and `held`."""
+        ...
+
+    async def live_replicas(self, replica: str, alive_seconds: float) -> int:
+        """Count `replica` as live now, and return how many were live within
+        `alive_seconds` (itself included)."""
+        ...
 
     def settle(self, request: AcquireRequest, delta_tokens: int) -> None:
         """Move token buckets and budgets by `delta_tokens` (actual − estimated; may be
@@ -233,6 +255,35 @@ class MemoryLimitStore:
             self._leases.setdefault(request.tag, {}).setdefault(conc.scope, {}).pop(
                 request.lease, None)
 
+    async def merge(self, held: Sequence[Held]) -> None:
+        now = self.clock() * 1000.0
+        for h in held:
+            if h.kind == "bucket":
+                tats = self._tats.setdefault(h.tag, {})
+                tats[h.scope] = max(tats.get(h.scope, now), now + h.value)
+                continue
+            spent = self._budgets.setdefault(h.tag, {})
+            current = _used(spent.get(h.scope), now)
+            if h.value > current:
+                spent[h.scope] = _Spent(int(h.value), now + h.ttl_ms)
+
+    def held(self) -> list[Held]:
+        """Every limit this store counts on now (what `merge` takes), to hand over."""
+        now = self.clock() * 1000.0
+        found = [Held(tag, scope, "bucket", tat - now)
+                 for tag, tats in self._tats.items() for scope, tat in tats.items()
+                 if tat > now]
+        found += [Held(tag, scope, "budget", entry.used, entry.expires - now)
+                  for tag, spent in self._budgets.items() for scope, entry in spent.items()
+                  if entry.expires > now and entry.used]
+        return found
+
+    def clear(self) -> None:
+        self._tats, self._budgets, self._leases = {}, {}, {}
+
+    async def live_replicas(self, replica: str, alive_seconds: float) -> int:
+        return 1  # in process there is no other replica to share with
+
     def _sweep(self, now: float) -> None:
         self._tats = _pruned(self._tats, lambda tat: tat > now)
         self._budgets = _pruned(self._budgets, lambda entry: entry.expires > now)
@@ -287,6 +338,8 @@ class RedisLimitStore:
         self.clock = clock  # tests only: the scripts use the server's clock when it is None
         self._acquire = ns.script("limits_acquire")
         self._settle = ns.script("limits_settle")
+        self._merge = ns.script("limits_merge")
+        self._replicas = ns.key("replicas", "live")
 
     def _now(self) -> str | float:
         """The scripts' ``now_ms`` argument: empty, for the server's clock, unless a test
@@ -340,6 +393,33 @@ class RedisLimitStore:
         args += [b.limit for b in tokens]
         args += [math.ceil(g.ttl * 1000) for g in budgets]
         self.ns.batch.cast_script(self._settle, keys, args, failed=self._settle_failed)
+
+    async def merge(self, held: Sequence[Held]) -> None:
+        by_tag: dict[str, list[Held]] = {}
+        for h in held:
+            by_tag.setdefault(h.tag, []).append(h)
+        try:  # one script per team: its keys share the team's hash tag
+            await asyncio.gather(*(
+                self.ns.batch.run_script(
+                    self._merge, [self.ns.key("lim:" + tag, h.scope) for h in items],
+                    [self._now(), *(v for h in items
+                                    for v in (h.kind, h.value, math.ceil(h.ttl_ms)))])
+                for tag, items in by_tag.items()))
+        except (RedisError, OSError) as exc:
+            raise unavailable(exc) from exc
+
+    async def live_replicas(self, replica: str, alive_seconds: float) -> int:
+        now = time.time()
+        try:
+            async with self.ns.client.pipeline(transaction=True) as pipe:
+                pipe.zadd(self._replicas, {replica: now})
+                pipe.zremrangebyscore(self._replicas, "-inf", now - alive_seconds)
+                pipe.zcard(self._replicas)
+                pipe.expire(self._replicas, math.ceil(alive_seconds) * 2)
+                replies = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise unavailable(exc) from exc
+        return max(int(replies[2]), 1)
 
     def _settle_failed(self, exc: BaseException) -> None:
         # the lease expires by itself; the token correction is lost
