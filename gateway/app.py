@@ -34,6 +34,7 @@ from gateway.exchange import ExchangeObserver
 from gateway.metrics import Metrics
 from gateway.middleware import RequestCap, RequestContextMiddleware
 from gateway.pipeline import Pipeline
+from gateway.request_log import RequestLog
 from gateway.serving import Drain
 from gateway.state import GatewayState
 from gateway.upstream import UpstreamClient
@@ -184,6 +185,10 @@ async def assemble(
         backends[name] = build_backend(name, config, connector)
         stack.push_async_callback(backends[name].aclose)
     parts = await build_components(config, stack, metrics)
+    if config.server.request_log:
+        request_log = RequestLog()
+        stack.callback(request_log.flush)
+        observers = [*observers, request_log]
     pipeline = Pipeline(
         routes=routes,
         backends=backends,

@@ -192,7 +192,8 @@ class ServerConfig(_Strict):
     admin_key: SecretStr | None = None
     log_level: str = "info"
     log_json: bool = True
-    access_log: bool = False
+    access_log: bool = False  # uvicorn's own line per request (the request log says more)
+    request_log: bool = True  # one JSON line per finished exchange (gateway/request_log.py)
     # a connection that has not sent complete request headers by then is closed
     header_timeout: float = Field(default=10.0, gt=0)
     # beyond this many requests in progress, a 503 with retry-after (probes are exempt)

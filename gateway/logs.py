@@ -26,25 +26,42 @@ def add_request_id(
 
 
 def configure_logging(level: str = "info", *, json: bool = True) -> None:
+    """structlog's events and the standard library's records (uvicorn's among them) as one
+    stream on stdout, in one format: a JSON object per line (or a console line)."""
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         numeric = logging.INFO
-    logging.basicConfig(stream=sys.stderr, level=numeric, format="%(message)s")
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer(serializer=orjson.dumps)
         if json
         else structlog.dev.ConsoleRenderer(colors=False)
     )
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        add_request_id,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            add_request_id,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.BytesLoggerFactory() if json else structlog.PrintLoggerFactory(),
         cache_logger_on_first_use=True,
     )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info,
+                    _text_renderer(renderer) if json else renderer]))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
+
+
+def _text_renderer(renderer: structlog.typing.Processor) -> structlog.typing.Processor:
+    """The JSON renderer's bytes as text, which a logging handler writes."""
+    def render(logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
+        out = renderer(logger, method, event)
+        return out.decode() if isinstance(out, bytes) else str(out)
+    return render

@@ -50,6 +50,7 @@ def _serve(args: argparse.Namespace) -> int:
         app, factory=isinstance(app, str), workers=workers, host=host, port=port,
         header_timeout=server.header_timeout, http=GuardedHttpProtocol, loop="uvloop",
         lifespan="on", log_level=server.log_level, access_log=server.access_log,
+        log_config=None,  # uvicorn's records go through configure_logging's handler
         server_header=False,
         # a backstop behind the drain's own cut at shutdown_grace
         timeout_graceful_shutdown=int(server.shutdown_grace) + 5)
