@@ -9,6 +9,7 @@ from typing import Any
 
 import openai
 import pytest
+import pytest_asyncio
 from structlog.testing import capture_logs
 
 from gateway.config import parse_config
@@ -24,7 +25,11 @@ LEAKS = (INTERNAL_DETAIL, "svc.cluster.local", "/srv/app", "nginx", "<html",
          "internal-lb-3", "Sample LLM failure", "Sample unexpected failure", "model crashed")
 
 
-@pytest.fixture
+# one gateway and its upstreams for the whole module: each case is one request
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def gateway() -> AsyncIterator[str]:
     async with run_server(create_fake_inkeep_app()) as inkeep, \
             run_server(create_fake_nuclia_app(kbid=KBID)) as nuclia:
