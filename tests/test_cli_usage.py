@@ -144,3 +144,10 @@ def test_usage_and_outbox_on_redis(tmp_path: Path, capsys: pytest.CaptureFixture
     assert out.strip() == "replayed 1 dead letter(s)"
     code, out, _ = run(capsys, "outbox", "depth", "--config", str(cfg))
     assert out.split() == ["ink", "2"]
+
+
+def test_outbox_without_sinks_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text("store: memory\n")
+    code, out, _ = run(capsys, "outbox", "depth", "--config", str(config))
+    assert code == 0 and "no analytics sinks are configured" in out

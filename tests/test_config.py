@@ -157,3 +157,25 @@ def test_several_workers_on_the_in_process_store_are_refused(tmp_path: Path) -> 
     assert result.returncode == 2
     assert "2 workers need a shared store" in result.stderr
     assert "redis://" in result.stderr
+
+
+def test_check_config_takes_values_as_they_are(tmp_path: Path) -> None:
+    """In a real process: a reference inside a flow mapping, and a secret holding ` #` and
+    `: `, where the text used to be pasted into the YAML before parsing."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text("server: {port: ${PORT}}\n" + GOOD)
+    secret = "sk-abc #not-a-comment: really"
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", "--config", str(config)],
+        capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "PORT": "9123", "INKEEP_API_KEY": secret})
+    assert result.returncode == 0, result.stderr
+    assert "inkeep-qa" in result.stdout and secret not in result.stdout + result.stderr
+
+
+def test_run_time_files_are_not_committed() -> None:
+    ignored = subprocess.run(
+        ["git", "check-ignore", "config/keys.json", "config/keys.json.lock", "config/var/x"],
+        capture_output=True, text=True, timeout=30)
+    assert ignored.stdout.split() == ["config/keys.json", "config/keys.json.lock",
+                                      "config/var/x"]
