@@ -9,6 +9,7 @@ teams as JSON, the same operations as ``gateway keys`` / ``gateway teams``.
     GET    /admin/usage[?team=T&since=YYYY-MM-DD&until=YYYY-MM-DD]
                                      usage rows, as ``gateway usage --format json``
     PUT    /admin/teams[/{name}]     set a team's limits
+    GET    /admin/deployments        each deployment's circuit and load, by model
 
 Every call needs ``Authorization: Bearer <admin key>`` (constant-time comparison); errors use
 the OpenAI error envelope.
@@ -31,6 +32,7 @@ from gateway.analytics.reports import default_range, usage_report
 from gateway.auth import KeyAuthority, create_key, parse_duration
 from gateway.config import GatewayConfig, format_validation_error
 from gateway.errors import AuthenticationFailed, GatewayError, InvalidRequest, NotFound
+from gateway.routing.router import Router
 from gateway.stores.keys import KeyStore, ModelLimit, TeamRecord
 from gateway.stores.usage import UsageStore
 
@@ -94,7 +96,7 @@ def _date_param(request: Request, name: str, default: date) -> date:
 
 def admin_routes(
     config: GatewayConfig, store: KeyStore, authority: KeyAuthority | None = None,
-    usage: UsageStore | None = None,
+    usage: UsageStore | None = None, router: Router | None = None,
 ) -> list[Route]:
     """The admin routes, guarded by ``config.server.admin_key`` (none configured: every call
     is refused). `authority`, when given, drops its cached copy of a changed key at once."""
@@ -180,7 +182,13 @@ def admin_routes(
         return _json({"object": "list", "since": since.isoformat(),
                       "until": until.isoformat(), "data": rows})
 
+    async def get_deployments(request: Request) -> Response:
+        if router is None:
+            raise NotFound("This gateway has no router.")
+        return _json({"object": "list", "data": router.health()})
+
     return [
+        Route("/admin/deployments", guarded(get_deployments), methods=["GET"]),
         Route("/admin/usage", guarded(get_usage), methods=["GET"]),
         Route("/admin/keys", guarded(list_keys), methods=["GET"]),
         Route("/admin/keys", guarded(post_key), methods=["POST"]),

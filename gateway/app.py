@@ -24,7 +24,7 @@ from starlette.routing import Route as HTTPRoute
 
 from gateway import endpoints
 from gateway.admin import admin_routes
-from gateway.backends.base import Backend, Route
+from gateway.backends.base import Backend
 from gateway.backends.nuclia import NucliaBackend
 from gateway.backends.openai_compat import OpenAICompatBackend
 from gateway.components import build_components
@@ -35,6 +35,8 @@ from gateway.metrics import Metrics
 from gateway.middleware import RequestCap, RequestContextMiddleware
 from gateway.pipeline import Pipeline
 from gateway.request_log import RequestLog
+from gateway.routing.assembly import build_router
+from gateway.routing.table import build_table
 from gateway.serving import Drain
 from gateway.state import GatewayState
 from gateway.upstream import UpstreamClient
@@ -53,13 +55,6 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
-
-
-def build_routes(config: GatewayConfig) -> dict[str, Route]:
-    return {
-        name: Route(name, model.backend, model.upstream_model or name, dict(model.nuclia))
-        for name, model in config.models.items()
-    }
 
 
 def build_backend(name: str, config: GatewayConfig, connector: Any = None) -> Backend:
@@ -111,7 +106,7 @@ def create_app(
             if handle_signals:
                 drain.watch_signals()
             tune_gc()
-            log.info("gateway_ready", models=len(state.routes), backends=len(state.backends),
+            log.info("gateway_ready", models=len(state.plans), backends=len(state.backends),
                      store="redis" if config.redis_url else "memory")
             yield {"gateway": state}
 
@@ -178,20 +173,21 @@ async def assemble(
     observers: Sequence[ExchangeObserver] = (),
 ) -> GatewayState:
     """Build every resource in dependency order; `stack` closes them in reverse."""
-    routes = build_routes(config)
     backends: dict[str, Backend] = {}
     for name in config.backends:
         connector = connector_factory() if connector_factory else None
         backends[name] = build_backend(name, config, connector)
         stack.push_async_callback(backends[name].aclose)
     parts = await build_components(config, stack, metrics)
+    plans = build_table(config, backends)
+    router = await build_router(config, plans, parts.circuit_store, metrics, stack)
     if config.server.request_log:
         request_log = RequestLog()
         stack.callback(request_log.flush)
         observers = [*observers, request_log]
     pipeline = Pipeline(
-        routes=routes,
-        backends=backends,
+        plans=plans,
+        router=router,
         authenticator=parts.authority,
         admitter=parts.limiter,
         cache=parts.cache,
@@ -205,9 +201,9 @@ async def assemble(
     if config.server.admin_key and config.server.admin_key.get_secret_value():
         admin = Starlette(
             routes=admin_routes(config, parts.key_store, parts.authority,
-                                parts.analytics.usage_store),
+                                parts.analytics.usage_store, router),
             exception_handlers={HTTPException: _http_error, Exception: _server_error},
         )
-    return GatewayState(config=config, metrics=metrics, routes=routes, backends=backends,
+    return GatewayState(config=config, metrics=metrics, plans=plans, backends=backends,
                         pipeline=pipeline, components=parts, drain=drain,
                         started=int(time.time()), admin=admin)

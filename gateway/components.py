@@ -20,6 +20,7 @@ from gateway.limiter import Limiter
 from gateway.metrics import Metrics
 from gateway.response_cache import CacheHooks, ResponseCache
 from gateway.stores.cache import CacheStore, MemoryCacheStore, RedisCacheStore
+from gateway.stores.circuits import CircuitStore, MemoryCircuitStore, RedisCircuitStore
 from gateway.stores.fallback_outbox import FORWARD, FallbackOutbox
 from gateway.stores.keys import KeyStore, MemoryKeyStore, RedisKeyStore
 from gateway.stores.limits import LimitStore, MemoryLimitStore, RedisLimitStore
@@ -93,6 +94,7 @@ class Components:
     limiter: Limiter
     cache: ResponseCache
     analytics: Analytics
+    circuit_store: CircuitStore
     ping: Callable[[], Awaitable[object]]
 
 
@@ -129,4 +131,6 @@ async def build_components(config: GatewayConfig, stack: AsyncExitStack,
     analytics = await build_analytics(config, make_usage_store(config, ns),
                                       make_outbox(config, ns) if config.analytics.sinks
                                       else None, metrics, stack)
-    return Components(ns, key_store, authority, limiter, cache, analytics, ping)
+    circuits = RedisCircuitStore(ns, list(config.backends)) if ns is not None \
+        else MemoryCircuitStore()
+    return Components(ns, key_store, authority, limiter, cache, analytics, circuits, ping)

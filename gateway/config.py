@@ -91,13 +91,80 @@ class ModelLimits(_Strict):
     tpm: int | None = Field(default=None, ge=1)
 
 
-class ModelConfig(_Strict):
+class DeploymentConfig(_Strict):
+    """One backend that serves a model: its upstream model name and its share of traffic."""
+
     backend: str
     upstream_model: str | None = None
+    weight: float = Field(default=1.0, gt=0)
+
+
+class ModelConfig(_Strict):
+    # one backend (`backend`, `upstream_model`), or several `deployments` sharing the traffic
+    backend: str | None = None
+    upstream_model: str | None = None
+    deployments: list[DeploymentConfig] = Field(default_factory=list)
+    # models tried in order when every deployment of this one failed before answering
+    fallbacks: list[str] = Field(default_factory=list)
+    retries: int = Field(default=2, ge=0, le=10)  # extra attempts on failures worth retrying
     description: str | None = None
     cache: CachePolicy | None = None
     # per-model defaults of the Nuclia ask request (generative_model, rag_strategies, ...)
     nuclia: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_way_to_name_backends(self) -> ModelConfig:
+        if (self.backend is None) == (not self.deployments):
+            raise ValueError("give either 'backend' or 'deployments' (a list of backends)")
+        if self.deployments and self.upstream_model is not None:
+            raise ValueError("with 'deployments', give each its own 'upstream_model'")
+        names = [d.backend for d in self.deployments]
+        if len(set(names)) != len(names):
+            raise ValueError("deployments: each backend at most once per model")
+        return self
+
+    def deployment_list(self, name: str) -> list[DeploymentConfig]:
+        """The deployments of the model called `name` (one for the `backend` form)."""
+        if self.backend is not None:
+            return [DeploymentConfig(backend=self.backend,
+                                     upstream_model=self.upstream_model or name)]
+        return [d if d.upstream_model else d.model_copy(update={"upstream_model": name})
+                for d in self.deployments]
+
+
+class BackoffConfig(_Strict):
+    initial: float = Field(default=0.1, gt=0)  # seconds before the first retry (full jitter)
+    max: float = Field(default=2.0, gt=0)
+
+
+class RetryBudgetConfig(_Strict):
+    """Retries to a backend are at most `ratio` of its requests over the last `window`
+    seconds (plus `min_retries`), so that an outage does not multiply a vendor's load."""
+
+    ratio: float = Field(default=0.2, ge=0, le=1)
+    window: float = Field(default=10.0, gt=0)
+    min_retries: int = Field(default=3, ge=0)
+
+
+class CircuitConfig(_Strict):
+    """A deployment is taken out after `failures` failures in a row, or when at least
+    `min_requests` in `window` seconds failed at `error_rate` or more; after `cooldown`
+    seconds one probe request decides whether it comes back."""
+
+    failures: int = Field(default=5, ge=1)
+    error_rate: float = Field(default=0.5, gt=0, le=1)
+    min_requests: int = Field(default=10, ge=1)
+    window: float = Field(default=30.0, gt=0)
+    cooldown: float = Field(default=30.0, gt=0)
+
+
+class RoutingConfig(_Strict):
+    backoff: BackoffConfig = Field(default_factory=BackoffConfig)
+    # the longest a client request waits between attempts in all (an upstream's retry-after
+    # beyond what is left is not waited for)
+    max_wait: float = Field(default=10.0, ge=0)
+    retry_budget: RetryBudgetConfig = Field(default_factory=RetryBudgetConfig)
+    circuit: CircuitConfig = Field(default_factory=CircuitConfig)
 
 
 class StaticKey(_Strict):
@@ -215,6 +282,7 @@ class GatewayConfig(_Strict):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     analytics: AnalyticsConfig = Field(default_factory=AnalyticsConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
     base_dir: Path = Path(".")  # the config file's folder: relative paths resolve against it
 
     @field_validator("store")
@@ -225,13 +293,18 @@ class GatewayConfig(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _models_use_known_backends(self) -> GatewayConfig:
+    def _models_use_known_backends_and_models(self) -> GatewayConfig:
+        known = ", ".join(sorted(self.backends)) or "none"
         for name, model in self.models.items():
-            if model.backend not in self.backends:
-                known = ", ".join(sorted(self.backends)) or "none"
-                raise ValueError(
-                    f"models.{name}.backend: unknown backend '{model.backend}' (known: {known})"
-                )
+            for i, deployment in enumerate(model.deployment_list(name)):
+                if deployment.backend not in self.backends:
+                    where = "backend" if model.backend else f"deployments.{i}.backend"
+                    raise ValueError(f"models.{name}.{where}: unknown backend "
+                                     f"'{deployment.backend}' (known: {known})")
+            for fallback in model.fallbacks:
+                if fallback == name or fallback not in self.models:
+                    raise ValueError(f"models.{name}.fallbacks: '{fallback}' is not another "
+                                     "model of this config")
         return self
 
     def resolve(self, relative: str) -> Path:

@@ -208,8 +208,8 @@ async def list_models(request: Request) -> Response:
     created = state.started
     data = [
         {"id": name, "object": "model", "created": created,
-         "owned_by": f"gateway:{route.backend}"}
-        for name, route in state.routes.items()
+         "owned_by": f"gateway:{plan.route.backend}"}
+        for name, plan in state.plans.items()
         if principal.allows(name)
     ]
     return Response(orjson.dumps({"object": "list", "data": data}),

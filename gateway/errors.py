@@ -185,9 +185,11 @@ class UpstreamError(GatewayError):
     type = "api_error"
     code = "upstream_error"
 
-    def __init__(self, message: str, *, backend: str = "", **kw: Any) -> None:
+    def __init__(self, message: str, *, backend: str = "", upstream_status: int | None = None,
+                 **kw: Any) -> None:
         super().__init__(message, **kw)
         self.backend = backend
+        self.upstream_status = upstream_status  # the HTTP status the upstream answered
 
 
 class UpstreamAuthError(UpstreamError):

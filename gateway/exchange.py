@@ -24,7 +24,7 @@ class ExchangeRecord:
     key_id: str
     model: str
     backend: str
-    upstream_model: str
+    upstream_model: str  # these two: the deployment that answered
     stream: bool
     messages: list[dict[str, Any]]
     answer: str
@@ -42,6 +42,8 @@ class ExchangeRecord:
     user: str | None = None  # the request's `user` or the end-user header
     conversation_id: str | None = None  # from the conversation header, for threading
     metadata: dict[str, Any] = field(default_factory=dict)
+    served_model: str = ""  # the model that answered: `model`, or one of its fallbacks
+    attempts: int = 0  # upstream calls made for this exchange
 
     @property
     def prompt_tokens(self) -> int:

@@ -36,6 +36,13 @@ class Metrics:
         self.overhead = Histogram(
             "gateway_overhead_seconds", "Latency the gateway itself added (upstream wait excluded)",
             ["model", "backend"], buckets=OVERHEAD_BUCKETS, registry=r)
+        self.upstream_attempts = Counter(
+            "gateway_upstream_attempts", "Upstream calls by model, deployment and outcome "
+            "(success|retryable_error|error|budget_exhausted)",
+            ["model", "deployment", "outcome"], registry=r)
+        self.circuit_state = Gauge(
+            "gateway_circuit_state", "Circuit breaker per deployment: 0 closed, 1 half-open, "
+            "2 open", ["deployment"], registry=r, multiprocess_mode="max")
         self.upstream_errors = Counter(
             "gateway_upstream_errors", "Upstream failures by kind",
             ["backend", "code"], registry=r)

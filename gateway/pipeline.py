@@ -1,6 +1,7 @@
 """The request pipeline of ``/v1/chat/completions``, independent of ASGI.
 
-auth → parse → route → credentials → limits → cache / single flight → backend → re-emit,
+auth → parse → route → credentials → limits → cache / single flight → router (deployments,
+retries, fallbacks) → re-emit,
 and, in one ``finally`` per exchange, settle the reservation and hand exactly one
 `ExchangeRecord` to every observer (metering, analytics, metrics).
 """
@@ -9,16 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import orjson
 import structlog
 
 from gateway.answer import Answer
 from gateway.auth import Principal
-from gateway.backends.base import Backend, ChunkStream, Route, UpstreamCall
+from gateway.backends.base import ChunkStream, Route, UpstreamCall
 from gateway.errors import (
     GatewayError,
     ModelNotFound,
@@ -31,6 +32,8 @@ from gateway.errors import (
 from gateway.exchange import ExchangeObserver, ExchangeRecord, Outcome
 from gateway.metrics import Metrics
 from gateway.response_cache import CachedAnswer, CacheDecision, Claim
+from gateway.routing.router import Router, RoutingFailed, Served
+from gateway.routing.table import ModelPlan
 from gateway.tokens import prompt_tokens, text_tokens
 from gateway.wire import (
     SSE_DONE,
@@ -42,6 +45,7 @@ from gateway.wire import (
 )
 
 log = structlog.get_logger("gateway.pipeline")
+T = TypeVar("T")
 
 
 class Authenticator(Protocol):
@@ -97,7 +101,7 @@ class Exchange:
     started: float  # perf_counter
     wall: float
     principal: Principal
-    route: Route
+    plan: ModelPlan
     chat: ChatRequest
     body: dict[str, Any]
     headers: Mapping[str, str]
@@ -113,14 +117,21 @@ class Exchange:
     upstream_wait: float = 0.0
     finished: bool = False
     extra_headers: dict[str, str] = field(default_factory=dict)
+    served: Route | None = None  # the deployment that answered (a fallback's, maybe)
+    attempts: int = 0  # upstream calls made
+
+    @property
+    def route(self) -> Route:
+        """The answering deployment's route, else the model's own (cache keys, refusals)."""
+        return self.served or self.plan.route
 
 
 class Pipeline:
     def __init__(
         self,
         *,
-        routes: Mapping[str, Route],
-        backends: Mapping[str, Backend],
+        plans: Mapping[str, ModelPlan],
+        router: Router,
         authenticator: Authenticator,
         admitter: Admitter | None,
         cache: ResponseCache | None,
@@ -130,8 +141,8 @@ class Pipeline:
         conversation_header: str = "x-conversation-id",
         user_header: str = "x-end-user-id",
     ) -> None:
-        self.routes = routes
-        self.backends = backends
+        self.plans = plans
+        self.router = router
         self.authenticator = authenticator
         self.admitter = admitter
         self.cache = cache
@@ -152,42 +163,42 @@ class Pipeline:
         try:
             principal = await self.authenticator.authenticate(headers.get("authorization"))
             body, chat = parse_chat_request(raw)
-            route, backend = self._route(principal, chat.model)
+            plan = self._plan(principal, chat.model)
             estimate = prompt_tokens(body["messages"])
-            ex = Exchange(request_id, started, wall, principal, route, chat, body, headers,
+            ex = Exchange(request_id, started, wall, principal, plan, chat, body, headers,
                           estimate)
             if self.admitter is not None:
                 tokens = estimate + (chat.answer_token_budget or self.default_max_tokens)
-                ex.admission = await self.admitter.admit(principal, route.model, tokens)
+                ex.admission = await self.admitter.admit(principal, plan.model, tokens)
         except GatewayError as exc:  # refused before anything was reserved: no record
             self.metrics.rejected.labels(exc.code or "error").inc()
             return self._error_reply(exc)
-        return await self._admitted(ex, backend)
+        return await self._admitted(ex)
 
-    def _route(self, principal: Principal, model: str) -> tuple[Route, Backend]:
-        """The route and backend of `model`, when this principal may use it and the backend
-        has its credentials."""
-        route = self.routes.get(model)
-        if route is None:
+    def _plan(self, principal: Principal, model: str) -> ModelPlan:
+        """The routing plan of `model`, when this principal may use it and one of its
+        deployments has its credentials."""
+        plan = self.plans.get(model)
+        if plan is None:
             raise ModelNotFound(
                 f"The model '{model}' does not exist or is not served by this gateway. "
                 "GET /v1/models lists the models you can use.",
                 param="model",
             )
-        if not principal.allows(route.model):
-            raise PermissionDenied(f"Your key may not use the model '{route.model}'.",
+        if not principal.allows(plan.model):
+            raise PermissionDenied(f"Your key may not use the model '{plan.model}'.",
                                    param="model")
-        backend = self.backends[route.backend]
-        missing = backend.credentials_missing()
+        missing = plan.credentials_missing()
         if missing:
             raise ServiceUnavailable(
-                f"The model '{route.model}' is not available: its backend '{route.backend}' "
-                f"has no upstream credentials. Set {missing} and restart the gateway.",
+                f"The model '{plan.model}' is not available: its backend "
+                f"'{plan.route.backend}' has no upstream credentials. Set {missing} and "
+                "restart the gateway.",
                 code="backend_not_configured",
             )
-        return route, backend
+        return plan
 
-    async def _admitted(self, ex: Exchange, backend: Backend) -> Reply:
+    async def _admitted(self, ex: Exchange) -> Reply:
         handed_off = False
         try:
             cached = await self._cached(ex)
@@ -196,18 +207,19 @@ class Pipeline:
                 reply = self._replay(ex, cached)
                 handed_off = reply.stream is not None
                 return reply
-            call = UpstreamCall(ex.request_id, ex.route, ex.chat, ex.body, ex.headers)
             upstream_started = time.perf_counter()
             if ex.chat.stream:
-                stream = await backend.stream(call)
+                stream = self._served(ex, await self.router.stream(ex.plan, self._call(ex)))
                 ex.upstream_wait = time.perf_counter() - upstream_started
-                ex.extra_headers.update(call.reply_headers)
                 handed_off = True
                 return self._ok(ex, stream=self._relay(ex, stream))
-            completion = await backend.complete(call)
+            completion = self._served(ex, await self.router.complete(ex.plan, self._call(ex)))
             ex.upstream_wait = time.perf_counter() - upstream_started
-            ex.extra_headers.update(call.reply_headers)
             return await self._completed(ex, completion)
+        except RoutingFailed as failed:
+            ex.attempts = failed.attempts
+            self._fail(ex, failed.error)
+            return self._error_reply(failed.error, ex)
         except GatewayError as exc:
             self._fail(ex, exc)
             return self._error_reply(exc, ex)
@@ -223,13 +235,31 @@ class Pipeline:
             if not handed_off:
                 await self._finish(ex)
 
+    # -- upstream ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _call(ex: Exchange) -> Callable[[Route], UpstreamCall]:
+        """The upstream call of one attempt, on a deployment's route."""
+        def call(route: Route) -> UpstreamCall:
+            return UpstreamCall(ex.request_id, route, ex.chat, ex.body, ex.headers)
+        return call
+
+    def _served(self, ex: Exchange, served: Served[T]) -> T:
+        """Note who answered, for the reply's headers and the record."""
+        ex.served = served.call.route
+        ex.attempts = served.attempts
+        ex.extra_headers.update(served.call.reply_headers)
+        ex.extra_headers["x-gateway-backend"] = served.deployment.name
+        ex.extra_headers["x-gateway-attempts"] = str(served.attempts)
+        return served.result
+
     # -- cache -------------------------------------------------------------------------------
 
     async def _cached(self, ex: Exchange) -> CachedAnswer | None:
         cache = self.cache
         if cache is None:
             return None
-        decision = cache.decide(ex.route, ex.body, ex.principal.team,
+        decision = cache.decide(ex.plan.route, ex.body, ex.principal.team,
                                 ex.headers.get("cache-control"))
         claim = ex.claim = await cache.claim(decision)
         self._count_cache(ex.route.model, claim.status)
@@ -266,8 +296,6 @@ class Pipeline:
         finally:
             await self._finish(ex)
 
-    # -- upstream ----------------------------------------------------------------------------
-
     async def _completed(self, ex: Exchange, completion: dict[str, Any]) -> Reply:
         answer = ex.answer
         answer.add_completion(completion)
@@ -281,8 +309,7 @@ class Pipeline:
         answer.usage = completion["usage"]
         ex.ttft = time.perf_counter() - ex.started
         data = orjson.dumps(completion)
-        if ex.claim is not None and self.cache is not None:
-            await self.cache.store(ex.claim, answer)
+        await self._store(ex)
         return self._ok(ex, data)
 
     async def _relay(self, ex: Exchange, stream: ChunkStream) -> AsyncIterator[Piece]:
@@ -310,8 +337,7 @@ class Pipeline:
                                                   ex.answer.usage)))
             tail.append(SSE_DONE)
             yield b"".join(tail), True
-            if ex.claim is not None and self.cache is not None:
-                await self.cache.store(ex.claim, ex.answer)
+            await self._store(ex)
         except GatewayError as exc:
             self._fail(ex, exc)
             yield sse_event(exc.body()), True
@@ -326,6 +352,11 @@ class Pipeline:
         finally:
             await stream.aclose()
             await self._finish(ex)
+
+    async def _store(self, ex: Exchange) -> None:
+        """Cache the answer, unless a fallback model gave it (not this model's answer)."""
+        if ex.claim is not None and self.cache is not None and ex.route.model == ex.plan.model:
+            await self.cache.store(ex.claim, ex.answer)
 
     def _reemit(self, ex: Exchange, batch: list[dict[str, Any]], cid: str, created: int
                 ) -> list[bytes]:
@@ -396,14 +427,13 @@ class Pipeline:
                 log.exception("observer_failed", observer=type(observer).__name__)
 
     def _observe(self, ex: Exchange, elapsed: float) -> None:
-        route = ex.route
+        model, backend = ex.plan.model, ex.route.backend  # asked for; answered by
         status = str(ex.status)
-        key = (route.model, route.backend, status)
+        key = (model, backend, status)
         self._requests[key] = self._requests.get(key, 0) + 1
-        self.metrics.child(self.metrics.latency, route.model, route.backend, status).observe(
-            elapsed)
+        self.metrics.child(self.metrics.latency, model, backend, status).observe(elapsed)
         if ex.ttft is not None and not ex.cached:
-            self.metrics.child(self.metrics.ttft, route.model, route.backend).observe(ex.ttft)
+            self.metrics.child(self.metrics.ttft, model, backend).observe(ex.ttft)
 
     def _record(self, ex: Exchange, elapsed: float) -> ExchangeRecord:
         answer, route = ex.answer, ex.route
@@ -412,9 +442,11 @@ class Pipeline:
             time=ex.wall,
             team=ex.principal.team,
             key_id=ex.principal.key_id,
-            model=route.model,
+            model=ex.plan.model,
             backend=route.backend,
             upstream_model=route.upstream_model,
+            served_model=route.model,
+            attempts=ex.attempts,
             stream=ex.chat.stream,
             messages=ex.body["messages"],
             answer=answer.text,
@@ -452,6 +484,8 @@ class Pipeline:
         if ex.admission is not None:
             limits = {name.decode(): value.decode() for name, value in ex.admission.headers}
             headers = {**limits, **headers}
+        if ex.attempts:
+            headers["x-gateway-attempts"] = str(ex.attempts)
         return Reply(exc.status, headers, exc.json(), upstream_wait=ex.upstream_wait)
 
 

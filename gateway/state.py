@@ -9,11 +9,12 @@ from starlette.types import ASGIApp
 
 from gateway.analytics.assembly import Analytics
 from gateway.auth import KeyAuthority
-from gateway.backends.base import Backend, Route
+from gateway.backends.base import Backend
 from gateway.components import Components
 from gateway.config import GatewayConfig
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
+from gateway.routing.table import ModelPlan
 from gateway.serving import Drain
 
 
@@ -21,7 +22,7 @@ from gateway.serving import Drain
 class GatewayState:
     config: GatewayConfig
     metrics: Metrics
-    routes: Mapping[str, Route]
+    plans: Mapping[str, ModelPlan]  # by public model name
     backends: Mapping[str, Backend]
     pipeline: Pipeline
     components: Components

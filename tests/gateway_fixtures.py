@@ -41,12 +41,14 @@ def gateway_config(
                       "api_key": "${MISSING_TEST_VAR:-}"},
             "dead": {"kind": "openai", "base_url": "http://127.0.0.1:9", "requires_key": False},
         },
+        # one upstream call per request: these tests count them and map each failure
+        # (retries, fallbacks and circuits have tests of their own, test_routing*.py)
         models={
-            "qa": {"backend": "inkeep", "upstream_model": "inkeep-qa"},
-            "rag": {"backend": "inkeep", "upstream_model": "inkeep-rag"},
-            "agent": {"backend": "agents", "upstream_model": "agent"},
-            "unconfigured": {"backend": "nokey"},
-            "dead": {"backend": "dead"},
+            "qa": {"backend": "inkeep", "upstream_model": "inkeep-qa", "retries": 0},
+            "rag": {"backend": "inkeep", "upstream_model": "inkeep-rag", "retries": 0},
+            "agent": {"backend": "agents", "upstream_model": "agent", "retries": 0},
+            "unconfigured": {"backend": "nokey", "retries": 0},
+            "dead": {"backend": "dead", "retries": 0},
         },
         keys=[static_key(CLIENT_KEY, id="test", team="alpha"),
               static_key(OTHER_KEY, id="other", team="beta", models=["qa"]),

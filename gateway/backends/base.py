@@ -8,7 +8,7 @@ key.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -49,7 +49,7 @@ class ChunkStream(Protocol):
     """An opened upstream stream: already past the HTTP status check. Whoever opened it
     closes it (`aclose`)."""
 
-    def batches(self) -> AsyncIterator[Batch]:
+    def batches(self) -> AsyncGenerator[Batch, None]:
         """The chunks, one `Batch` per upstream read. A failure (`UpstreamError`) is raised
         after the chunks that came before it."""
         ...

@@ -55,7 +55,7 @@ def refused_credentials(backend: str, status: int, body: bytes) -> UpstreamAuthE
     return UpstreamAuthError(
         f"The upstream '{backend}' refused the gateway's credentials (HTTP {status}). "
         "This is a gateway configuration problem, not your key: tell the gateway operator.",
-        backend=backend, detail=body_text(body))
+        backend=backend, detail=body_text(body), upstream_status=status)
 
 
 def rate_limited(backend: str, body: bytes, headers: Mapping[str, str]) -> UpstreamRateLimited:
@@ -63,7 +63,7 @@ def rate_limited(backend: str, body: bytes, headers: Mapping[str, str]) -> Upstr
     return UpstreamRateLimited(
         f"The upstream '{backend}' is rate limiting the gateway (HTTP 429). Retry later.",
         backend=backend, headers={"retry-after": retry} if retry else None,
-        detail=body_text(body))
+        detail=body_text(body), upstream_status=429)
 
 
 def rejected(backend: str, status: int, body: bytes, message: str | None) -> GatewayError:
@@ -81,7 +81,7 @@ def failed(backend: str, status: int, body: bytes, doing: str = "") -> UpstreamE
     """A 5xx or an unexpected status: our words only."""
     where = f" while {doing}" if doing else ""
     return UpstreamError(f"The upstream '{backend}' failed{where} (HTTP {status}).",
-                         backend=backend, detail=body_text(body))
+                         backend=backend, detail=body_text(body), upstream_status=status)
 
 
 def failed_mid_answer(backend: str, detail: str) -> UpstreamError:

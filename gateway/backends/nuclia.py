@@ -28,7 +28,7 @@ tests). ``synchronous: true`` in the backend config switches over.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, NamedTuple
 
 import orjson
@@ -297,7 +297,7 @@ class NucliaChunkStream:
         self._translator = AskTranslator(backend=backend, cid=completion_id(), model=model,
                                          created=int(time.time()), learning_id=learning_id)
 
-    async def batches(self) -> AsyncIterator[Batch]:
+    async def batches(self) -> AsyncGenerator[Batch, None]:
         """One batch per upstream read; the finish chunk, sent when the body ends, is the
         last. The role chunk leaves with the first read's batch."""
         decoder = NdjsonDecoder()

@@ -9,7 +9,7 @@ off, never as complete.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import orjson
@@ -58,7 +58,7 @@ class OpenAIChunkStream:
         self._response = response
         self._backend = backend
 
-    async def batches(self) -> AsyncIterator[Batch]:
+    async def batches(self) -> AsyncGenerator[Batch, None]:
         """One batch per upstream read; the read that carried ``[DONE]`` is the last."""
         decoder = SSEDecoder()
         finished = False

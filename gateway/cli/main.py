@@ -13,7 +13,13 @@ from typing import Any
 from gateway.app import create_app
 from gateway.cli import keys_command, outbox_command, usage_command
 from gateway.cli.command import CONFIG_HELP, table
-from gateway.config import ConfigError, GatewayConfig, config_path, load_config
+from gateway.config import (
+    BackendConfig,
+    ConfigError,
+    GatewayConfig,
+    config_path,
+    load_config,
+)
 from gateway.demo import demo_app
 from gateway.errors import GatewayError
 from gateway.logs import configure_logging
@@ -70,23 +76,37 @@ def app_factory() -> Any:
 
 
 def routing_table(config: GatewayConfig) -> str:
-    rows = [("MODEL", "BACKEND", "KIND", "UPSTREAM MODEL", "BASE URL", "CREDENTIALS")]
+    """One row per deployment of each model (weight, fallbacks and retries on its first)."""
+    rows = [("MODEL", "BACKEND", "WEIGHT", "KIND", "UPSTREAM MODEL", "BASE URL",
+             "CREDENTIALS", "FALLBACKS", "RETRIES")]
     for name, model in sorted(config.models.items()):
-        backend = config.backends[model.backend]
-        if backend.credential():
-            creds = "set"
-        elif not backend.requires_key:
-            creds = "not needed"
-        else:
-            creds = f"missing: set {backend.api_key_env or 'api_key'}"
-        rows.append((name, model.backend, backend.kind, model.upstream_model or name,
-                     backend.base_url + (f" (kb {backend.kbid})" if backend.kbid else ""),
-                     creds))
+        for i, deployment in enumerate(model.deployment_list(name)):
+            backend = config.backends[deployment.backend]
+            rows.append((
+                name if i == 0 else "", deployment.backend, f"{deployment.weight:g}",
+                backend.kind, deployment.upstream_model or name,
+                backend.base_url + (f" (kb {backend.kbid})" if backend.kbid else ""),
+                _credentials(backend),
+                (",".join(model.fallbacks) or "-") if i == 0 else "",
+                str(model.retries) if i == 0 else ""))
     lines = [table(rows)]
     store = "redis" if config.redis_url else "memory (in-process)"
+    circuit = config.routing.circuit
     lines.append(f"\nstore: {store}; sinks: {len(config.analytics.sinks)}; "
                  f"static keys: {len(config.keys.static)}")
+    lines.append(f"routing: retry budget {config.routing.retry_budget.ratio:.0%} of requests "
+                 f"per {config.routing.retry_budget.window:g} s; circuits open after "
+                 f"{circuit.failures} failures in a row or {circuit.error_rate:.0%} errors, "
+                 f"for {circuit.cooldown:g} s")
     return "\n".join(lines)
+
+
+def _credentials(backend: BackendConfig) -> str:
+    if backend.credential():
+        return "set"
+    if not backend.requires_key:
+        return "not needed"
+    return f"missing: set {backend.api_key_env or 'api_key'}"
 
 
 def _check_config(args: argparse.Namespace) -> int:

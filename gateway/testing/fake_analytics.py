@@ -22,33 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-
-@dataclass
-class Faults:
-    """What the next requests get instead of a normal answer."""
-
-    status: int = 500
-    next_n: int = 0
-    until: float = 0.0  # monotonic deadline of a failure window
-    hang: float = 0.0  # > 0: sleep this long instead of answering with `status`
-    paths: tuple[str, ...] = ()  # empty: every path
-
-    def fail_next(self, n: int, status: int = 500, *, hang: float = 0.0) -> None:
-        self.next_n, self.status, self.hang = n, status, hang
-
-    def fail_for(self, seconds: float, status: int = 500, *, hang: float = 0.0) -> None:
-        self.until, self.status, self.hang = time.monotonic() + seconds, status, hang
-
-    def clear(self) -> None:
-        self.next_n, self.until, self.hang = 0, 0.0, 0.0
-
-    def take(self, path: str) -> bool:
-        if self.paths and path not in self.paths:
-            return False
-        if self.next_n > 0:
-            self.next_n -= 1
-            return True
-        return time.monotonic() < self.until
+from gateway.testing.faults import Faults
 
 
 @dataclass

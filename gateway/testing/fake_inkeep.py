@@ -21,6 +21,7 @@ message select a scenario:
     [chunks=N]  N content chunks (default 10)
 
 Every request is counted on ``app.state.calls``; the last body and headers are kept.
+``app.state.faults`` (`gateway.testing.faults.Faults`) injects failures whatever the question.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
+
+from gateway.testing.faults import Faults
 
 SAMPLE_NOTE = "(sample answer from the gateway's local fake Inkeep upstream)"
 _CHUNKS = re.compile(r"\[chunks=(\d+)\]")
@@ -89,6 +92,14 @@ def _error_body(status: int, agents: bool) -> tuple[bytes, str]:
     return orjson.dumps({"error": {"message": message, "type": "api_error"}}), "application/json"
 
 
+async def _injected(faults: Faults, agents: bool) -> Response:
+    if faults.hang:
+        await asyncio.sleep(faults.hang)
+    data, media = _error_body(faults.status, agents)
+    headers = {"retry-after": faults.retry_after} if faults.retry_after else {}
+    return Response(data, status_code=faults.status, media_type=media, headers=headers)
+
+
 def create_fake_inkeep_app(*, api_key: str | None = None, delay: float = 0.0) -> Starlette:
     """`api_key`: when set, requests without ``Authorization: Bearer <api_key>`` get a 401."""
 
@@ -100,6 +111,8 @@ def create_fake_inkeep_app(*, api_key: str | None = None, delay: float = 0.0) ->
         state.calls += 1
         state.last_body = body
         state.last_headers = dict(request.headers)
+        if state.faults.take(request.url.path):
+            return await _injected(state.faults, agents)
         if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
             data, media = _error_body(401, agents)
             return Response(data, status_code=401, media_type=media)
@@ -157,6 +170,7 @@ def create_fake_inkeep_app(*, api_key: str | None = None, delay: float = 0.0) ->
         Route("/run/v1/chat/completions", completions, methods=["POST"]),
     ])
     app.state.calls = 0
+    app.state.faults = Faults()
     app.state.streams_finished = 0
     app.state.streams_cancelled = 0
     app.state.last_body = None

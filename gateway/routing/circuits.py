@@ -1,0 +1,162 @@
+"""Circuit breakers, one per deployment (named by its backend).
+
+    closed ── `failures` in a row, or an error rate over the window ──► open
+      ▲                                                                 │ cooldown
+      └──────── the probe succeeds ◄── half-open: one probe request ◄───┘
+                (it fails: open again)
+
+Each replica counts the outcomes it sees; a circuit it opens is opened for every replica
+through the `CircuitStore` (Redis), which `sync` reads every `SYNC_SECONDS`, and only one
+replica probes a deployment whose cooldown is over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import structlog
+
+from gateway.config import CircuitConfig
+from gateway.errors import ServiceUnavailable
+from gateway.stores.circuits import CircuitStore
+
+log = structlog.get_logger("gateway.routing.circuits")
+
+CLOSED, HALF_OPEN, OPEN = 0, 1, 2  # also the values of the `gateway_circuit_state` gauge
+STATE_NAMES = {CLOSED: "closed", HALF_OPEN: "half_open", OPEN: "open"}
+SYNC_SECONDS = 1.0
+
+
+@dataclass(slots=True)
+class _Circuit:
+    state: int = CLOSED
+    open_until: float = 0.0
+    failures_in_row: int = 0
+    outcomes: deque[tuple[float, bool]] = field(default_factory=deque)  # (when, ok)
+    probing: bool = False
+
+
+class Circuits:
+    def __init__(self, config: CircuitConfig, store: CircuitStore, names: Iterable[str], *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.store = store
+        self.clock = clock
+        self._circuits = {name: _Circuit() for name in names}
+        self._syncing: asyncio.Task[None] | None = None
+
+    # -- the request path --------------------------------------------------------------------
+
+    async def allow(self, name: str) -> bool:
+        """Whether a request may go to `name` now: closed, or this one is its probe."""
+        circuit = self._circuits[name]
+        if circuit.state == CLOSED:
+            return True
+        now = self.clock()
+        if circuit.probing or (circuit.state == OPEN and now < circuit.open_until):
+            return False
+        try:
+            won = await self.store.claim_probe(name, self.config.cooldown)
+        except ServiceUnavailable:
+            won = True  # no shared store to ask: this replica probes for itself
+        if not won:  # another replica probes: look again in a moment
+            circuit.open_until = now + SYNC_SECONDS
+            return False
+        circuit.state, circuit.probing = HALF_OPEN, True
+        return True
+
+    def record(self, name: str, ok: bool) -> None:
+        """The outcome of one attempt on `name` (a failure is the deployment's: a 5xx, a 429,
+        a timeout, a refused connection)."""
+        circuit = self._circuits[name]
+        now = self.clock()
+        if circuit.probing:
+            circuit.probing = False
+            self.store.probe_done(name)
+            if ok:
+                self._close(name, circuit)
+            else:
+                self._open(name, circuit, now, "probe_failed")
+            return
+        if circuit.state != CLOSED:
+            return  # an attempt begun before the circuit opened
+        outcomes = circuit.outcomes
+        outcomes.append((now, ok))
+        while outcomes[0][0] <= now - self.config.window:
+            outcomes.popleft()
+        circuit.failures_in_row = 0 if ok else circuit.failures_in_row + 1
+        if not ok and self._tripped(circuit):
+            self._open(name, circuit, now, "failing")
+
+    def _tripped(self, circuit: _Circuit) -> bool:
+        config = self.config
+        if circuit.failures_in_row >= config.failures:
+            return True
+        total = len(circuit.outcomes)
+        failed = sum(1 for _, ok in circuit.outcomes if not ok)
+        return total >= config.min_requests and failed / total >= config.error_rate
+
+    def _open(self, name: str, circuit: _Circuit, now: float, why: str) -> None:
+        circuit.state, circuit.open_until = OPEN, now + self.config.cooldown
+        circuit.failures_in_row = 0
+        circuit.outcomes.clear()
+        self.store.trip(name, self.config.cooldown)
+        log.warning("circuit_opened", deployment=name, why=why, cooldown=self.config.cooldown)
+
+    def _close(self, name: str, circuit: _Circuit) -> None:
+        circuit.state, circuit.failures_in_row = CLOSED, 0
+        circuit.outcomes.clear()
+        log.info("circuit_closed", deployment=name)
+
+    # -- shared state ------------------------------------------------------------------------
+
+    async def sync(self) -> None:
+        """Open here what another replica opened."""
+        now = self.clock()
+        for name, left in (await self.store.opened()).items():
+            circuit = self._circuits.get(name)
+            if circuit is not None and circuit.state == CLOSED:
+                circuit.state, circuit.open_until = OPEN, now + left
+                circuit.outcomes.clear()
+                log.warning("circuit_opened", deployment=name, why="another_replica")
+
+    async def start(self) -> None:
+        self._syncing = asyncio.create_task(self._sync_loop(), name="circuits-sync")
+
+    async def aclose(self) -> None:
+        if self._syncing is not None:
+            self._syncing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._syncing
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SYNC_SECONDS)
+            with contextlib.suppress(ServiceUnavailable):  # the store is away: keep our view
+                await self.sync()
+
+    # -- what operators see --------------------------------------------------------------------
+
+    def state(self, name: str) -> int:
+        return self._circuits[name].state
+
+    def health(self) -> list[dict[str, object]]:
+        """Each deployment's circuit: state, failures in a row, recent outcomes."""
+        now = self.clock()
+        rows: list[dict[str, object]] = []
+        for name, circuit in sorted(self._circuits.items()):
+            recent = [ok for when, ok in circuit.outcomes if when > now - self.config.window]
+            rows.append({
+                "deployment": name, "state": STATE_NAMES[circuit.state],
+                "failures_in_row": circuit.failures_in_row,
+                "recent_requests": len(recent),
+                "recent_errors": sum(1 for ok in recent if not ok),
+                "reopens_in": max(0.0, round(circuit.open_until - now, 3))
+                if circuit.state == OPEN else None,
+            })
+        return rows

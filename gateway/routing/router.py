@@ -1,0 +1,256 @@
+"""The router: opens an answer for a model on one of its deployments, retrying while nothing
+has reached the client, then on its fallback models.
+
+For each model in turn (the one asked for, then its `fallbacks`), up to 1 + `retries`
+attempts: each goes to a deployment whose circuit allows it, chosen by weight among those
+not tried yet (the least busy of two picks), else the same one again. An attempt that fails
+with something worth retrying (a refused connection, a timeout, a 429, a 5xx, Nuclia's
+overload statuses, a stream that broke before its first chunk) is followed, after an
+exponential backoff with full jitter (or the upstream's ``retry-after`` when it fits in
+``routing.max_wait``), by the next one, if the backend's retry budget allows; other errors (a
+4xx about the request) end the request at once. A stream is handed to the client only once
+its first chunks arrived, so a retry never repeats something the client saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from gateway.backends.base import Batch, ChunkStream, Route, UpstreamCall
+from gateway.config import RoutingConfig
+from gateway.errors import (
+    GatewayError,
+    ServiceUnavailable,
+    UpstreamAuthError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from gateway.routing.budget import RetryBudget
+from gateway.routing.circuits import Circuits
+from gateway.routing.table import Deployment, ModelPlan
+
+T = TypeVar("T")
+# statuses of an upstream that may answer the same request on the next try (529 and 530 are
+# Nuclia's: its rephrasing or retrieval stage was overloaded)
+RETRY_STATUSES = frozenset({500, 502, 503, 504, 529, 530})
+
+
+def retryable(exc: GatewayError) -> bool:
+    """Whether a failure before the first byte is worth another attempt."""
+    if isinstance(exc, UpstreamAuthError) or not isinstance(exc, UpstreamError):
+        return False  # our credentials, or the request itself: the same answer again
+    if isinstance(exc, UpstreamUnavailable | UpstreamTimeout | UpstreamRateLimited
+                  | UpstreamProtocolError):
+        return True
+    return exc.upstream_status is None or exc.upstream_status in RETRY_STATUSES
+
+
+def retry_after(exc: GatewayError) -> float | None:
+    try:
+        return float(exc.headers["retry-after"])
+    except (KeyError, ValueError):
+        return None
+
+
+@dataclass(slots=True)
+class Served(Generic[T]):
+    """An answer opened on `deployment` of `model` (a fallback's name when one answered),
+    after `attempts` upstream calls."""
+
+    result: T
+    deployment: Deployment
+    call: UpstreamCall  # the answering attempt's (its reply headers, its route)
+    model: str
+    attempts: int
+
+
+class RoutingFailed(Exception):
+    """Every attempt failed: `error` is the last failure, told to the client."""
+
+    def __init__(self, error: GatewayError, attempts: int) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.attempts = attempts
+
+
+class _Attempts:
+    """The state of one client request's attempts: how many, until when they may wait."""
+
+    def __init__(self, max_wait: float) -> None:
+        self.count = 0
+        self.deadline = time.monotonic() + max_wait
+        self.last: GatewayError | None = None
+
+
+class Router:
+    def __init__(self, plans: Mapping[str, ModelPlan], config: RoutingConfig,
+                 circuits: Circuits, budget: RetryBudget, *,
+                 on_attempt: Callable[[Deployment, str], None] = lambda d, outcome: None,
+                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+                 rng: random.Random | None = None) -> None:
+        self.plans = plans
+        self.config = config
+        self.circuits = circuits
+        self.budget = budget
+        self.on_attempt = on_attempt  # (deployment, outcome): for the metrics
+        self.sleep = sleep
+        self.rng = rng or random.Random()
+        self._busy: dict[str, int] = {}  # requests in flight per deployment, on this replica
+
+    def health(self) -> list[dict[str, Any]]:
+        """Per model, its deployments with their circuit and requests in flight here."""
+        circuits = {row["deployment"]: row for row in self.circuits.health()}
+        return [{"model": plan.model, "retries": plan.retries, "fallbacks": list(plan.fallbacks),
+                 "deployments": [{**circuits[d.name], "upstream_model": d.route.upstream_model,
+                                  "weight": d.weight, "in_flight": self._busy.get(d.name, 0)}
+                                 for d in plan.deployments]}
+                for plan in self.plans.values()]
+
+    async def stream(self, plan: ModelPlan, call: Callable[[Route], UpstreamCall]
+                     ) -> Served[ChunkStream]:
+        async def open_stream(deployment: Deployment, upstream: UpstreamCall) -> ChunkStream:
+            return await _first_chunks(await deployment.backend.stream(upstream))
+
+        return await self._serve(plan, call, open_stream)
+
+    async def complete(self, plan: ModelPlan, call: Callable[[Route], UpstreamCall]
+                       ) -> Served[dict[str, Any]]:
+        async def complete(deployment: Deployment, upstream: UpstreamCall) -> dict[str, Any]:
+            return await deployment.backend.complete(upstream)
+
+        return await self._serve(plan, call, complete)
+
+    async def _serve(self, plan: ModelPlan, call: Callable[[Route], UpstreamCall],
+                     attempt: Callable[[Deployment, UpstreamCall], Awaitable[T]]) -> Served[T]:
+        attempts = _Attempts(self.config.max_wait)
+        for model in (plan, *(self.plans[name] for name in plan.fallbacks)):
+            served = await self._on_model(model, call, attempt, attempts)
+            if served is not None:
+                return served
+        error = attempts.last or ServiceUnavailable(
+            f"No deployment of the model '{plan.model}' is available: they are taken out "
+            "after repeated failures. Retry shortly.", code="deployments_unavailable")
+        raise RoutingFailed(error, attempts.count)
+
+    async def _on_model(self, plan: ModelPlan, call: Callable[[Route], UpstreamCall],
+                        attempt: Callable[[Deployment, UpstreamCall], Awaitable[T]],
+                        attempts: _Attempts) -> Served[T] | None:
+        tried: set[str] = set()
+        for n in range(1 + plan.retries):
+            deployment = await self._pick(plan, tried, retry=attempts.count > 0)
+            if deployment is None:
+                return None
+            tried.add(deployment.name)
+            self.budget.count(deployment.name, retry=attempts.count > 0)
+            attempts.count += 1
+            self._busy[deployment.name] = self._busy.get(deployment.name, 0) + 1
+            upstream = call(deployment.route)
+            try:
+                result = await attempt(deployment, upstream)
+            except GatewayError as exc:
+                if not self._failed(deployment, exc):
+                    raise RoutingFailed(exc, attempts.count) from exc
+                attempts.last = exc
+                untried = any(d.name not in tried for d in plan.deployments)
+                if not await self._back_off(n, exc, attempts, untried=untried):
+                    return None
+                continue
+            finally:
+                self._busy[deployment.name] -= 1
+            self.circuits.record(deployment.name, ok=True)
+            self.on_attempt(deployment, "success")
+            return Served(result, deployment, upstream, plan.model, attempts.count)
+        return None
+
+    def _failed(self, deployment: Deployment, exc: GatewayError) -> bool:
+        """Count a failed attempt; whether another one is worth it."""
+        again = retryable(exc)
+        # a 4xx about the request says nothing about the deployment's health
+        if again or isinstance(exc, UpstreamAuthError):
+            self.circuits.record(deployment.name, ok=False)
+        else:
+            self.circuits.record(deployment.name, ok=True)
+        self.on_attempt(deployment, "retryable_error" if again else "error")
+        return again
+
+    async def _back_off(self, n: int, exc: GatewayError, attempts: _Attempts, *,
+                        untried: bool) -> bool:
+        """Before the next attempt: none when another deployment is still untried; else the
+        upstream's retry-after, or an exponential backoff with full jitter. False when that
+        wait does not fit in what is left of `max_wait` (a fallback, if any, goes next)."""
+        if untried:
+            return True
+        backoff = self.config.backoff
+        asked = retry_after(exc)
+        wait = asked if asked is not None else self.rng.uniform(
+            0, min(backoff.max, backoff.initial * 2 ** n))
+        if wait > attempts.deadline - time.monotonic():
+            return False
+        await self.sleep(wait)
+        return True
+
+    async def _pick(self, plan: ModelPlan, tried: set[str], *, retry: bool
+                    ) -> Deployment | None:
+        """A deployment with credentials, budget (for a retry) and a circuit that allows it:
+        weighted among the untried (the less busy of two picks), else one already tried."""
+        fresh = [d for d in plan.deployments if d.name not in tried]
+        for pool in (fresh, list(plan.deployments)):
+            while pool:
+                choice = self._choose(pool)
+                pool = [d for d in pool if d is not choice]
+                if choice.backend.credentials_missing():
+                    continue
+                if retry and not self.budget.allows_retry(choice.name):
+                    self.on_attempt(choice, "budget_exhausted")
+                    continue
+                if await self.circuits.allow(choice.name):
+                    return choice
+        return None
+
+    def _choose(self, pool: list[Deployment]) -> Deployment:
+        if len(pool) == 1:
+            return pool[0]
+        weights = [d.weight for d in pool]
+        a, b = self.rng.choices(pool, weights, k=2)
+        return a if self._busy.get(a.name, 0) <= self._busy.get(b.name, 0) else b
+
+
+async def _first_chunks(stream: ChunkStream) -> ChunkStream:
+    """`stream` once its first batch arrived (a failure before it is the open's failure)."""
+    batches = stream.batches()
+    try:
+        first = await anext(batches, None)
+    except BaseException:
+        await stream.aclose()
+        raise
+    return _Begun(stream, batches, first)
+
+
+class _Begun:
+    """A stream whose first batch was read: it is given first, then the rest."""
+
+    def __init__(self, stream: ChunkStream, rest: AsyncGenerator[Batch, None],
+                 first: Batch | None) -> None:
+        self._stream = stream
+        self._rest = rest
+        self._first = first
+
+    async def batches(self) -> AsyncGenerator[Batch, None]:
+        if self._first is not None:
+            yield self._first
+            if self._first[1]:
+                return
+        async for batch in self._rest:
+            yield batch
+
+    async def aclose(self) -> None:
+        await self._rest.aclose()
+        await self._stream.aclose()

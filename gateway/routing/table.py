@@ -1,0 +1,52 @@
+"""The routing table: each public model's deployments (a backend, its upstream model, a
+weight), its fallback models and its retries, built once from the config."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from gateway.backends.base import Backend, Route
+from gateway.config import GatewayConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """A backend serving a model. `name` is the backend's: it labels metrics and keys the
+    circuit breaker, which protects the backend whichever model reaches it."""
+
+    name: str
+    route: Route
+    backend: Backend
+    weight: float
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPlan:
+    model: str
+    deployments: tuple[Deployment, ...]
+    fallbacks: tuple[str, ...]
+    retries: int
+
+    @property
+    def route(self) -> Route:
+        """The model's first deployment's route: what its cache keys are made of, so that
+        answers of any of its deployments share entries."""
+        return self.deployments[0].route
+
+    def credentials_missing(self) -> str | None:
+        """The variable to set when no deployment has its credentials, else None."""
+        missing = [d.backend.credentials_missing() for d in self.deployments]
+        return None if None in missing else missing[0]
+
+
+def build_table(config: GatewayConfig, backends: Mapping[str, Backend]) -> dict[str, ModelPlan]:
+    table = {}
+    for name, model in config.models.items():
+        options = dict(model.nuclia)
+        deployments = tuple(
+            Deployment(d.backend, Route(name, d.backend, d.upstream_model or name, options),
+                       backends[d.backend], d.weight)
+            for d in model.deployment_list(name))
+        table[name] = ModelPlan(name, deployments, tuple(model.fallbacks), model.retries)
+    return table
