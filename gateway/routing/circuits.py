@@ -15,14 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import structlog
 
 from gateway.config import CircuitConfig
 from gateway.errors import ServiceUnavailable
+from gateway.routing.window import Window
 from gateway.stores.circuits import CircuitStore
 
 log = structlog.get_logger("gateway.routing.circuits")
@@ -34,10 +34,10 @@ SYNC_SECONDS = 1.0
 
 @dataclass(slots=True)
 class _Circuit:
+    outcomes: Window  # requests, failures
     state: int = CLOSED
     open_until: float = 0.0
     failures_in_row: int = 0
-    outcomes: deque[tuple[float, bool]] = field(default_factory=deque)  # (when, ok)
     probing: bool = False
 
 
@@ -47,7 +47,7 @@ class Circuits:
         self.config = config
         self.store = store
         self.clock = clock
-        self._circuits = {name: _Circuit() for name in names}
+        self._circuits = {name: _Circuit(Window(config.window, clock)) for name in names}
         self._syncing: asyncio.Task[None] | None = None
 
     # -- the request path --------------------------------------------------------------------
@@ -85,20 +85,20 @@ class Circuits:
             return
         if circuit.state != CLOSED:
             return  # an attempt begun before the circuit opened
-        outcomes = circuit.outcomes
-        outcomes.append((now, ok))
-        while outcomes[0][0] <= now - self.config.window:
-            outcomes.popleft()
-        circuit.failures_in_row = 0 if ok else circuit.failures_in_row + 1
-        if not ok and self._tripped(circuit):
+        if ok:
+            circuit.outcomes.add(1, 0)
+            circuit.failures_in_row = 0
+            return
+        circuit.outcomes.add(1, 1)
+        circuit.failures_in_row += 1
+        if self._tripped(circuit):
             self._open(name, circuit, now, "failing")
 
     def _tripped(self, circuit: _Circuit) -> bool:
         config = self.config
         if circuit.failures_in_row >= config.failures:
             return True
-        total = len(circuit.outcomes)
-        failed = sum(1 for _, ok in circuit.outcomes if not ok)
+        total, failed = circuit.outcomes.totals()
         return total >= config.min_requests and failed / total >= config.error_rate
 
     def _open(self, name: str, circuit: _Circuit, now: float, why: str) -> None:
@@ -150,12 +150,12 @@ class Circuits:
         now = self.clock()
         rows: list[dict[str, object]] = []
         for name, circuit in sorted(self._circuits.items()):
-            recent = [ok for when, ok in circuit.outcomes if when > now - self.config.window]
+            requests, errors = circuit.outcomes.totals()
             rows.append({
                 "deployment": name, "state": STATE_NAMES[circuit.state],
                 "failures_in_row": circuit.failures_in_row,
-                "recent_requests": len(recent),
-                "recent_errors": sum(1 for ok in recent if not ok),
+                "recent_requests": requests,
+                "recent_errors": errors,
                 "reopens_in": max(0.0, round(circuit.open_until - now, 3))
                 if circuit.state == OPEN else None,
             })

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -116,17 +116,11 @@ class Router:
 
     async def stream(self, plan: ModelPlan, call: Callable[[Route], UpstreamCall]
                      ) -> Served[ChunkStream]:
-        async def open_stream(deployment: Deployment, upstream: UpstreamCall) -> ChunkStream:
-            return await _first_chunks(await deployment.backend.stream(upstream))
-
-        return await self._serve(plan, call, open_stream)
+        return await self._serve(plan, call, _open_stream)
 
     async def complete(self, plan: ModelPlan, call: Callable[[Route], UpstreamCall]
                        ) -> Served[dict[str, Any]]:
-        async def complete(deployment: Deployment, upstream: UpstreamCall) -> dict[str, Any]:
-            return await deployment.backend.complete(upstream)
-
-        return await self._serve(plan, call, complete)
+        return await self._serve(plan, call, _complete)
 
     async def _serve(self, plan: ModelPlan, call: Callable[[Route], UpstreamCall],
                      attempt: Callable[[Deployment, UpstreamCall], Awaitable[T]]) -> Served[T]:
@@ -201,26 +195,37 @@ class Router:
                     ) -> Deployment | None:
         """A deployment with credentials, budget (for a retry) and a circuit that allows it:
         weighted among the untried (the less busy of two picks), else one already tried."""
-        fresh = [d for d in plan.deployments if d.name not in tried]
-        for pool in (fresh, list(plan.deployments)):
-            while pool:
-                choice = self._choose(pool)
-                pool = [d for d in pool if d is not choice]
-                if choice.backend.credentials_missing():
-                    continue
-                if retry and not self.budget.allows_retry(choice.name):
-                    self.on_attempt(choice, "budget_exhausted")
-                    continue
-                if await self.circuits.allow(choice.name):
-                    return choice
+        for choice in self._ranked(plan.deployments, tried):
+            if choice.missing:
+                continue
+            if retry and not self.budget.allows_retry(choice.name):
+                self.on_attempt(choice, "budget_exhausted")
+                continue
+            if await self.circuits.allow(choice.name):
+                return choice
         return None
 
-    def _choose(self, pool: list[Deployment]) -> Deployment:
-        if len(pool) == 1:
-            return pool[0]
-        weights = [d.weight for d in pool]
-        a, b = self.rng.choices(pool, weights, k=2)
-        return a if self._busy.get(a.name, 0) <= self._busy.get(b.name, 0) else b
+    def _ranked(self, deployments: tuple[Deployment, ...], tried: set[str]
+                ) -> Sequence[Deployment]:
+        """The order to try deployments in: the untried first, each next one the less busy
+        of two picks by weight."""
+        if len(deployments) == 1:
+            return deployments
+        pool, order = list(deployments), []
+        while pool:
+            a, b = self.rng.choices(pool, [d.weight for d in pool], k=2)
+            choice = a if self._busy.get(a.name, 0) <= self._busy.get(b.name, 0) else b
+            order.append(choice)
+            pool.remove(choice)
+        return sorted(order, key=lambda d: d.name in tried)  # stable: untried first
+
+
+async def _complete(deployment: Deployment, upstream: UpstreamCall) -> dict[str, Any]:
+    return await deployment.backend.complete(upstream)
+
+
+async def _open_stream(deployment: Deployment, upstream: UpstreamCall) -> ChunkStream:
+    return await _first_chunks(await deployment.backend.stream(upstream))
 
 
 async def _first_chunks(stream: ChunkStream) -> ChunkStream:

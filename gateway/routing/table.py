@@ -19,6 +19,8 @@ class Deployment:
     route: Route
     backend: Backend
     weight: float
+    # the variable its credentials come from, when they are missing (fixed at start-up)
+    missing: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,8 +38,9 @@ class ModelPlan:
 
     def credentials_missing(self) -> str | None:
         """The variable to set when no deployment has its credentials, else None."""
-        missing = [d.backend.credentials_missing() for d in self.deployments]
-        return None if None in missing else missing[0]
+        if any(d.missing is None for d in self.deployments):
+            return None
+        return self.deployments[0].missing
 
 
 def build_table(config: GatewayConfig, backends: Mapping[str, Backend]) -> dict[str, ModelPlan]:
@@ -46,7 +49,7 @@ def build_table(config: GatewayConfig, backends: Mapping[str, Backend]) -> dict[
         options = dict(model.nuclia)
         deployments = tuple(
             Deployment(d.backend, Route(name, d.backend, d.upstream_model or name, options),
-                       backends[d.backend], d.weight)
+                       backends[d.backend], d.weight, backends[d.backend].credentials_missing())
             for d in model.deployment_list(name))
         table[name] = ModelPlan(name, deployments, tuple(model.fallbacks), model.retries)
     return table
