@@ -179,3 +179,35 @@ def test_run_time_files_are_not_committed() -> None:
         capture_output=True, text=True, timeout=30)
     assert ignored.stdout.split() == ["config/keys.json", "config/keys.json.lock",
                                       "config/var/x"]
+
+
+def test_check_config_shows_deployments_weights_and_fallbacks(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "gateway.yaml"
+    with_deployments = GOOD.replace("  docs: {backend: kb}\n", """  docs:
+    deployments:
+      - {backend: kb, weight: 3}
+      - {backend: inkeep, upstream_model: inkeep-qa}
+    fallbacks: [qa]
+    retries: 1
+""")
+    assert with_deployments != GOOD
+    config.write_text(with_deployments)
+    assert main(["check-config", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    docs = [line.split() for line in out.splitlines() if "docs" in line or "inkeep-qa" in line]
+    assert ["docs", "kb", "3", "nuclia", "docs"] == docs[0][:5] and docs[0][-2:] == ["qa", "1"]
+    assert "routing: retry budget 20% of requests" in out
+
+
+@pytest.mark.parametrize(("models", "expected"), [
+    ("  m: {backend: b, deployments: [{backend: b}]}\n", "either 'backend' or 'deployments'"),
+    ("  m: {}\n", "either 'backend' or 'deployments'"),
+    ("  m: {deployments: [{backend: b}, {backend: b}]}\n", "each backend at most once"),
+    ("  m: {deployments: [{backend: nope}]}\n", "models.m.deployments.0.backend: unknown"),
+    ("  m: {backend: b, fallbacks: [m]}\n", "models.m.fallbacks: 'm' is not another model"),
+])
+def test_routing_mistakes_name_the_key(models: str, expected: str) -> None:
+    text = "backends:\n  b: {kind: openai, base_url: 'http://x/v1'}\nmodels:\n" + models
+    with pytest.raises(ConfigError, match=expected):
+        parse_config(text, env={})

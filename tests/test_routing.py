@@ -220,3 +220,15 @@ async def test_one_replicas_evidence_protects_the_others(
         for _ in range(20):
             assert (await ask(second)).headers["x-gateway-backend"] == "inkeep-b"
         assert a.state.calls == seen
+
+
+async def test_traffic_is_shared_by_weight(fakes: dict[str, tuple[Starlette, str]]) -> None:
+    a, b = fakes["a"][0], fakes["b"][0]
+    models = {"qa": {"deployments": [
+        {"backend": "inkeep-a", "upstream_model": "inkeep-qa", "weight": 3},
+        {"backend": "inkeep-b", "upstream_model": "inkeep-qa", "weight": 1}]}}
+    async with serve_gateway(config(fakes, models)) as url, client(url) as sdk:
+        for _ in range(200):
+            await ask(sdk)
+    assert a.state.calls + b.state.calls == 200
+    assert 0.6 <= a.state.calls / 200 <= 0.9, (a.state.calls, b.state.calls)
