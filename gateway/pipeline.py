@@ -87,6 +87,7 @@ class Reply:
     media_type: str = "application/json"
     raw_headers: Sequence[tuple[bytes, bytes]] = ()  # sent after `headers`, already encoded
     upstream_wait: float = 0.0  # seconds spent waiting for the upstream before the reply
+    route: Route | None = None  # None: refused before it was routed
 
 
 @dataclass(slots=True)
@@ -441,9 +442,10 @@ class Pipeline:
         headers = ex.extra_headers
         raw = ex.admission.headers if ex.admission is not None else ()
         if stream is None:
-            return Reply(200, headers, body, raw_headers=raw, upstream_wait=ex.upstream_wait)
+            return Reply(200, headers, body, raw_headers=raw, upstream_wait=ex.upstream_wait,
+                         route=ex.route)
         return Reply(200, headers, stream=stream, media_type="text/event-stream",
-                     raw_headers=raw, upstream_wait=ex.upstream_wait)
+                     raw_headers=raw, upstream_wait=ex.upstream_wait, route=ex.route)
 
     def _error_reply(self, exc: GatewayError, ex: Exchange | None = None) -> Reply:
         headers = dict(exc.headers)
@@ -452,7 +454,8 @@ class Pipeline:
         if ex.admission is not None:
             limits = {name.decode(): value.decode() for name, value in ex.admission.headers}
             headers = {**limits, **headers}
-        return Reply(exc.status, headers, exc.json(), upstream_wait=ex.upstream_wait)
+        return Reply(exc.status, headers, exc.json(), upstream_wait=ex.upstream_wait,
+                     route=ex.route)
 
 
 def _ids() -> tuple[str, int]:

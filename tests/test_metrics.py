@@ -1,9 +1,10 @@
-"""`/metrics` beyond the request counters: process and platform figures, one worker and
-several."""
+"""`/metrics` beyond the request counters: process and platform figures (one worker and
+several), and the overhead histogram, which holds the figure of ``x-gateway-overhead-ms``."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -13,8 +14,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import Metrics
 from gateway.testing.configs import config_yaml
+from gateway.testing.fake_inkeep import create_fake_inkeep_app
 from gateway.testing.process import run_gateway
+from gateway.testing.server import run_server
 from tests.eventually import eventually
+from tests.gateway_fixtures import CLIENT_KEY, UPSTREAM_KEY, gateway_config, serve_gateway
 
 PROCESS_FIGURES = ("process_resident_memory_bytes", "process_virtual_memory_bytes",
                    "process_cpu_seconds_total", "process_open_fds", "process_max_fds",
@@ -90,3 +94,36 @@ async def test_several_workers_export_their_figures_together(tmp_path: Path,
     [(_, max_fds)] = found["process_max_fds"]
     assert 0 < open_fds < max_fds
     assert len(found["python_info"]) == 1
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[str]:
+    async with run_server(create_fake_inkeep_app(api_key=UPSTREAM_KEY)) as upstream, \
+            serve_gateway(gateway_config(upstream)) as url:
+        yield url
+
+
+async def test_the_overhead_histogram_holds_the_header_figure(gateway: str) -> None:
+    headers = {"authorization": f"Bearer {CLIENT_KEY}"}
+    said: dict[tuple[str, str], list[float]] = {}
+    async with httpx.AsyncClient(base_url=gateway) as client:
+        for model, backend, stream in [("qa", "inkeep", False), ("qa", "inkeep", True),
+                                       ("dead", "dead", False)]:
+            reply = await client.post("/v1/chat/completions", headers=headers, json={
+                "model": model, "stream": stream,
+                "messages": [{"role": "user", "content": "hello"}]})
+            assert reply.status_code == (502 if model == "dead" else 200)
+            said.setdefault((model, backend), []).append(
+                float(reply.headers["x-gateway-overhead-ms"]) / 1000)
+        # refused before routing: no model to file it under, as for the latency
+        refused = await client.post("/v1/chat/completions", json={"model": "qa"})
+        assert refused.status_code == 401
+        found = samples((await client.get("/metrics")).text)
+    observed = {(labels["model"], labels["backend"]): value
+                for labels, value in found["gateway_overhead_seconds_sum"]}
+    counts = {(labels["model"], labels["backend"]): value
+              for labels, value in found["gateway_overhead_seconds_count"]}
+    assert counts == {key: len(values) for key, values in said.items()}
+    for key, values in said.items():
+        # the header rounds to a microsecond
+        assert observed[key] == pytest.approx(sum(values), abs=1e-6 * len(values)), key
