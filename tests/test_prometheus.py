@@ -327,6 +327,7 @@ async def test_every_query_of_the_dashboard_and_the_rules_returns_data(
     async with httpx.AsyncClient(base_url=observed.prometheus, timeout=10) as http:
         while True:
             for where, expr in list(waiting.items()):
+                # a value, not NaN: a quantile or a ratio of rates over nothing is NaN
                 if any(value != "NaN" for _, value in
                        (found["value"] for found in await _query(http, expr))):
                     del waiting[where]

@@ -133,13 +133,13 @@ class Mirror:
         self._writer: asyncio.Task[None] | None = None
         self._workers = {s.name: _SinkWorker(s) for s in self.sinks}
         self._stopping = False
+        self._writer_done = False
         if metrics is not None:
             # every series exists from the start: Prometheus sees no increase in a series'
             # first value, and the first dead letter must raise the alert too
             for sink in self.sinks:
                 for result in DELIVERY_RESULTS:
                     metrics.child(metrics.outbox_events, sink.name, result)
-        self._writer_done = False
 
     # -- accepting ---------------------------------------------------------------------------
 
