@@ -18,7 +18,13 @@ from gateway.testing.fake_inkeep import create_fake_inkeep_app
 from gateway.testing.process import run_gateway
 from gateway.testing.server import run_server
 from tests.eventually import eventually
-from tests.gateway_fixtures import CLIENT_KEY, UPSTREAM_KEY, gateway_config, serve_gateway
+from tests.gateway_fixtures import (
+    CLIENT_KEY,
+    UPSTREAM_KEY,
+    gateway_config,
+    serve_gateway,
+    settled,
+)
 
 PROCESS_FIGURES = ("process_resident_memory_bytes", "process_virtual_memory_bytes",
                    "process_cpu_seconds_total", "process_open_fds", "process_max_fds",
@@ -118,6 +124,7 @@ async def test_the_overhead_histogram_holds_the_header_figure(gateway: str) -> N
         # refused before routing: no model to file it under, as for the latency
         refused = await client.post("/v1/chat/completions", json={"model": "qa"})
         assert refused.status_code == 401
+        await settled(gateway)  # a stream's figure is observed once its last byte is sent
         found = samples((await client.get("/metrics")).text)
     observed = {(labels["model"], labels["backend"]): value
                 for labels, value in found["gateway_overhead_seconds_sum"]}
