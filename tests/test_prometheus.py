@@ -60,8 +60,9 @@ def tool(name: str) -> str:
     return found
 
 
-def run_tool(*argv: str | Path) -> str:
-    done = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=60)
+def run_tool(*argv: str | Path, stdin: str | None = None) -> str:
+    done = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=60,
+                          input=stdin)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout + done.stderr
 
@@ -402,3 +403,11 @@ async def test_no_label_value_comes_from_the_client(observed: Observed) -> None:
                 seen.setdefault(label, set()).add(value)
     # the traffic reached the labels it should have
     assert {"model", "backend", "team", "sink", "status", "code", "result"} <= set(seen)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_the_exposition_passes_promtool_lint(observed: Observed) -> None:
+    """Names, units, help texts and types as Prometheus's conventions want them."""
+    async with httpx.AsyncClient(base_url=observed.gateway) as http:
+        exposed = (await http.get("/metrics")).text
+    assert run_tool(tool("promtool"), "check", "metrics", stdin=exposed) == ""
