@@ -6,7 +6,7 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
 	&& echo $$p && break; done)
 
-.PHONY: run test bench lint typecheck check-config clean redis-server bench-tools
+.PHONY: run test bench lint typecheck check-config clean redis-server bench-tools prometheus
 
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.11+ is required"; exit 1; }
@@ -20,8 +20,9 @@ run: $(VENV)/.installed
 	$(VENV)/bin/gateway serve --demo
 
 ## Install with the dev extras, lint, and run the whole test suite (real redis-server, real
-## uvicorn, and the benchmark's wrk and nginx for its tests).
-test: $(VENV)/.installed redis-server bench-tools lint
+## uvicorn, the benchmark's wrk and nginx for its tests, Prometheus and promtool for the
+## dashboard's and the alert rules' tests).
+test: $(VENV)/.installed redis-server bench-tools prometheus lint
 	$(PY) -m pytest
 
 ## The benchmark (wrk + nginx as the fast fake upstream); see bench/README.md.
@@ -42,6 +43,11 @@ redis-server:
 bench-tools:
 	@command -v wrk >/dev/null && PATH="$$PATH:/usr/sbin" command -v nginx >/dev/null || \
 		$(call apt,wrk nginx-light)
+
+# without its recommends (node-exporter, smartmontools and more): the tests start their own
+prometheus:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+		$(call apt,--no-install-recommends prometheus)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -100,9 +99,10 @@ def create_app(
             state = await assemble(config, stack, metrics or Metrics(), drain,
                                    connector_factory, observers)
             app.state.gateway = state
-            if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            if state.metrics.multiprocess:
                 sampling = asyncio.create_task(state.metrics.sample_every(1.0))
                 stack.callback(sampling.cancel)
+                stack.callback(state.metrics.worker_stopped)
             if handle_signals:
                 drain.watch_signals()
             tune_gc()

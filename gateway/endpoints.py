@@ -114,6 +114,11 @@ class ChatCompletions:
             else:
                 await _send_stream(send, receive, reply.status, reply.headers, reply.stream,
                                    reply.raw_headers, state.drain)
+            # the figure of x-gateway-overhead-ms, which the middleware leaves in the scope
+            overhead = scope.get("gateway.overhead")
+            if reply.route is not None and overhead is not None:
+                metrics.child(metrics.overhead, reply.route.model, reply.route.backend
+                              ).observe(overhead)
         finally:
             metrics.in_flight_now -= 1
 

@@ -2,7 +2,8 @@
 
 With ``--workers N`` the CLI sets ``PROMETHEUS_MULTIPROC_DIR`` and `/metrics` aggregates every
 worker's values. Labels stay bounded: model (configured names), backend, status, team, sink —
-never key ids, user ids or anything a client can make up freely.
+never key ids, user ids or anything a client can make up freely (`tests/test_prometheus.py`
+sends such input and checks every label value against this list).
 """
 
 from __future__ import annotations
@@ -10,19 +11,43 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    1)
+
+
+# How the workers' process figures add up in multi-worker mode (see `_share_process_figures`)
+WORKER_FIGURES: dict[str, tuple[Literal["livesum", "livemin"], str]] = {
+    "process_resident_memory_bytes": ("livesum", "Resident memory of the live workers, bytes"),
+    "process_virtual_memory_bytes": ("livesum", "Virtual memory of the live workers, bytes"),
+    "process_open_fds": ("livesum", "Open file descriptors of the live workers"),
+    "process_max_fds": ("livesum", "File descriptor limits of the live workers, summed"),
+    "process_start_time_seconds": ("livemin", "Start of the oldest live worker, Unix seconds"),
+}
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *,
+                 multiprocess: bool | None = None) -> None:
+        """`multiprocess`: one of several workers writing to ``PROMETHEUS_MULTIPROC_DIR``
+        (by default: when that variable is set)."""
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        if multiprocess is None:
+            multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.multiprocess = multiprocess
         r = self.registry
         self.requests = Counter(
             "gateway_requests", "Chat completion requests by outcome",
@@ -80,6 +105,42 @@ class Metrics:
         self._samplers: list[Callable[[], None]] = []
         self.in_flight_now = 0  # kept by the chat endpoint; the gauge reads it when sampled
         self.sample_gauge(self.in_flight, lambda: self.in_flight_now)
+
+        # memory, CPU, file descriptors (from /proc) and python_info
+        self.exposed = r
+        if multiprocess:
+            self._share_process_figures()
+            self.exposed = CollectorRegistry()
+            MultiProcessCollector(self.exposed)  # type: ignore[no-untyped-call]
+            PlatformCollector(registry=self.exposed)
+        else:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+
+    def _share_process_figures(self) -> None:
+        """prometheus-client's multiprocess mode aggregates only the metric files the workers
+        write, so the process collector, which reads /proc of the process answering the
+        scrape, would show one worker picked at random. Each worker writes its own figures
+        instead, when sampled, and `/metrics` shows the workers together: memory and file
+        descriptors summed over the live workers, the CPU time of every worker that ran (it
+        never drops when one is replaced), the oldest worker's start. The supervisor process
+        is not counted."""
+        source = ProcessCollector(registry=None)
+        gauges = {name: Gauge(name, text, registry=self.registry, multiprocess_mode=mode)
+                  for name, (mode, text) in WORKER_FIGURES.items()}
+        cpu = Counter("process_cpu_seconds", "User and system CPU time of every worker, seconds",
+                      registry=self.registry)
+        reported = [0.0]
+
+        def sample() -> None:
+            for family in source.collect():
+                value = family.samples[0].value
+                if family.name in gauges:
+                    gauges[family.name].set(value)
+                elif family.name == "process_cpu_seconds" and value > reported[0]:
+                    cpu.inc(value - reported[0])
+                    reported[0] = value
+        self._samplers.append(sample)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, looked up once per label set: `labels` takes a lock and
@@ -141,8 +202,9 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         self.sample()
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            merged = CollectorRegistry()
-            MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
-            return generate_latest(merged), CONTENT_TYPE_LATEST
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.exposed), CONTENT_TYPE_LATEST
+
+    def worker_stopped(self) -> None:
+        """A worker that stops takes its live figures (memory, requests in flight) with it."""
+        if self.multiprocess:
+            mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]

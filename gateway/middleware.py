@@ -2,7 +2,8 @@
 
 Every response carries ``x-request-id`` (the client's when it sent a sane one) and
 ``x-gateway-overhead-ms``: time to the response start minus the time spent waiting for the
-upstream (which the endpoint leaves in the scope as ``gateway.upstream_wait``, seconds).
+upstream (which the endpoint leaves in the scope as ``gateway.upstream_wait``, seconds). The
+same figure is left in the scope as ``gateway.overhead`` (seconds) for the endpoint's metrics.
 """
 
 from __future__ import annotations
@@ -55,9 +56,10 @@ class RequestContextMiddleware:
                 response_started = True
                 headers = list(message.get("headers") or ())
                 upstream = scope.get("gateway.upstream_wait", 0.0)
-                overhead = (time.perf_counter() - started - upstream) * 1000
+                overhead = scope["gateway.overhead"] = max(
+                    time.perf_counter() - started - upstream, 0.0)
                 headers.append((b"x-request-id", rid))
-                headers.append((b"x-gateway-overhead-ms", b"%.3f" % max(overhead, 0.0)))
+                headers.append((b"x-gateway-overhead-ms", b"%.3f" % (overhead * 1000)))
                 message = {**message, "headers": headers}
             await send(message)
 

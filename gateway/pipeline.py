@@ -91,6 +91,7 @@ class Reply:
     media_type: str = "application/json"
     raw_headers: Sequence[tuple[bytes, bytes]] = ()  # sent after `headers`, already encoded
     upstream_wait: float = 0.0  # seconds spent waiting for the upstream before the reply
+    route: Route | None = None  # None: refused before it was routed
 
 
 @dataclass(slots=True)
@@ -473,9 +474,10 @@ class Pipeline:
         headers = ex.extra_headers
         raw = ex.admission.headers if ex.admission is not None else ()
         if stream is None:
-            return Reply(200, headers, body, raw_headers=raw, upstream_wait=ex.upstream_wait)
+            return Reply(200, headers, body, raw_headers=raw, upstream_wait=ex.upstream_wait,
+                         route=ex.route)
         return Reply(200, headers, stream=stream, media_type="text/event-stream",
-                     raw_headers=raw, upstream_wait=ex.upstream_wait)
+                     raw_headers=raw, upstream_wait=ex.upstream_wait, route=ex.route)
 
     def _error_reply(self, exc: GatewayError, ex: Exchange | None = None) -> Reply:
         headers = dict(exc.headers)
@@ -486,7 +488,8 @@ class Pipeline:
             headers = {**limits, **headers}
         if ex.attempts:
             headers["x-gateway-attempts"] = str(ex.attempts)
-        return Reply(exc.status, headers, exc.json(), upstream_wait=ex.upstream_wait)
+        return Reply(exc.status, headers, exc.json(), upstream_wait=ex.upstream_wait,
+                     route=ex.route)
 
 
 def _ids() -> tuple[str, int]:

@@ -38,6 +38,7 @@ from gateway.stores.outbox import Outbox, OutboxItem
 
 log = structlog.get_logger("gateway.analytics.mirror")
 LOCAL_RECORDS = 4096
+DELIVERY_RESULTS = ("delivered", "retried", "dead_lettered")
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +134,12 @@ class Mirror:
         self._workers = {s.name: _SinkWorker(s) for s in self.sinks}
         self._stopping = False
         self._writer_done = False
+        if metrics is not None:
+            # every series exists from the start: Prometheus sees no increase in a series'
+            # first value, and the first dead letter must raise the alert too
+            for sink in self.sinks:
+                for result in DELIVERY_RESULTS:
+                    metrics.child(metrics.outbox_events, sink.name, result)
 
     # -- accepting ---------------------------------------------------------------------------
 
