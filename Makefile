@@ -6,7 +6,8 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
 	&& echo $$p && break; done)
 
-.PHONY: run test bench lint typecheck check-config clean redis-server bench-tools prometheus
+.PHONY: run test bench lint typecheck check-config clean redis-server bench-tools prometheus \
+	browser
 
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.11+ is required"; exit 1; }
@@ -21,8 +22,8 @@ run: $(VENV)/.installed
 
 ## Install with the dev extras, lint, and run the whole test suite (real redis-server, real
 ## uvicorn, the benchmark's wrk and nginx for its tests, Prometheus and promtool for the
-## dashboard's and the alert rules' tests).
-test: $(VENV)/.installed redis-server bench-tools prometheus lint
+## dashboard's and the alert rules' tests, Chromium for the console's).
+test: $(VENV)/.installed redis-server bench-tools prometheus browser lint
 	$(PY) -m pytest
 
 ## The benchmark (wrk + nginx as the fast fake upstream); see bench/README.md.
@@ -49,8 +50,12 @@ prometheus:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
 		$(call apt,--no-install-recommends prometheus)
 
+# Debian's headless Chromium, which Playwright drives (it never downloads a browser of its own)
+browser:
+	@command -v chromium >/dev/null || $(call apt,chromium)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache artifacts
 
 define apt
 	{ SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && \

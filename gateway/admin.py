@@ -6,7 +6,7 @@ teams as JSON, the same operations as ``gateway keys`` / ``gateway teams``.
     GET    /admin/keys/{id}          one key
     DELETE /admin/keys/{id}          revoke
     GET    /admin/teams              list team limits set at run time
-    GET    /admin/usage[?team=T&since=YYYY-MM-DD&until=YYYY-MM-DD]
+    GET    /admin/usage[?team=T&model=M&since=YYYY-MM-DD&until=YYYY-MM-DD]
                                      usage rows, as ``gateway usage --format json``
     PUT    /admin/teams[/{name}]     set a team's limits
     GET    /admin/deployments        each deployment's circuit and load, by model
@@ -178,7 +178,8 @@ def admin_routes(
         until = _date_param(request, "until", until)
         if since > until:
             raise InvalidRequest("since is after until.", param="since")
-        rows = await usage_report(usage, request.query_params.get("team"), since, until)
+        params = request.query_params
+        rows = await usage_report(usage, params.get("team"), since, until, params.get("model"))
         return _json({"object": "list", "since": since.isoformat(),
                       "until": until.isoformat(), "data": rows})
 

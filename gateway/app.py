@@ -19,6 +19,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import BaseRoute, Mount
 from starlette.routing import Route as HTTPRoute
 
 from gateway import endpoints
@@ -28,8 +29,10 @@ from gateway.backends.nuclia import NucliaBackend
 from gateway.backends.openai_compat import OpenAICompatBackend
 from gateway.components import build_components
 from gateway.config import GatewayConfig
+from gateway.console.app import console_app
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.exchange import ExchangeObserver
+from gateway.health import HealthSource
 from gateway.metrics import Metrics
 from gateway.middleware import RequestCap, RequestContextMiddleware
 from gateway.pipeline import Pipeline
@@ -54,6 +57,11 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+def has_admin_key(config: GatewayConfig) -> bool:
+    """The admin API and the console exist only with an admin key."""
+    return bool(config.server.admin_key and config.server.admin_key.get_secret_value())
 
 
 def build_backend(name: str, config: GatewayConfig, connector: Any = None) -> Backend:
@@ -85,10 +93,12 @@ def create_app(
     on_startup: Callable[[AsyncExitStack], Any] | None = None,
     observers: Sequence[ExchangeObserver] = (),
     handle_signals: bool = False,
+    health: HealthSource | None = None,
 ) -> Any:
     """`on_startup(stack)` may enter extra async contexts first (e.g. the demo upstreams);
     `observers` receive every finished exchange besides the configured ones;
-    `handle_signals`: SIGTERM and SIGINT drain the process (`gateway serve` sets it)."""
+    `handle_signals`: SIGTERM and SIGINT drain the process (`gateway serve` sets it);
+    `health`: the deployments' circuit state, for the console."""
     drain = Drain(config.server.drain_delay, config.server.shutdown_grace)
 
     @asynccontextmanager
@@ -97,7 +107,7 @@ def create_app(
             if on_startup is not None:
                 await on_startup(stack)
             state = await assemble(config, stack, metrics or Metrics(), drain,
-                                   connector_factory, observers)
+                                   connector_factory, observers, health)
             app.state.gateway = state
             if state.metrics.multiprocess:
                 sampling = asyncio.create_task(state.metrics.sample_every(1.0))
@@ -111,7 +121,7 @@ def create_app(
             yield {"gateway": state}
 
     chat = endpoints.ChatCompletions()
-    routes = [
+    routes: list[BaseRoute] = [
         HTTPRoute("/v1/chat/completions", chat, methods=["POST"]),
         HTTPRoute("/chat/completions", chat, methods=["POST"]),
         HTTPRoute("/v1/models", endpoints.list_models, methods=["GET"]),
@@ -120,6 +130,8 @@ def create_app(
         HTTPRoute("/readyz", endpoints.readyz, methods=["GET"]),
         HTTPRoute("/metrics", endpoints.metrics, methods=["GET"]),
     ]
+    if has_admin_key(config):
+        routes.append(Mount("/console", app=console_app(config)))
     app = Starlette(
         routes=routes,
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
@@ -171,6 +183,7 @@ async def assemble(
     drain: Drain,
     connector_factory: Callable[[], Any] | None = None,
     observers: Sequence[ExchangeObserver] = (),
+    health: HealthSource | None = None,
 ) -> GatewayState:
     """Build every resource in dependency order; `stack` closes them in reverse."""
     backends: dict[str, Backend] = {}
@@ -198,7 +211,7 @@ async def assemble(
         user_header=config.analytics.user_header,
     )
     admin = None
-    if config.server.admin_key and config.server.admin_key.get_secret_value():
+    if has_admin_key(config):
         admin = Starlette(
             routes=admin_routes(config, parts.key_store, parts.authority,
                                 parts.analytics.usage_store, router),
@@ -206,4 +219,4 @@ async def assemble(
         )
     return GatewayState(config=config, metrics=metrics, plans=plans, backends=backends,
                         pipeline=pipeline, components=parts, drain=drain,
-                        started=int(time.time()), admin=admin)
+                        started=int(time.time()), admin=admin, health=health or router)

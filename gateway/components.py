@@ -26,6 +26,7 @@ from gateway.stores.keys import KeyStore, MemoryKeyStore, RedisKeyStore
 from gateway.stores.limits import LimitStore, MemoryLimitStore, RedisLimitStore
 from gateway.stores.outbox import OutboxStore, RedisOutbox
 from gateway.stores.redis_base import RedisNamespace, connect
+from gateway.stores.series import MemorySeriesStore, RedisSeriesStore, SeriesStore
 from gateway.stores.spool import SpoolOutbox
 from gateway.stores.usage import MemoryUsageStore, RedisUsageStore, UsageStore
 
@@ -65,6 +66,12 @@ def make_usage_store(config: GatewayConfig, ns: RedisNamespace | None) -> UsageS
     if ns is not None:
         return RedisUsageStore(ns)
     return MemoryUsageStore(usage_file(config))
+
+
+def make_series_store(config: GatewayConfig, ns: RedisNamespace | None) -> SeriesStore:
+    """Redis (every replica draws the same charts), else in process."""
+    days = config.analytics.series_days
+    return RedisSeriesStore(ns, days) if ns is not None else MemorySeriesStore(days)
 
 
 def make_outbox(config: GatewayConfig, ns: RedisNamespace | None, *,
@@ -129,6 +136,7 @@ async def build_components(config: GatewayConfig, stack: AsyncExitStack,
     metrics.sample_total(metrics.cache_stored, lambda: cache.stored_bytes)
 
     analytics = await build_analytics(config, make_usage_store(config, ns),
+                                      make_series_store(config, ns),
                                       make_outbox(config, ns) if config.analytics.sinks
                                       else None, metrics, stack)
     circuits = RedisCircuitStore(ns, list(config.backends)) if ns is not None \

@@ -247,6 +247,8 @@ class OutboxConfig(_Strict):
 class AnalyticsConfig(_Strict):
     sinks: list[SinkConfig] = Field(default_factory=list)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    # days of time-bucketed usage (the console's charts) kept in the store
+    series_days: int = Field(default=30, ge=1, le=400)
     conversation_header: str = "x-conversation-id"
     user_header: str = "x-end-user-id"
 

@@ -2,14 +2,18 @@
 
 The fake Inkeep, Inkeep-agents and Nuclia servers of `gateway.testing` run in the gateway's own
 event loop on free loopback ports; ``demo-*`` models route to them and a fixed demo key is
-accepted. Every answer says it is a sample.
+accepted. Every answer says it is a sample. Without a configured ``server.admin_key`` the demo
+makes one up for this run and prints it, so that the console can be signed in to.
 """
 
 from __future__ import annotations
 
 import hashlib
+import secrets
 from contextlib import AsyncExitStack
 from typing import Any
+
+from pydantic import SecretStr
 
 from gateway.config import BackendConfig, CachePolicy, GatewayConfig, ModelConfig, StaticKey
 from gateway.testing.process import free_port
@@ -21,7 +25,9 @@ DEMO_KBID = "demo-kb"
 DEMO_CACHE = CachePolicy(enabled=True, ttl=300)
 
 
-def demo_config(config: GatewayConfig, inkeep_port: int, nuclia_port: int) -> GatewayConfig:
+def demo_config(config: GatewayConfig, inkeep_port: int, nuclia_port: int,
+                admin_key: str | None = None) -> GatewayConfig:
+    """`admin_key`: set as ``server.admin_key`` (the demo's own, when none is configured)."""
     backends = dict(config.backends)
     backends["demo-inkeep"] = BackendConfig(
         kind="inkeep", base_url=f"http://127.0.0.1:{inkeep_port}/v1", requires_key=False)
@@ -45,17 +51,21 @@ def demo_config(config: GatewayConfig, inkeep_port: int, nuclia_port: int) -> Ga
         *config.keys.static,
         StaticKey(id="demo", team="demo", sha256=digest, name="demo key"),
     ]})
-    return config.model_copy(update={"backends": backends, "models": models, "keys": keys})
+    update: dict[str, Any] = {"backends": backends, "models": models, "keys": keys}
+    if admin_key is not None:
+        update["server"] = config.server.model_copy(update={"admin_key": SecretStr(admin_key)})
+    return config.model_copy(update=update)
 
 
 def demo_app(config: GatewayConfig, host: str, port: int, *, handle_signals: bool = False
              ) -> tuple[Any, str]:
-    from gateway.app import create_app
+    from gateway.app import create_app, has_admin_key
     from gateway.testing.fake_inkeep import create_fake_inkeep_app
     from gateway.testing.fake_nuclia import create_fake_nuclia_app
 
     inkeep_port, nuclia_port = free_port(), free_port()
-    demo = demo_config(config, inkeep_port, nuclia_port)
+    admin_key = None if has_admin_key(config) else f"demo-admin-{secrets.token_urlsafe(12)}"
+    demo = demo_config(config, inkeep_port, nuclia_port, admin_key)
 
     async def start_samples(stack: AsyncExitStack) -> None:
         await stack.enter_async_context(
@@ -72,6 +82,9 @@ def demo_app(config: GatewayConfig, host: str, port: int, *, handle_signals: boo
         f"  try:    curl -N http://{host}:{port}/v1/chat/completions "
         f"-H 'Authorization: Bearer {DEMO_KEY}' -H 'Content-Type: application/json' "
         "-d '{\"model\":\"demo-inkeep-qa\",\"stream\":true,"
-        "\"messages\":[{\"role\":\"user\",\"content\":\"hello\"}]}'"
+        "\"messages\":[{\"role\":\"user\",\"content\":\"hello\"}]}'\n"
+        f"  console: http://{host}:{port}/console/  "
+        + (f"admin key: {admin_key} (made up for this run; set server.admin_key to choose one)"
+           if admin_key else "(sign in with the configured server.admin_key)")
     )
     return create_app(demo, on_startup=start_samples, handle_signals=handle_signals), banner

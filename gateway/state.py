@@ -12,6 +12,7 @@ from gateway.auth import KeyAuthority
 from gateway.backends.base import Backend
 from gateway.components import Components
 from gateway.config import GatewayConfig
+from gateway.health import HealthSource
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.routing.table import ModelPlan
@@ -28,6 +29,7 @@ class GatewayState:
     components: Components
     drain: Drain
     started: int  # unix time: the `created` of every model object
+    health: HealthSource  # the deployments' circuits (the router, unless a test gives one)
     admin: ASGIApp | None = None  # the admin API, when `server.admin_key` is set
 
     @property

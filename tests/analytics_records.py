@@ -27,6 +27,8 @@ def record(
     conversation_id: str | None = None,
     user: str | None = None,
     time: float = 1_763_856_000.0,  # 2025-11-23 00:00 UTC
+    latency_ms: float = 12.5,
+    ttft_ms: float | None = 3.0,
     **extra: Any,
 ) -> ExchangeRecord:
     usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
@@ -46,8 +48,8 @@ def record(
         answer=answer,
         finish_reason="stop",
         usage=usage,
-        latency_ms=12.5,
-        ttft_ms=3.0,
+        latency_ms=latency_ms,
+        ttft_ms=ttft_ms,
         status=status,
         cached=cached,
         outcome=outcome,

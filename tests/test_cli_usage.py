@@ -77,6 +77,10 @@ def test_usage_on_the_local_file(tmp_path: Path, capsys: pytest.CaptureFixture[s
     code, out, _ = run(capsys, "usage", "--config", str(cfg), "--team", "beta", "--since",
                        "2026-11-01", "--until", "2026-11-30", "--format", "csv")
     assert [r["team"] for r in csv.DictReader(io.StringIO(out))] == ["beta"]
+    code, out, _ = run(capsys, "usage", "--config", str(cfg), "--model", "qa", "--since",
+                       "2026-11-01", "--until", "2026-11-30", "--format", "csv")
+    assert [(r["team"], r["model"]) for r in csv.DictReader(io.StringIO(out))] == [
+        ("alpha", "qa"), ("beta", "qa")]
     code, out, _ = run(capsys, "usage", "--config", str(cfg), "--since", "2026-11-01",
                        "--until", "2026-11-30")
     assert out.splitlines()[-1].split()[:2] == ["total", "6"]

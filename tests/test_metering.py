@@ -13,6 +13,7 @@ from gateway.analytics.metering import Meter, MeterCounters
 from gateway.exchange import ExchangeRecord, Outcome
 from gateway.metrics import Metrics
 from gateway.stores.redis_base import connect
+from gateway.stores.series import HOUR, MINUTE, MemorySeriesStore, SeriesRow
 from gateway.stores.usage import MemoryUsageStore, RedisUsageStore, UsageDelta, UsageStore
 from tests.analytics_records import record
 
@@ -174,3 +175,52 @@ async def test_a_broken_record_never_raises() -> None:
     object.__setattr__(bad, "usage", {"prompt_tokens": "lots"})
     meter.exchange_finished(bad)  # logged, not raised
     assert meter.pending == 0
+
+
+class FailingSeries(MemorySeriesStore):
+    def __init__(self) -> None:
+        super().__init__(keep_days=30, clock=lambda: 1_763_856_000.0 + 3600)  # records' time
+        self.fail = False
+
+    async def add(self, rows: list[SeriesRow]) -> None:
+        if self.fail:
+            raise ConnectionError("series store down")
+        await super().add(rows)
+
+
+async def test_records_feed_the_series_by_minute_with_histograms() -> None:
+    series = FailingSeries()
+    meter = Meter(MemoryUsageStore(), series=series, flush_interval=3600)
+    start = 1_763_856_000
+    meter.exchange_finished(record(prompt=3, completion=4, time=start + 5.0))
+    meter.exchange_finished(record(prompt=1, completion=1, time=start + 59.9, outcome="error",
+                                   status=502, latency_ms=30_000.0, ttft_ms=None))
+    meter.exchange_finished(record(time=start + 61.0, cached=True, key_id="other"))
+    await meter.flush()
+    first, second = await series.query(MINUTE, start, start + 120)
+    assert (first.start, first.cell) == (start, ("alpha", "qa", "inkeep"))
+    assert [first.get(n) for n in ("requests", "errors", "prompt_tokens",
+                                   "completion_tokens", "cached")] == [2, 1, 4, 5, 0]
+    # 12.5 ms is counted up to the bound 25 ms, 30 s on the bound 30 s; ttft 3 ms up to 5 ms
+    assert first.latency[2] == 1 and first.latency[11] == 1 and sum(first.latency) == 2
+    assert first.ttft[0] == 1 and sum(first.ttft) == 1
+    assert (second.get("requests"), second.get("cached"), sum(second.ttft)) == (1, 1, 0)
+    [hour] = await series.query(HOUR, start, start + 3600)
+    assert hour.get("requests") == 3
+
+
+async def test_a_failed_series_write_is_retried_without_counting_usage_twice() -> None:
+    series = FailingSeries()
+    usage = CountingStore(MemoryUsageStore())
+    meter = Meter(usage, series=series, flush_interval=3600)
+    meter.exchange_finished(record(prompt=2))
+    series.fail = True
+    with pytest.raises(ConnectionError):
+        await meter.flush()
+    series.fail = False
+    meter.exchange_finished(record(prompt=5))
+    await meter.stop()
+    [row] = await usage.query(None, DAY, DAY)
+    assert (row.requests, row.prompt_tokens) == (2, 7)
+    [point] = await series.query(MINUTE, 1_763_856_000, 1_763_856_060)
+    assert (point.get("requests"), point.get("prompt_tokens")) == (2, 7)

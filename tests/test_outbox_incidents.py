@@ -143,3 +143,20 @@ async def test_a_queue_lost_by_redis_is_put_back_without_what_is_held(
     finally:
         await box.close()
         await ns.aclose()
+
+
+async def test_records_waiting_in_the_spool_are_pending_for_every_sink(
+        tmp_path: Path, redis: RedisServer) -> None:
+    spool = SpoolOutbox(tmp_path, [FORWARD])  # what a process left while Redis was away
+    await spool.put([(b'{"n":1}', "k1")])
+    [spooled_at] = (await spool.oldest_pending()).values()
+    await spool.close()
+    ns = connect(redis.url, "t")
+    box = FallbackOutbox(RedisOutbox(ns, ["a", "b"]), SpoolOutbox(tmp_path, [FORWARD]))
+    try:  # not started: nothing forwarded yet
+        await box.put([(b'{"n":2}', "k2")], ["a"])
+        assert await box.oldest_pending() == {"a": spooled_at, "b": spooled_at}
+        assert await box.depth() == {"a": 2, "b": 1}
+    finally:
+        await box.close()
+        await ns.aclose()

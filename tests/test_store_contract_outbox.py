@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -160,6 +161,31 @@ async def test_records_survive_a_reopen(make: Make) -> None:
     assert [d.key for d in await again.list_dead()] == ["key-1"]
 
 
+async def test_oldest_pending_is_when_the_oldest_undelivered_record_was_put(
+        make: Make) -> None:
+    box = await make()
+    assert await box.oldest_pending() == {"ink": None, "hook": None}
+    before = time.time()
+    await box.put(recs(2))
+    after = time.time()
+    oldest = await box.oldest_pending()
+    for sink in SINKS:  # Redis's own clock, to the millisecond
+        assert before - 0.002 <= (oldest[sink] or 0) <= after + 0.002
+    await box.put(recs(1, start=2))
+    items = await box.claim("ink", 3, "c1")  # claimed is still pending
+    assert await box.oldest_pending() == oldest
+    await box.ack(items[:2])
+    later = await box.oldest_pending()
+    assert (later["ink"] or 0) >= (oldest["ink"] or 0) and later["hook"] == oldest["hook"]
+    box = await make()  # a reopen
+    assert await box.oldest_pending() == later
+    await box.ack(items[2:])
+    hook = await box.claim("hook", 3, "c1")
+    await box.dead_letter(hook[0], "refused")  # dead letters are not pending
+    await box.ack(hook[1:])
+    assert await box.oldest_pending() == {"ink": None, "hook": None}
+
+
 async def test_put_with_no_records_is_fine(make: Make) -> None:
     box = await make()
     await box.put([])
@@ -256,6 +282,17 @@ async def test_spool_ignores_a_torn_last_line(tmp_path: Path) -> None:
     third = SpoolOutbox(tmp_path, ["ink"])
     assert (await third.depth())["ink"] == 3
     await third.close()
+
+
+async def test_spool_reads_put_lines_of_older_files_without_a_time(tmp_path: Path) -> None:
+    (tmp_path / "outbox-0.log").write_bytes(
+        b'{"op":"put","id":1,"key":"old","sinks":["ink"],"data":{"n":1}}\n')
+    box = SpoolOutbox(tmp_path, ["ink"])
+    assert await box.oldest_pending() == {"ink": None}  # unknown, not 1970
+    await box.put(recs(1))
+    assert (await box.oldest_pending())["ink"] == pytest.approx(time.time(), abs=5)
+    assert [i.key for i in await box.claim("ink", 5, "c")] == ["old", "key-0"]
+    await box.close()
 
 
 async def test_two_spools_in_one_dir_use_two_files(tmp_path: Path) -> None:

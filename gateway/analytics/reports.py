@@ -13,13 +13,13 @@ from gateway.stores.usage import COUNTERS, UsageStore
 COLUMNS = ("day", "team", "key_id", "model", *COUNTERS, "total_tokens")
 
 
-async def usage_report(store: UsageStore, team: str | None, since: date,
-                       until: date) -> list[dict[str, Any]]:
-    """Usage rows as JSON-ready dicts, sorted by day, team."""
+async def usage_report(store: UsageStore, team: str | None, since: date, until: date,
+                       model: str | None = None) -> list[dict[str, Any]]:
+    """Usage rows as JSON-ready dicts, sorted by day, team (of one model, when given)."""
     rows = await store.query(team, since, until)
     return [{"day": r.day.isoformat(), "team": r.team, "key_id": r.key_id, "model": r.model,
              **r.counts(), "total_tokens": r.prompt_tokens + r.completion_tokens}
-            for r in rows]
+            for r in rows if model is None or r.model == model]
 
 
 def default_range(today: date | None = None) -> tuple[date, date]:

@@ -49,7 +49,8 @@ async def _usage(args: argparse.Namespace, config: GatewayConfig,
     if since > until:
         print("error: --since is after --until", file=sys.stderr)
         return 2
-    rows = await usage_report(make_usage_store(config, ns), args.team, since, until)
+    rows = await usage_report(make_usage_store(config, ns), args.team, since, until,
+                              args.model)
     print(render(rows, args.format))
     return 0
 
@@ -57,6 +58,7 @@ async def _usage(args: argparse.Namespace, config: GatewayConfig,
 def register(subparsers: Any) -> None:
     usage = subparsers.add_parser("usage", help="per-team usage (requests, tokens, errors)")
     usage.add_argument("--team")
+    usage.add_argument("--model")
     usage.add_argument("--since", type=_day, help="first day, YYYY-MM-DD (default: the 1st "
                                                   "of this month, UTC)")
     usage.add_argument("--until", type=_day, help="last day, YYYY-MM-DD (default: today)")

@@ -33,6 +33,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from gateway.health import DeploymentHealth
 from gateway.routing.budget import RetryBudget
 from gateway.routing.circuits import Circuits
 from gateway.routing.table import Deployment, ModelPlan
@@ -113,6 +114,17 @@ class Router:
                                   "weight": d.weight, "in_flight": self._busy.get(d.name, 0)}
                                  for d in plan.deployments]}
                 for plan in self.plans.values()]
+
+    async def deployments(self) -> list[DeploymentHealth]:
+        """Each deployment's circuit (the console's `HealthSource`)."""
+        rows = []
+        for row in self.circuits.health():
+            detail = f"back in {row['reopens_in']:.0f} s" if row["reopens_in"] is not None \
+                else None
+            rows.append(DeploymentHealth(str(row["deployment"]), str(row["deployment"]),
+                                         str(row["state"]).replace("_", "-"),
+                                         int(str(row["recent_errors"])), detail))
+        return rows
 
     async def stream(self, plan: ModelPlan, call: Callable[[Route], UpstreamCall]
                      ) -> Served[ChunkStream]:

@@ -163,6 +163,13 @@ class FallbackOutbox:
         spooled = (await self.spool.depth()).get(FORWARD, 0)
         return {sink: n + spooled for sink, n in depth.items()}
 
+    async def oldest_pending(self) -> dict[str, float | None]:
+        """Records still in the spool are owed to every sink."""
+        oldest = await self.redis.oldest_pending()
+        spooled = (await self.spool.oldest_pending()).get(FORWARD)
+        return {sink: min((t for t in (at, spooled) if t is not None), default=None)
+                for sink, at in oldest.items()}
+
     async def list_dead(self) -> list[DeadLetter]:
         return await self.redis.list_dead()
 

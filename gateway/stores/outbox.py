@@ -102,6 +102,10 @@ class Outbox(Protocol):
         """Records not yet delivered (nor dead-lettered), per sink."""
         ...
 
+    async def oldest_pending(self) -> dict[str, float | None]:
+        """Per sink, when the oldest of those records was put (unix time), None for none."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -352,6 +356,19 @@ class RedisOutbox:
         except redis.exceptions.RedisError as exc:
             raise unavailable(exc) from exc
         return {sink: int(n) for sink, n in zip(self.sinks, counts, strict=True)}
+
+    async def oldest_pending(self) -> dict[str, float | None]:
+        """From the first entry's id (its milliseconds are Redis's time of the XADD; a
+        replayed dead letter is added anew)."""
+        pipe = self.ns.client.pipeline(transaction=False)
+        for sink in self.sinks:
+            pipe.xrange(self._stream(sink), count=1)
+        try:
+            firsts = await pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            raise unavailable(exc) from exc
+        return {sink: int(_text(first[0][0]).partition("-")[0]) / 1000 if first else None
+                for sink, first in zip(self.sinks, firsts, strict=True)}
 
     async def close(self) -> None:
         return None

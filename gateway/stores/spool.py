@@ -3,7 +3,8 @@
 File format (``<spool_dir>/outbox-<n>.log``): one JSON object per line, applied in order on
 open to rebuild the queues:
 
-    {"op":"put","id":7,"key":"<idempotency key>","sinks":["a","b"],"data":{<the record>}}
+    {"op":"put","id":7,"key":"<idempotency key>","at":1763860000.5,"sinks":["a","b"],
+     "data":{<the record>}}            (one line; "at": when it was put)
     {"op":"ack","id":7,"sink":"a"}
     {"op":"fail","id":7,"sink":"b","attempts":3,"first":1763860000.5}
     {"op":"dead","id":7,"sink":"b","reason":"...","time":1763863600.0}
@@ -43,15 +44,15 @@ from gateway.stores.outbox import DeadLetter, OutboxItem, ids_by_sink
 # cache, no fsync: tens of µs); larger ones, reads and compaction go to a thread.
 INLINE_LINES = 256
 _LINE = orjson.OPT_APPEND_NEWLINE
-_PUT = b'{"op":"put","id":%d,"key":%b,"sinks":%b,"data":%b}\n'
+_PUT = b'{"op":"put","id":%d,"key":%b,"at":%b,"sinks":%b,"data":%b}\n'
 _ACK = b'{"op":"ack","id":%d,"sink":%b}\n'
 
 
-def _put_line(rid: int, key: str, sinks: bytes, data: bytes) -> bytes:
-    """`sinks`: their JSON array. The record's JSON goes in as it is, not re-encoded as an
-    escaped string."""
+def _put_line(rid: int, key: str, at: bytes, sinks: bytes, data: bytes) -> bytes:
+    """`at`: when it was put (unix time) and `sinks`, as JSON. The record's JSON goes in as
+    it is, not re-encoded as an escaped string."""
     value = data if data[:1] == b"{" else orjson.dumps(data.decode())
-    return _PUT % (rid, orjson.dumps(key), sinks, value)
+    return _PUT % (rid, orjson.dumps(key), at, sinks, value)
 
 
 def _put_data(value: Any) -> bytes:
@@ -71,6 +72,7 @@ class _Entry:
     offset: int = -1  # of its put line in the file (-1: not written yet)
     length: int = 0
     live: set[str] = field(default_factory=set)  # sinks still owed (pending, claimed, dead)
+    at: float | None = None  # when it was put (unix time; None in older files)
 
 
 @dataclass
@@ -166,7 +168,7 @@ class SpoolOutbox:
             data = _put_data(op["data"])
             resident = self._resident < self.max_resident
             entry = _Entry(rid, op["key"], data if resident else None, offset, length,
-                           set(sinks))
+                           set(sinks), op.get("at"))
             self._resident += resident
             if sinks:
                 self._entries[rid] = entry
@@ -284,7 +286,8 @@ class SpoolOutbox:
         lines: list[tuple[bytes, _Entry | None]] = []
         for (entry, extra), live in zip(snap, sinks, strict=True):
             data = entry.data if entry.data is not None else self._read_data(entry)
-            lines.append((_put_line(entry.id, entry.key, orjson.dumps(live), data), entry))
+            lines.append((_put_line(entry.id, entry.key, orjson.dumps(entry.at),
+                                    orjson.dumps(live), data), entry))
             lines.extend((line, None) for line in extra)
         with open(tmp, "wb") as out:
             out.write(b"".join(line for line, _ in lines))
@@ -312,15 +315,17 @@ class SpoolOutbox:
         if not targets:
             return
         sinks = self._sinks_json if targets == self.sinks else orjson.dumps(targets)
+        at = time.time()
+        at_json = orjson.dumps(at)
         for data, key in entries:  # `data` is held as it is: the mirror's is right-sized
             rid, self._next_id = self._next_id, self._next_id + 1
-            entry = _Entry(rid, key, data, -1, 0, set(targets))
+            entry = _Entry(rid, key, data, -1, 0, set(targets), at)
             self._entries[rid] = entry
             self._resident += 1
             for sink in targets:
                 self._pending[sink][rid] = None
                 self._unclaimed[sink][rid] = None
-            self._buffer.append((_put_line(rid, key, sinks, data), entry))
+            self._buffer.append((_put_line(rid, key, at_json, sinks, data), entry))
 
     async def claim(self, sink: str, n: int, consumer: str,
                     block_ms: int | None = None) -> list[OutboxItem]:
@@ -414,6 +419,12 @@ class SpoolOutbox:
 
     async def depth(self) -> dict[str, int]:
         return {sink: len(self._pending[sink]) for sink in self.sinks}
+
+    async def oldest_pending(self) -> dict[str, float | None]:
+        entries = self._entries
+        return {sink: min((at for rid in self._pending[sink]
+                           if (at := entries[rid].at) is not None), default=None)
+                for sink in self.sinks}
 
     async def close(self) -> None:
         await self.flush()

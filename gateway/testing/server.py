@@ -1,9 +1,12 @@
-"""Run an ASGI app on a real uvicorn server on a free loopback port (tests, demo, bench)."""
+"""Run an ASGI app on a real uvicorn server on a free loopback port (tests, demo, bench): in
+the caller's event loop, or in a thread of its own for synchronous tests."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
@@ -49,3 +52,23 @@ async def run_server(app: Any, *, host: str = "127.0.0.1", port: int = 0,
             await asyncio.wait_for(task, 10)
         finally:
             sock.close()
+
+
+@contextmanager
+def run_server_in_thread(app: Any, *, host: str = "127.0.0.1") -> Iterator[str]:
+    """`run_server` for synchronous code: the server runs its own event loop in a thread."""
+    sock = bound_socket(host)
+    server = EmbeddedServer(uvicorn.Config(app, log_level="warning", lifespan="on",
+                                           timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started and thread.is_alive():
+            time.sleep(0.005)
+        if not server.started:
+            raise RuntimeError("server stopped before it started")
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
