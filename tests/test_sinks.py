@@ -88,6 +88,10 @@ def test_inkeep_payload_shape() -> None:
     assert props["latency_ms"] == 12.5 and props["finish_reason"] == "stop"
     assert props["usage"]["total_tokens"] == 15
     assert props["citations"] == [{"url": "https://x"}]
+    # what answered, when a fallback model did after retries
+    fallback = inkeep_payload(record(served_model="qa-spare", attempts=3))["properties"]
+    assert (fallback["model"], fallback["served_model"], fallback["attempts"]) == (
+        "qa", "qa-spare", 3)
     assert "key_1" not in orjson.dumps(body).decode()  # no key ids in analytics
 
 

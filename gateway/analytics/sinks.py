@@ -165,7 +165,8 @@ def inkeep_payload(record: ExchangeRecord) -> dict[str, Any]:
     messages.append({"id": ids["assistant"], "role": "assistant", "content": answer})
     properties: dict[str, Any] = {
         "model": record.model, "team": record.team, "backend": record.backend,
-        "upstream_model": record.upstream_model, "latency_ms": record.latency_ms,
+        "upstream_model": record.upstream_model, "served_model": record.served_model,
+        "attempts": record.attempts, "latency_ms": record.latency_ms,
         "ttft_ms": record.ttft_ms, "cached": record.cached, "request_id": record.request_id,
         "finish_reason": record.finish_reason, "usage": record.usage,
         "outcome": record.outcome, "status": record.status, "stream": record.stream,
