@@ -47,9 +47,7 @@ class OtelTracing:
         return ExchangeSpans(self, headers)
 
     def delivery(self, sink: str, records: Sequence[ExchangeRecord]) -> _Scope:
-        links = [Link(SpanContext(int(r.trace_id, 16), int(r.span_id, 16), is_remote=True,
-                                  trace_flags=TraceFlags(TraceFlags.SAMPLED)))
-                 for r in records if r.trace_id and r.span_id]
+        links = [link for link in map(_link, records) if link is not None]
         span = self.tracer.start_span(f"deliver {sink}", kind=SpanKind.CLIENT, links=links,
                                       attributes={"gateway.sink": sink,
                                                   "gateway.records": len(records)})
@@ -92,6 +90,16 @@ class _Scope:
         else:
             self.span.set_attribute("gateway.outcome", "cancelled")
         self.span.end()
+
+
+def _link(record: ExchangeRecord) -> Link | None:
+    """A link to the record's request span (None for a record made without tracing, or
+    whose ids do not read as hex: a delivery never fails for its span)."""
+    try:
+        return Link(SpanContext(int(record.trace_id or "", 16), int(record.span_id or "", 16),
+                                is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED)))
+    except ValueError:
+        return None
 
 
 def failed(span: Span, exc: GatewayError) -> None:

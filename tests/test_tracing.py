@@ -111,14 +111,14 @@ class Setting:
     hook_url: str
     hook: Any  # the fake webhook's state
 
-    def config(self, observability: dict[str, Any] | None = None) -> Path:
+    def config(self, observability: dict[str, Any] | None = None, retries: int = 0) -> Path:
         path = self.tmp_path / "gateway.yaml"
         extra: dict[str, Any] = {"observability": observability} if observability else {}
         path.write_text(config_yaml(
             backends={"nuclia": {"kind": "nuclia", "base_url": f"{self.nuclia_url}/api/v1",
                                  "kbid": KBID, "api_key": TOKEN}},
             models={"kb": {"backend": "nuclia", "upstream_model": "kb-upstream",
-                           "retries": 0}},
+                           "retries": retries}},
             keys=[static_key(KEY, id="key-7", team="alpha")],
             sinks=[{"name": "hook", "kind": "webhook", "url": f"{self.hook_url}/hook"}],
             extra=extra))
@@ -239,11 +239,12 @@ async def test_a_streamed_nuclia_answer(setting: Setting) -> None:
 
 
 async def test_an_upstream_failure(setting: Setting) -> None:
-    """Tracing on by the standard variable, without a word in the config."""
+    """Tracing on by the standard variable, without a word in the config; a span for each
+    of the router's attempts."""
     env = {**FAST_EXPORT, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{setting.collector}/v1/traces",
            "OTEL_SERVICE_NAME": "gateway-under-test"}
     received = setting.received
-    with run_gateway(setting.config(), env=env) as gateway:
+    with run_gateway(setting.config(retries=1), env=env) as gateway:
         async with client(gateway) as sdk:
             with pytest.raises(openai.APIStatusError) as failed:
                 await sdk.chat.completions.create(
@@ -257,14 +258,18 @@ async def test_an_upstream_failure(setting: Setting) -> None:
     assert (request.status.code, request.status.message) == (
         Status.STATUS_CODE_ERROR, "upstream_error")
     found = attributes(request.attributes)
-    assert (found["error.type"], found["http.response.status_code"], found["gateway.outcome"]
-            ) == ("upstream_error", 502, "error")
-    attempt = received.children(request)[ATTEMPT]
-    assert attempt.status.code == Status.STATUS_CODE_ERROR
-    assert {k: v for k, v in attributes(attempt.attributes).items()
-            if k in ("http.response.status_code", "gateway.outcome", "error.type")} == {
-        "http.response.status_code": 500, "gateway.outcome": "error",
-        "error.type": "upstream_error"}
+    assert (found["error.type"], found["http.response.status_code"], found["gateway.outcome"],
+            found["gateway.attempts"]) == ("upstream_error", 502, "error", 2)
+    attempts = sorted(received.named(ATTEMPT), key=lambda span: span.start_time_unix_nano)
+    assert [attributes(span.attributes)["gateway.attempt"] for span in attempts] == [1, 2]
+    for attempt in attempts:
+        assert attempt.parent_span_id == request.span_id
+        assert attempt.status.code == Status.STATUS_CODE_ERROR
+        assert {k: v for k, v in attributes(attempt.attributes).items()
+                if k in ("http.response.status_code", "gateway.outcome", "error.type")} == {
+            "http.response.status_code": 500, "gateway.outcome": "error",
+            "error.type": "upstream_error"}
+    assert setting.nuclia.state.calls == 2
 
 
 async def test_a_refused_key(setting: Setting) -> None:
@@ -353,3 +358,25 @@ def test_where_spans_go() -> None:
         "http://base:4318/v1/traces"
     assert otlp_endpoint(config, {"OTEL_SDK_DISABLED": "true"}) is None
     assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in os.environ  # the tests' gateways start off
+
+
+async def test_a_failed_delivery_and_its_retry(setting: Setting) -> None:
+    received = setting.received
+    setting.hook.faults.fail_next(1, 503)
+    with run_gateway(setting.config({"otlp_endpoint": setting.collector}),
+                     env=FAST_EXPORT) as gateway:
+        async with client(gateway) as sdk:
+            await sdk.chat.completions.create(
+                model="kb", messages=[{"role": "user", "content": QUESTION}])
+        await eventually(lambda: received.one(REQUEST)
+                         and len(received.named("deliver hook")) == 2)
+    request = received.one(REQUEST)
+    assert request is not None
+    failed, delivered = sorted(received.named("deliver hook"),
+                               key=lambda span: span.start_time_unix_nano)
+    assert failed.status.code == Status.STATUS_CODE_ERROR
+    assert attributes(failed.attributes)["error.type"] == "upstream_unavailable"
+    assert delivered.status.code == Status.STATUS_CODE_UNSET
+    for span in (failed, delivered):
+        assert [(link.trace_id, link.span_id) for link in span.links] == [
+            (request.trace_id, request.span_id)]
