@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -27,7 +28,7 @@ from gateway.admin import admin_routes
 from gateway.backends.base import Backend
 from gateway.backends.nuclia import NucliaBackend
 from gateway.backends.openai_compat import OpenAICompatBackend
-from gateway.components import build_components
+from gateway.components import build_components, make_tracing
 from gateway.config import GatewayConfig
 from gateway.console.app import console_app
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
@@ -41,6 +42,7 @@ from gateway.routing.assembly import build_router
 from gateway.routing.table import build_table
 from gateway.serving import Drain
 from gateway.state import GatewayState
+from gateway.tracing import NO_TRACING, Tracing
 from gateway.upstream import UpstreamClient
 
 log = structlog.get_logger("gateway.app")
@@ -64,9 +66,10 @@ def has_admin_key(config: GatewayConfig) -> bool:
     return bool(config.server.admin_key and config.server.admin_key.get_secret_value())
 
 
-def build_backend(name: str, config: GatewayConfig, connector: Any = None) -> Backend:
+def build_backend(name: str, config: GatewayConfig, connector: Any = None,
+                  tracing: Tracing = NO_TRACING) -> Backend:
     spec = config.backends[name]
-    client = UpstreamClient(name, spec, connector=connector)
+    client = UpstreamClient(name, spec, connector=connector, tracing=tracing)
     if spec.kind == "nuclia":
         return NucliaBackend(name, spec, client)
     return OpenAICompatBackend(name, spec, client)
@@ -186,12 +189,14 @@ async def assemble(
     health: HealthSource | None = None,
 ) -> GatewayState:
     """Build every resource in dependency order; `stack` closes them in reverse."""
+    tracing = make_tracing(config, os.environ)
+    stack.callback(tracing.shutdown)  # last: after the mirror's final deliveries
     backends: dict[str, Backend] = {}
     for name in config.backends:
         connector = connector_factory() if connector_factory else None
-        backends[name] = build_backend(name, config, connector)
+        backends[name] = build_backend(name, config, connector, tracing)
         stack.push_async_callback(backends[name].aclose)
-    parts = await build_components(config, stack, metrics)
+    parts = await build_components(config, stack, metrics, tracing)
     plans = build_table(config, backends)
     router = await build_router(config, plans, parts.circuit_store, metrics, stack)
     if config.server.request_log:
@@ -209,6 +214,7 @@ async def assemble(
         default_max_tokens=config.limits.default_max_tokens,
         conversation_header=config.analytics.conversation_header,
         user_header=config.analytics.user_header,
+        tracing=tracing,
     )
     admin = None
     if has_admin_key(config):

@@ -7,7 +7,7 @@ its settings into constructor arguments, for the gateway's lifespan and the CLI 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,7 @@ from gateway.stores.redis_base import RedisNamespace, connect
 from gateway.stores.series import MemorySeriesStore, RedisSeriesStore, SeriesStore
 from gateway.stores.spool import SpoolOutbox
 from gateway.stores.usage import MemoryUsageStore, RedisUsageStore, UsageStore
+from gateway.tracing import NO_TRACING, Tracing, otlp_endpoint
 
 
 def connect_store(config: GatewayConfig) -> RedisNamespace | None:
@@ -90,6 +91,19 @@ def make_outbox(config: GatewayConfig, ns: RedisNamespace | None, *,
     return FallbackOutbox(redis, spool, remember=box.max_queue)
 
 
+def make_tracing(config: GatewayConfig, environ: Mapping[str, str]) -> Tracing:
+    """OpenTelemetry spans exported to the configured OTLP endpoint (or the standard
+    variables'), else nothing: chosen here once, so that the hot path never asks."""
+    endpoint = otlp_endpoint(config.observability.otlp_endpoint, environ)
+    if endpoint is None:
+        return NO_TRACING
+    from gateway.otel import OtelTracing  # the SDK and the exporter load only when used
+
+    systems = {name: backend.kind for name, backend in config.backends.items()}
+    return OtelTracing(endpoint, systems,
+                       capture_content=config.observability.capture_content)
+
+
 @dataclass(frozen=True)
 class Components:
     """What the lifespan hands on: the pipeline's collaborators and what the admin API and
@@ -110,7 +124,7 @@ async def _nothing() -> None:
 
 
 async def build_components(config: GatewayConfig, stack: AsyncExitStack,
-                           metrics: Metrics) -> Components:
+                           metrics: Metrics, tracing: Tracing = NO_TRACING) -> Components:
     """Build and start every collaborator; `stack` stops and closes them in reverse."""
     ns = connect_store(config)
     ping: Callable[[], Awaitable[object]] = _nothing
@@ -138,7 +152,7 @@ async def build_components(config: GatewayConfig, stack: AsyncExitStack,
     analytics = await build_analytics(config, make_usage_store(config, ns),
                                       make_series_store(config, ns),
                                       make_outbox(config, ns) if config.analytics.sinks
-                                      else None, metrics, stack)
+                                      else None, metrics, stack, tracing)
     circuits = RedisCircuitStore(ns, list(config.backends)) if ns is not None \
         else MemoryCircuitStore()
     return Components(ns, key_store, authority, limiter, cache, analytics, circuits, ping)

@@ -273,6 +273,21 @@ class ServerConfig(_Strict):
     shutdown_grace: float = Field(default=30.0, ge=0)
 
 
+class ObservabilityConfig(_Strict):
+    # tracing: OTLP/HTTP to this collector (its base URL: spans go to {otlp_endpoint}/v1/traces);
+    # unset, the standard OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT variables decide; neither: off
+    otlp_endpoint: str | None = None
+    # prompts and answers on the spans: off, as they may hold personal data
+    capture_content: bool = False
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL (OTLP over HTTP)")
+        return value
+
+
 class GatewayConfig(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     store: str = "memory"  # "memory" or a redis:// URL
@@ -285,6 +300,7 @@ class GatewayConfig(_Strict):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     analytics: AnalyticsConfig = Field(default_factory=AnalyticsConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
     base_dir: Path = Path(".")  # the config file's folder: relative paths resolve against it
 
     @field_validator("store")

@@ -44,6 +44,9 @@ class ExchangeRecord:
     metadata: dict[str, Any] = field(default_factory=dict)
     served_model: str = ""  # the model that answered: `model`, or one of its fallbacks
     attempts: int = 0  # upstream calls made for this exchange
+    # the request's span (hex), when traced: the request log's trace id, the delivery's link
+    trace_id: str | None = None
+    span_id: str | None = None
 
     @property
     def prompt_tokens(self) -> int:

@@ -35,6 +35,7 @@ from gateway.response_cache import CachedAnswer, CacheDecision, Claim
 from gateway.routing.router import Router, RoutingFailed, Served
 from gateway.routing.table import ModelPlan
 from gateway.tokens import prompt_tokens, text_tokens
+from gateway.tracing import NO_TRACE, NO_TRACING, ExchangeTrace, Tracing
 from gateway.wire import (
     SSE_DONE,
     ChatRequest,
@@ -120,6 +121,7 @@ class Exchange:
     extra_headers: dict[str, str] = field(default_factory=dict)
     served: Route | None = None  # the deployment that answered (a fallback's, maybe)
     attempts: int = 0  # upstream calls made
+    trace: ExchangeTrace = NO_TRACE
 
     @property
     def route(self) -> Route:
@@ -141,6 +143,7 @@ class Pipeline:
         default_max_tokens: int = 1024,
         conversation_header: str = "x-conversation-id",
         user_header: str = "x-end-user-id",
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self.plans = plans
         self.router = router
@@ -152,6 +155,7 @@ class Pipeline:
         self.default_max_tokens = default_max_tokens
         self.conversation_header = conversation_header
         self.user_header = user_header
+        self.tracing = tracing
         # cache results by (model, result): plain counts, reported when metrics are sampled
         self._cache_events = metrics.tally(metrics.cache_events)
         self._requests = metrics.tally(metrics.requests)  # by model, backend, status
@@ -161,18 +165,23 @@ class Pipeline:
     async def handle(self, request_id: str, raw: bytes, headers: Mapping[str, str]) -> Reply:
         started = time.perf_counter()
         wall = time.time()
+        trace = self.tracing.exchange(headers)
         try:
-            principal = await self.authenticator.authenticate(headers.get("authorization"))
+            with trace.stage("authenticate"):
+                principal = await self.authenticator.authenticate(headers.get("authorization"))
             body, chat = parse_chat_request(raw)
+            trace.request(principal.team, principal.key_id, chat.model, body)
             plan = self._plan(principal, chat.model)
             estimate = prompt_tokens(body["messages"])
             ex = Exchange(request_id, started, wall, principal, plan, chat, body, headers,
-                          estimate)
+                          estimate, trace=trace)
             if self.admitter is not None:
                 tokens = estimate + (chat.answer_token_budget or self.default_max_tokens)
-                ex.admission = await self.admitter.admit(principal, plan.model, tokens)
+                with trace.stage("limits"):
+                    ex.admission = await self.admitter.admit(principal, plan.model, tokens)
         except GatewayError as exc:  # refused before anything was reserved: no record
             self.metrics.rejected.labels(exc.code or "error").inc()
+            trace.refused(exc)
             return self._error_reply(exc)
         return await self._admitted(ex)
 
@@ -202,7 +211,8 @@ class Pipeline:
     async def _admitted(self, ex: Exchange) -> Reply:
         handed_off = False
         try:
-            cached = await self._cached(ex)
+            with ex.trace.stage("cache"):
+                cached = await self._cached(ex)
             if cached is not None:
                 ex.cached = True
                 reply = self._replay(ex, cached)
@@ -242,7 +252,8 @@ class Pipeline:
     def _call(ex: Exchange) -> Callable[[Route], UpstreamCall]:
         """The upstream call of one attempt, on a deployment's route."""
         def call(route: Route) -> UpstreamCall:
-            return UpstreamCall(ex.request_id, route, ex.chat, ex.body, ex.headers)
+            return UpstreamCall(ex.request_id, route, ex.chat, ex.body, ex.headers,
+                                trace=ex.trace)
         return call
 
     def _served(self, ex: Exchange, served: Served[T]) -> T:
@@ -421,6 +432,7 @@ class Pipeline:
         elapsed = time.perf_counter() - ex.started
         self._observe(ex, elapsed)
         record = self._record(ex, elapsed)
+        ex.trace.finish(record)
         for observer in self.observers:
             try:
                 observer.exchange_finished(record)
@@ -464,6 +476,8 @@ class Pipeline:
             error=ex.error,
             user=ex.headers.get(self.user_header) or ex.chat.user,
             conversation_id=ex.headers.get(self.conversation_header),
+            trace_id=ex.trace.trace_id,
+            span_id=ex.trace.span_id,
         )
 
     # -- replies -----------------------------------------------------------------------------

@@ -30,7 +30,8 @@ class RequestLog:
         self._lines.append(orjson.dumps({
             "event": "request", "level": "info",
             "timestamp": datetime.fromtimestamp(record.time, UTC).isoformat(),
-            "request_id": record.request_id, "team": record.team, "key_id": record.key_id,
+            "request_id": record.request_id, "trace_id": record.trace_id,
+            "team": record.team, "key_id": record.key_id,
             "model": record.model, "backend": record.backend, "stream": record.stream,
             "status": record.status, "outcome": record.outcome,
             "latency_ms": record.latency_ms, "ttft_ms": record.ttft_ms,

@@ -14,6 +14,7 @@ import aiohttp
 
 from gateway.config import BackendConfig
 from gateway.errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
+from gateway.tracing import NO_TRACING, Tracing
 
 
 class UpstreamResponse:
@@ -79,8 +80,10 @@ class UpstreamClient:
         config: BackendConfig,
         *,
         connector: aiohttp.BaseConnector | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self.name = name
+        self._tracing = tracing  # adds the current attempt's traceparent to each request
         self.base_url = config.base_url
         timeouts = config.timeouts
         # Streams are bounded by the silence between reads, not by a total: a long answer
@@ -114,8 +117,10 @@ class UpstreamClient:
     ) -> UpstreamResponse:
         session = self._open_session()
         url = self.base_url + path
+        sent = dict(headers)
+        self._tracing.inject(sent)
         try:
-            resp = await session.post(url, data=data, headers=dict(headers), **kw)
+            resp = await session.post(url, data=data, headers=sent, **kw)
         except TimeoutError as exc:
             raise UpstreamTimeout(
                 f"The upstream '{self.name}' did not answer in time.", backend=self.name

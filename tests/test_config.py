@@ -110,6 +110,9 @@ def test_redis_from_environment() -> None:
         ("models:\n  m: {backend: nope}\n", "models.m.backend: unknown backend 'nope'"),
         ("server: {port: 99999}\n", "server.port: Input should be less than or equal to 65535"),
         ("store: mysql://x\n", "store: must be 'memory' or a redis:// URL"),
+        ("observability: {otlp_endpoint: 'collector:4317'}\n",
+         "observability.otlp_endpoint: must be an http:// or https:// URL"),
+        ("observability: {capture: true}\n", "observability.capture: unknown key"),
         ("backends: [\n", "not valid YAML"),
         ("- 1\n", "top level must be a mapping"),
     ],
@@ -211,3 +214,16 @@ def test_routing_mistakes_name_the_key(models: str, expected: str) -> None:
     text = "backends:\n  b: {kind: openai, base_url: 'http://x/v1'}\nmodels:\n" + models
     with pytest.raises(ConfigError, match=expected):
         parse_config(text, env={})
+
+
+def test_check_config_tells_where_spans_go(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(GOOD)
+    assert main(["check-config", "--config", str(config)]) == 0
+    assert "\ntracing: off\n" in capsys.readouterr().out
+    config.write_text(GOOD + "observability: {otlp_endpoint: 'http://collector:4318/',"
+                             " capture_content: true}\n")
+    assert main(["check-config", "--config", str(config)]) == 0
+    assert "tracing: OTLP/HTTP to http://collector:4318/v1/traces, with prompts and answers" \
+        in capsys.readouterr().out

@@ -19,6 +19,7 @@ from gateway.metrics import Metrics
 from gateway.stores.outbox import OutboxStore
 from gateway.stores.series import SeriesStore
 from gateway.stores.usage import UsageStore
+from gateway.tracing import NO_TRACING, Tracing
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,10 @@ class Analytics:
 
 async def build_analytics(config: GatewayConfig, usage_store: UsageStore,
                           series_store: SeriesStore, outbox: OutboxStore | None,
-                          metrics: Metrics, stack: AsyncExitStack) -> Analytics:
-    """`outbox`: where records wait for the sinks (None when no sink is configured)."""
+                          metrics: Metrics, stack: AsyncExitStack,
+                          tracing: Tracing = NO_TRACING) -> Analytics:
+    """`outbox`: where records wait for the sinks (None when no sink is configured);
+    `tracing`: for the spans of the deliveries."""
     meter = Meter(usage_store, MeterCounters(metrics.tally(metrics.tokens),
                                             metrics.tally(metrics.team_requests)),
                   series=series_store)
@@ -51,7 +54,7 @@ async def build_analytics(config: GatewayConfig, usage_store: UsageStore,
     if outbox is None:
         return Analytics(meter, usage_store, series_store)
     sinks = make_sinks(config.analytics.sinks)
-    mirror = Mirror(config, outbox, sinks, metrics)
+    mirror = Mirror(config, outbox, sinks, metrics, tracing=tracing)
     await mirror.start()
     stack.push_async_callback(mirror.stop)
     inkeep = next((s for s in sinks if isinstance(s, InkeepAnalyticsSink)), None)

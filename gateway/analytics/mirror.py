@@ -35,6 +35,7 @@ from gateway.errors import UpstreamError
 from gateway.exchange import ExchangeRecord
 from gateway.metrics import Metrics
 from gateway.stores.outbox import Outbox, OutboxItem
+from gateway.tracing import NO_TRACING, Tracing
 
 log = structlog.get_logger("gateway.analytics.mirror")
 LOCAL_RECORDS = 4096
@@ -109,6 +110,7 @@ class Mirror:
         poll_interval: float = 0.2,
         write_interval: float = 0.01,
         clock: Callable[[], float] = time.time,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         box = config.analytics.outbox
         self.outbox = outbox
@@ -125,6 +127,7 @@ class Mirror:
         self.max_queue = box.max_queue
         self.touch_every = box.claim_idle_seconds / 3
         self.clock = clock
+        self.tracing = tracing
         self._accepted: list[tuple[bytes, str]] = []
         # records accepted here and not yet done with by every sink, by idempotency key:
         # claimed back without decoding their JSON (bounded; a miss just decodes)
@@ -259,8 +262,7 @@ class Mirror:
         if not to_send:
             return True
         try:
-            await worker.sink.deliver([Delivery(h.record, h.item.key, h.item.data)
-                                       for h in to_send if h.record is not None])
+            await self._hand_over(worker.sink, to_send)
         except UpstreamError as exc:
             for conv, held in ready:
                 if not held.delivered:
@@ -269,6 +271,14 @@ class Mirror:
         for held in to_send:  # an ack that fails now is retried without delivering again
             held.delivered = True
         return True
+
+    async def _hand_over(self, sink: Sink, held: list[_Held]) -> None:
+        deliveries = [Delivery(h.record, h.item.key, h.item.data)
+                      for h in held if h.record is not None]
+        # a span of its own, linked to each record's request span: a delivery comes later,
+        # maybe from another replica, and one batch carries many requests
+        with self.tracing.delivery(sink.name, [d.record for d in deliveries]):
+            await sink.deliver(deliveries)
 
     async def _failed(self, worker: _SinkWorker, conv: str, held: _Held,
                       exc: UpstreamError) -> None:

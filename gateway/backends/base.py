@@ -12,6 +12,7 @@ from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from gateway.tracing import NO_TRACE, ExchangeTrace
 from gateway.wire import ChatRequest
 
 
@@ -37,6 +38,7 @@ class UpstreamCall:
     headers: Mapping[str, str] = field(default_factory=dict)  # client headers worth passing on
     # headers the backend adds to the client's reply (e.g. Nuclia's learning id)
     reply_headers: dict[str, str] = field(default_factory=dict)
+    trace: ExchangeTrace = NO_TRACE  # the request's: the router opens a span per attempt
 
 
 # (chunks, last): the chunks translated from one upstream read, which the pipeline relays in

@@ -7,7 +7,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gateway.app import create_app
@@ -24,6 +24,7 @@ from gateway.demo import demo_app
 from gateway.errors import GatewayError
 from gateway.logs import configure_logging
 from gateway.serving import GuardedHttpProtocol, ServeConfig, run
+from gateway.tracing import otlp_endpoint
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -109,10 +110,20 @@ def _credentials(backend: BackendConfig) -> str:
     return f"missing: set {backend.api_key_env or 'api_key'}"
 
 
+def tracing_line(config: GatewayConfig, environ: Mapping[str, str]) -> str:
+    """Where spans would go, from the config and this environment's OTEL_* variables."""
+    endpoint = otlp_endpoint(config.observability.otlp_endpoint, environ)
+    if endpoint is None:
+        return "tracing: off"
+    content = "with" if config.observability.capture_content else "without"
+    return f"tracing: OTLP/HTTP to {endpoint}, {content} prompts and answers"
+
+
 def _check_config(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     print(f"{config_path(args.config)}: ok\n")
     print(routing_table(config))
+    print(tracing_line(config, os.environ))
     return 0
 
 

@@ -160,7 +160,9 @@ class Router:
             self._busy[deployment.name] = self._busy.get(deployment.name, 0) + 1
             upstream = call(deployment.route)
             try:
-                result = await attempt(deployment, upstream)
+                with upstream.trace.attempt(deployment.name, deployment.route.upstream_model,
+                                            attempts.count):
+                    result = await attempt(deployment, upstream)
             except GatewayError as exc:
                 if not self._failed(deployment, exc):
                     raise RoutingFailed(exc, attempts.count) from exc
