@@ -82,6 +82,14 @@ def test_recursive_schemas_end() -> None:
     assert 1 <= depth < 10
 
 
-def test_an_unresolvable_ref_is_a_schema_error() -> None:
+@pytest.mark.parametrize("schema", [
+    {"$ref": "#/$defs/Missing"},
+    {"$ref": "#"},
+    {"type": "object", "properties": {"again": {"$ref": "#"}}, "required": ["again"]},
+    {"type": "martian"},
+    {"type": "array", "minItems": 10**9},
+    {"type": "string", "minLength": "long"},
+])
+def test_a_schema_it_cannot_follow_is_a_schema_error(schema: dict[str, Any]) -> None:
     with pytest.raises(SchemaError):
-        schema_instance({"$ref": "#/$defs/Missing"})
+        schema_instance(schema)

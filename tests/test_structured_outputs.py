@@ -190,3 +190,13 @@ async def test_nuclia_without_json_streamed_is_an_error_event(gateway: str) -> N
                     response_format=Renewal) as stream:
                 async for _ in stream:
                     pass
+
+
+@pytest.mark.parametrize("model", ["kb", "qa"])
+async def test_a_schema_the_upstream_refuses_is_a_400(gateway: str, model: str) -> None:
+    endless = {"type": "object", "properties": {"again": {"$ref": "#"}}, "required": ["again"]}
+    async with async_client(gateway) as client:
+        with pytest.raises(openai.BadRequestError):
+            await client.chat.completions.create(
+                model=model, messages=ask(), response_format={  # type: ignore[arg-type]
+                    "type": "json_schema", "json_schema": {"name": "x", "schema": endless}})

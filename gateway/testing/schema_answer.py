@@ -17,6 +17,8 @@ import math
 from typing import Any
 
 MAX_DEPTH = 8  # below it, optional properties and arrays are left empty so recursion ends
+MAX_NESTING = 64  # a schema that still requires more nesting never ends
+MAX_SIZE = 1000  # the longest string or array a sample answer makes
 _FORMATS = {
     "date-time": "2026-01-01T00:00:00Z", "date": "2026-01-01", "time": "00:00:00Z",
     "email": "sample@example.com", "uri": "https://example.com/sample",
@@ -31,8 +33,12 @@ class SchemaError(ValueError):
 
 
 def schema_instance(schema: dict[str, Any], *, text: str = "sample") -> Any:
-    """A value that validates against `schema`; `text` fills the first free-form string."""
-    return _Generator(schema, text).value(schema, "value", 0)
+    """A value that validates against `schema`; `text` fills the first free-form string.
+    Raises `SchemaError` for a schema it cannot follow, whatever is wrong with it."""
+    try:
+        return _Generator(schema, text).value(schema, "value", 0)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
+        raise SchemaError(f"malformed schema ({type(exc).__name__})") from None
 
 
 class _Generator:
@@ -41,6 +47,8 @@ class _Generator:
         self._text: str | None = text
 
     def value(self, schema: Any, name: str, depth: int) -> Any:
+        if depth > MAX_NESTING:
+            raise SchemaError("the schema requires endless nesting")
         if schema is True or not isinstance(schema, dict):
             return self._string({}, name)
         schema = self._resolved(schema)
@@ -124,6 +132,8 @@ class _Generator:
         if depth < MAX_DEPTH:
             wanted = max(wanted, 1)
         wanted = min(max(wanted, len(prefix)), int(schema.get("maxItems", wanted)))
+        if wanted > MAX_SIZE:
+            raise SchemaError(f"more than {MAX_SIZE} items required")
         items = [self.value(sub, name, depth + 1) for sub in prefix[:wanted]]
         rest = schema.get("items", True)
         while len(items) < wanted:
@@ -139,6 +149,8 @@ class _Generator:
         else:
             value = f"sample {name}"
         low, high = int(schema.get("minLength", 0)), schema.get("maxLength")
+        if low > MAX_SIZE:
+            raise SchemaError(f"strings longer than {MAX_SIZE} characters required")
         value = value.ljust(low, ".")
         return value if high is None else value[:int(high)]
 
