@@ -86,10 +86,15 @@ def parse_chat_request(raw: bytes) -> tuple[dict[str, Any], ChatRequest]:
     return body, chat
 
 
+# the names pydantic puts in an error's location for the member of a union it tried
+_UNION_MEMBERS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
+
+
 def validation_error(exc: ValidationError) -> InvalidRequest:
     """A request model's first validation error as the 400 that names its parameter."""
     first = exc.errors(include_url=False)[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
+    param = ".".join(str(p) for p in first["loc"] if p not in _UNION_MEMBERS
+                     and "[" not in str(p)) or None
     missing = first["type"] == "missing"
     message = (
         f"Missing required parameter: '{param}'."
