@@ -90,8 +90,15 @@ const cases = {
       if (event.type === "response.output_text.delta") text += event.delta;
       if (event.type === "response.completed") completed = event.response;
     }
-    return { text, types, status: completed?.status ?? null,
-             completedText: completed?.output_text ?? null, usage: completed?.usage ?? null };
+    // `output_text` is the SDK's own convenience on non-streamed responses only
+    const completedText = (completed?.output ?? [])
+      .filter((item) => item.type === "message")
+      .flatMap((item) => item.content)
+      .filter((part) => part.type === "output_text")
+      .map((part) => part.text)
+      .join("");
+    return { text, types, status: completed?.status ?? null, completedText,
+             usage: completed?.usage ?? null };
   },
 };
 
