@@ -18,6 +18,7 @@ from gateway.testing.fake_inkeep import answer_text, create_fake_inkeep_app
 from gateway.testing.fake_nuclia import answer_text as nuclia_answer
 from gateway.testing.fake_nuclia import create_fake_nuclia_app
 from gateway.testing.server import run_server
+from tests.eventually import eventually
 from tests.gateway_fixtures import (
     CLIENT_KEY,
     OTHER_KEY,
@@ -25,7 +26,6 @@ from tests.gateway_fixtures import (
     async_client,
     serve_gateway,
 )
-from tests.eventually import eventually
 from tests.test_exchange_records import Recorder
 
 QUESTION = "How do I rotate a key?"
