@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from pydantic import BaseModel
 from starlette.applications import Starlette
 
 from gateway.config import parse_config
@@ -17,6 +18,7 @@ from gateway.testing.fake_inkeep import answer_text, create_fake_inkeep_app
 from gateway.testing.fake_nuclia import answer_text as nuclia_answer
 from gateway.testing.fake_nuclia import create_fake_nuclia_app
 from gateway.testing.server import run_server
+from tests.eventually import eventually
 from tests.gateway_fixtures import (
     CLIENT_KEY,
     OTHER_KEY,
@@ -249,3 +251,45 @@ async def test_models_retrieve(setup: Setup) -> None:
         assert caught.value.code == "model_not_found"
         with pytest.raises(openai.NotFoundError):
             await other.models.retrieve("kb")  # not this key's to use
+
+
+class Links(BaseModel):
+    title: str
+    urls: list[str]
+    count: int
+
+
+@pytest.mark.parametrize("model", ["qa", "kb"])
+async def test_parse_with_a_pydantic_model(setup: Setup, model: str) -> None:
+    async with async_client(setup.url) as client:
+        response = await client.responses.parse(model=model, input="Links, please?",
+                                                text_format=Links)
+    parsed = response.output_parsed
+    assert isinstance(parsed, Links)
+    assert Links.model_validate_json(response.output_text) == parsed
+
+
+@pytest.mark.redis
+async def test_stored_responses_expire_on_redis(redis_url: str) -> None:
+    inkeep = create_fake_inkeep_app()
+    async with run_server(inkeep) as inkeep_url:
+        config = parse_config(config_yaml(
+            store=redis_url,
+            backends={"inkeep": {"kind": "inkeep", "base_url": f"{inkeep_url}/v1",
+                                 "requires_key": False}},
+            models={"qa": {"backend": "inkeep", "retries": 0}},
+            keys=[static_key(CLIENT_KEY, id="test", team="alpha")],
+            extra={"responses": {"ttl_days": 0.5 / 86400}},  # half a second
+        ), env={})
+        async with serve_gateway(config) as url, async_client(url) as client:
+            response = await client.responses.create(model="qa", input=QUESTION)
+            assert (await client.responses.retrieve(response.id)).id == response.id
+
+            async def expired() -> bool:
+                try:
+                    await client.responses.retrieve(response.id)
+                except openai.NotFoundError:
+                    return True
+                return False
+
+            await eventually(expired, within=5)
