@@ -7,7 +7,7 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 	&& echo $$p && break; done)
 
 .PHONY: run test bench lint typecheck check-config clean redis-server bench-tools prometheus \
-	browser
+	browser node-clients
 
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.11+ is required"; exit 1; }
@@ -22,8 +22,9 @@ run: $(VENV)/.installed
 
 ## Install with the dev extras, lint, and run the whole test suite (real redis-server, real
 ## uvicorn, the benchmark's wrk and nginx for its tests, Prometheus and promtool for the
-## dashboard's and the alert rules' tests, Chromium for the console's).
-test: $(VENV)/.installed redis-server bench-tools prometheus browser lint
+## dashboard's and the alert rules' tests, Chromium for the console's, and the Node clients'
+## packages, openai-node and the Vercel AI SDK, for tests/test_node_clients.py).
+test: $(VENV)/.installed redis-server bench-tools prometheus browser node-clients lint
 	$(PY) -m pytest
 
 ## The benchmark (wrk + nginx as the fast fake upstream); see bench/README.md.
@@ -54,8 +55,17 @@ prometheus:
 browser:
 	@command -v chromium >/dev/null || $(call apt,chromium)
 
+# the Node clients' packages as locked; installed again when package-lock.json changes
+NODE_CLIENTS := tests/node/node_modules/.installed
+$(NODE_CLIENTS): tests/node/package-lock.json
+	@command -v npm >/dev/null || $(call apt,nodejs npm)
+	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+node-clients: $(NODE_CLIENTS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache artifacts
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache artifacts tests/node/node_modules
 
 define apt
 	{ SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && \

@@ -38,6 +38,7 @@ from gateway.metrics import Metrics
 from gateway.middleware import RequestCap, RequestContextMiddleware
 from gateway.pipeline import Pipeline
 from gateway.request_log import RequestLog
+from gateway.responses import ResponsesApi
 from gateway.routing.assembly import build_router
 from gateway.routing.table import build_table
 from gateway.serving import Drain
@@ -127,7 +128,11 @@ def create_app(
     routes: list[BaseRoute] = [
         HTTPRoute("/v1/chat/completions", chat, methods=["POST"]),
         HTTPRoute("/chat/completions", chat, methods=["POST"]),
+        HTTPRoute("/v1/responses", endpoints.Responses(), methods=["POST"]),
+        HTTPRoute("/v1/responses/{response_id}", endpoints.stored_response,
+                  methods=["GET", "DELETE"]),
         HTTPRoute("/v1/models", endpoints.list_models, methods=["GET"]),
+        HTTPRoute("/v1/models/{model_id:path}", endpoints.retrieve_model, methods=["GET"]),
         HTTPRoute("/v1/feedback", endpoints.feedback, methods=["POST"]),
         HTTPRoute("/healthz", endpoints.healthz, methods=["GET"]),
         HTTPRoute("/readyz", endpoints.readyz, methods=["GET"]),
@@ -225,4 +230,5 @@ async def assemble(
         )
     return GatewayState(config=config, metrics=metrics, plans=plans, backends=backends,
                         pipeline=pipeline, components=parts, drain=drain,
-                        started=int(time.time()), admin=admin, health=health or router)
+                        started=int(time.time()), admin=admin, health=health or router,
+                        responses=ResponsesApi(parts.response_store))

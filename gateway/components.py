@@ -26,6 +26,7 @@ from gateway.stores.keys import KeyStore, MemoryKeyStore, RedisKeyStore
 from gateway.stores.limits import LimitStore, MemoryLimitStore, RedisLimitStore
 from gateway.stores.outbox import OutboxStore, RedisOutbox
 from gateway.stores.redis_base import RedisNamespace, connect
+from gateway.stores.responses import MemoryResponseStore, RedisResponseStore, ResponseStore
 from gateway.stores.series import MemorySeriesStore, RedisSeriesStore, SeriesStore
 from gateway.stores.spool import SpoolOutbox
 from gateway.stores.usage import MemoryUsageStore, RedisUsageStore, UsageStore
@@ -56,6 +57,14 @@ def make_cache_store(config: GatewayConfig, ns: RedisNamespace | None) -> CacheS
     if ns is not None:
         return RedisCacheStore(ns, config.cache.max_entry_bytes)
     return MemoryCacheStore(config.cache.memory_max_bytes, config.cache.max_entry_bytes)
+
+
+def make_response_store(config: GatewayConfig, ns: RedisNamespace | None) -> ResponseStore:
+    """Redis (any replica continues a conversation), else in process."""
+    settings = config.responses
+    if ns is not None:
+        return RedisResponseStore(ns, settings.ttl_seconds)
+    return MemoryResponseStore(settings.ttl_seconds, settings.memory_max_entries)
 
 
 def usage_file(config: GatewayConfig) -> Path:
@@ -116,6 +125,7 @@ class Components:
     cache: ResponseCache
     analytics: Analytics
     circuit_store: CircuitStore
+    response_store: ResponseStore
     ping: Callable[[], Awaitable[object]]
 
 
@@ -155,4 +165,5 @@ async def build_components(config: GatewayConfig, stack: AsyncExitStack,
                                       else None, metrics, stack, tracing)
     circuits = RedisCircuitStore(ns, list(config.backends)) if ns is not None \
         else MemoryCircuitStore()
-    return Components(ns, key_store, authority, limiter, cache, analytics, circuits, ping)
+    return Components(ns, key_store, authority, limiter, cache, analytics, circuits,
+                      make_response_store(config, ns), ping)

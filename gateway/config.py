@@ -253,6 +253,18 @@ class AnalyticsConfig(_Strict):
     user_header: str = "x-end-user-id"
 
 
+class ResponsesConfig(_Strict):
+    """Stored Responses API responses (``store: true``): kept this long for
+    ``previous_response_id`` and ``GET /v1/responses/{id}``."""
+
+    ttl_days: float = Field(default=30, gt=0)
+    memory_max_entries: int = Field(default=10_000, ge=1)  # without Redis: oldest dropped
+
+    @property
+    def ttl_seconds(self) -> float:
+        return self.ttl_days * 86400
+
+
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
@@ -301,6 +313,7 @@ class GatewayConfig(_Strict):
     analytics: AnalyticsConfig = Field(default_factory=AnalyticsConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
+    responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
     base_dir: Path = Path(".")  # the config file's folder: relative paths resolve against it
 
     @field_validator("store")

@@ -1,9 +1,9 @@
 """HTTP endpoints: the OpenAI surface and the operational ones beside it.
 
-`/v1/chat/completions` is a plain ASGI endpoint (no Request object, no task group per
-response): it reads the body under the size limit, hands it to the pipeline and sends the
-reply, watching for ``http.disconnect`` while a stream is being relayed so that a client that
-goes away cancels the upstream promptly.
+`/v1/chat/completions` (and `/v1/responses`, on the same pipeline) is a plain ASGI endpoint
+(no Request object, no task group per response): it reads the body under the size limit,
+hands it to the pipeline and sends the reply, watching for ``http.disconnect`` while a
+stream is being relayed so that a client that goes away cancels the upstream promptly.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ from starlette.responses import JSONResponse, Response
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
+    ModelNotFound,
+    NotFound,
     PayloadTooLarge,
     ServiceUnavailable,
     ShuttingDown,
     cut_by_shutdown,
 )
-from gateway.pipeline import Piece
+from gateway.pipeline import Api, Piece
 from gateway.serving import Drain
 from gateway.state import GatewayState
 from gateway.wire import sse_event
@@ -82,6 +84,10 @@ async def read_body(receive: Any, scope: Mapping[str, Any], limit: int) -> bytes
 class ChatCompletions:
     """``POST /v1/chat/completions``."""
 
+    def api(self, state: GatewayState) -> Api | None:
+        """The API this endpoint serves; None: chat completions, the pipeline's default."""
+        return None
+
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         state = state_of(scope)
         request_id: str = scope.get("gateway.request_id") or ""
@@ -96,7 +102,8 @@ class ChatCompletions:
         try:
             try:
                 with state.drain.tracking():
-                    reply = await state.pipeline.handle(request_id, raw, headers)
+                    reply = await state.pipeline.handle(request_id, raw, headers,
+                                                        self.api(state))
             except asyncio.CancelledError as exc:
                 if not cut_by_shutdown(exc):
                     raise
@@ -121,6 +128,13 @@ class ChatCompletions:
                               ).observe(overhead)
         finally:
             metrics.in_flight_now -= 1
+
+
+class Responses(ChatCompletions):
+    """``POST /v1/responses``."""
+
+    def api(self, state: GatewayState) -> Api | None:
+        return state.responses
 
 
 def _uncancel() -> None:
@@ -210,15 +224,54 @@ async def list_models(request: Request) -> Response:
         principal = await state.authority.authenticate(request.headers.get("authorization"))
     except GatewayError as exc:
         return error_response(exc)
-    created = state.started
-    data = [
-        {"id": name, "object": "model", "created": created,
-         "owned_by": f"gateway:{plan.route.backend}"}
-        for name, plan in state.plans.items()
-        if principal.allows(name)
-    ]
+    data = [_model(state, name) for name in state.plans if principal.allows(name)]
     return Response(orjson.dumps({"object": "list", "data": data}),
                     media_type="application/json")
+
+
+def _model(state: GatewayState, name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": state.started,
+            "owned_by": f"gateway:{state.plans[name].route.backend}"}
+
+
+async def retrieve_model(request: Request) -> Response:
+    """``GET /v1/models/{id}``: a model this key may use, else 404 (whether it does not
+    exist or is not this key's to use)."""
+    state: GatewayState = request.state.gateway
+    name = request.path_params["model_id"]
+    try:
+        principal = await state.authority.authenticate(request.headers.get("authorization"))
+        if name not in state.plans or not principal.allows(name):
+            raise ModelNotFound(f"The model '{name}' does not exist or you do not have "
+                                "access to it.", param="model")
+    except GatewayError as exc:
+        return error_response(exc)
+    return Response(orjson.dumps(_model(state, name)), media_type="application/json")
+
+
+async def stored_response(request: Request) -> Response:
+    """``GET`` / ``DELETE /v1/responses/{id}``: a stored response of the key's team."""
+    state: GatewayState = request.state.gateway
+    response_id = request.path_params["response_id"]
+    store = state.responses.store
+    try:
+        principal = await state.authority.authenticate(request.headers.get("authorization"))
+        if request.method == "DELETE":
+            if not await store.delete(principal.team, response_id):
+                raise _no_response(response_id)
+            body: dict[str, Any] = {"id": response_id, "object": "response", "deleted": True}
+        else:
+            found = await store.get(principal.team, response_id)
+            if found is None:
+                raise _no_response(response_id)
+            body = found.response
+    except GatewayError as exc:
+        return error_response(exc)
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+def _no_response(response_id: str) -> NotFound:
+    return NotFound(f"Response with id '{response_id}' not found.", param="response_id")
 
 
 FEEDBACK_LIMIT = 64 * 1024

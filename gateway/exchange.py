@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 Outcome = Literal["completed", "error", "client_disconnected"]
+Api = Literal["chat.completions", "responses"]  # the OpenAI API the client called
 
 
 @dataclass
@@ -44,6 +45,7 @@ class ExchangeRecord:
     metadata: dict[str, Any] = field(default_factory=dict)
     served_model: str = ""  # the model that answered: `model`, or one of its fallbacks
     attempts: int = 0  # upstream calls made for this exchange
+    api: Api = "chat.completions"
     # the request's span (hex), when traced: the request log's trace id, the delivery's link
     trace_id: str | None = None
     span_id: str | None = None

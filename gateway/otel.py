@@ -27,7 +27,6 @@ from gateway.errors import GatewayError, UpstreamError
 from gateway.exchange import ExchangeRecord
 
 DEFAULT_SERVICE = "rag-gateway"
-ROUTE = "/v1/chat/completions"
 FIRST_TOKEN = "gen_ai.first_token"
 
 
@@ -43,8 +42,8 @@ class OtelTracing:
         self.systems = systems
         self.capture_content = capture_content
 
-    def exchange(self, headers: Mapping[str, str]) -> ExchangeSpans:
-        return ExchangeSpans(self, headers)
+    def exchange(self, headers: Mapping[str, str], route: str) -> ExchangeSpans:
+        return ExchangeSpans(self, headers, route)
 
     def delivery(self, sink: str, records: Sequence[ExchangeRecord]) -> _Scope:
         links = [link for link in map(_link, records) if link is not None]
@@ -114,16 +113,16 @@ def failed(span: Span, exc: GatewayError) -> None:
 class ExchangeSpans:
     """The spans of one request (an `ExchangeTrace`)."""
 
-    def __init__(self, tracing: OtelTracing, headers: Mapping[str, str]) -> None:
+    def __init__(self, tracing: OtelTracing, headers: Mapping[str, str], route: str) -> None:
         self._tracing = tracing
         self.started = time.time_ns()
-        attributes: dict[str, Any] = {"http.request.method": "POST", "http.route": ROUTE,
-                                      "url.path": ROUTE, "gen_ai.operation.name": "chat"}
+        attributes: dict[str, Any] = {"http.request.method": "POST", "http.route": route,
+                                      "url.path": route, "gen_ai.operation.name": "chat"}
         agent = headers.get("user-agent")
         if agent:
             attributes["user_agent.original"] = agent
         self.span = tracing.tracer.start_span(
-            f"POST {ROUTE}", context=propagate.extract(headers), kind=SpanKind.SERVER,
+            f"POST {route}", context=propagate.extract(headers), kind=SpanKind.SERVER,
             attributes=attributes, start_time=self.started)
         ids = self.span.get_span_context()
         self.trace_id: str | None = format(ids.trace_id, "032x")

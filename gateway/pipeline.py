@@ -1,9 +1,13 @@
-"""The request pipeline of ``/v1/chat/completions``, independent of ASGI.
+"""The request pipeline of ``/v1/chat/completions`` and ``/v1/responses``, independent of ASGI.
 
 auth → parse → route → credentials → limits → cache / single flight → router (deployments,
-retries, fallbacks) → re-emit,
+retries, fallbacks) → encode,
 and, in one ``finally`` per exchange, settle the reservation and hand exactly one
 `ExchangeRecord` to every observer (metering, analytics, metrics).
+
+Both APIs are one pipeline: an `Api` parses its request into the internal chat request, and
+the `Encoder` it gives the exchange writes the answer in its own shape (chat chunks here, the
+Responses API's events in `gateway.responses`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from gateway.errors import (
     UpstreamError,
     cut_by_shutdown,
 )
+from gateway.exchange import Api as ApiName
 from gateway.exchange import ExchangeObserver, ExchangeRecord, Outcome
 from gateway.metrics import Metrics
 from gateway.response_cache import CachedAnswer, CacheDecision, Claim
@@ -81,6 +86,48 @@ class ResponseCache(Protocol):
 Piece = tuple[bytes, bool]
 
 
+class Encoder(Protocol):
+    """How one exchange's answer is written for its client. The pipeline adds the upstream's
+    chunks or completion to ``ex.answer``; the encoder writes them."""
+
+    def relay(self, ex: Exchange, batch: list[dict[str, Any]]) -> list[bytes]:
+        """One upstream read's chunks (already in ``ex.answer``) as SSE events."""
+        ...
+
+    async def close(self, ex: Exchange) -> list[bytes]:
+        """The events that end a complete stream."""
+        ...
+
+    async def whole(self, ex: Exchange, completion: dict[str, Any]) -> bytes:
+        """The body of a non-streamed reply (``completion``'s usage is set)."""
+        ...
+
+    async def replay(self, ex: Exchange) -> bytes:
+        """``ex.answer`` from the cache: the whole body, or every event of the stream."""
+        ...
+
+    def failure(self, ex: Exchange, exc: GatewayError) -> bytes:
+        """The event that ends a stream cut by `exc`."""
+        ...
+
+
+@dataclass(slots=True)
+class Parsed:
+    """A request as the pipeline serves it: the chat body to forward, its typed view, and
+    the encoder of its API."""
+
+    body: dict[str, Any]
+    chat: ChatRequest
+    encoder: Encoder
+
+
+class Api(Protocol):
+    name: ApiName
+    path: str  # its route, for the request's span
+
+    async def parse(self, raw: bytes, principal: Principal) -> Parsed: ...
+
+
 @dataclass(slots=True)
 class Reply:
     """What the HTTP layer sends: a whole body, or a stream of SSE byte pieces."""
@@ -108,6 +155,8 @@ class Exchange:
     body: dict[str, Any]
     headers: Mapping[str, str]
     prompt_estimate: int
+    encoder: Encoder
+    api: ApiName
     admission: Admission | None = None
     claim: Claim | None = None
     answer: Answer = field(default_factory=Answer)
@@ -159,22 +208,27 @@ class Pipeline:
         # cache results by (model, result): plain counts, reported when metrics are sampled
         self._cache_events = metrics.tally(metrics.cache_events)
         self._requests = metrics.tally(metrics.requests)  # by model, backend, status
+        self.chat_api = ChatApi()
 
     # -- entry -------------------------------------------------------------------------------
 
-    async def handle(self, request_id: str, raw: bytes, headers: Mapping[str, str]) -> Reply:
+    async def handle(self, request_id: str, raw: bytes, headers: Mapping[str, str],
+                     api: Api | None = None) -> Reply:
+        """Serve one request of `api` (chat completions by default)."""
         started = time.perf_counter()
         wall = time.time()
-        trace = self.tracing.exchange(headers)
+        api = api or self.chat_api
+        trace = self.tracing.exchange(headers, api.path)
         try:
             with trace.stage("authenticate"):
                 principal = await self.authenticator.authenticate(headers.get("authorization"))
-            body, chat = parse_chat_request(raw)
+            parsed = await api.parse(raw, principal)
+            body, chat = parsed.body, parsed.chat
             trace.request(principal.team, principal.key_id, chat.model, body)
             plan = self._plan(principal, chat.model)
             estimate = prompt_tokens(body["messages"])
             ex = Exchange(request_id, started, wall, principal, plan, chat, body, headers,
-                          estimate, trace=trace)
+                          estimate, parsed.encoder, api.name, trace=trace)
             if self.admitter is not None:
                 tokens = estimate + (chat.answer_token_budget or self.default_max_tokens)
                 with trace.stage("limits"):
@@ -215,7 +269,7 @@ class Pipeline:
                 cached = await self._cached(ex)
             if cached is not None:
                 ex.cached = True
-                reply = self._replay(ex, cached)
+                reply = await self._replay(ex, cached)
                 handed_off = reply.stream is not None
                 return reply
             upstream_started = time.perf_counter()
@@ -286,22 +340,18 @@ class Pipeline:
         key = (model, result)
         self._cache_events[key] = self._cache_events.get(key, 0) + 1
 
-    def _replay(self, ex: Exchange, hit: CachedAnswer) -> Reply:
+    async def _replay(self, ex: Exchange, hit: CachedAnswer) -> Reply:
         ex.answer = hit.answer
-        cid, created = _ids()
+        data = await ex.encoder.replay(ex)
         if not ex.chat.stream:
-            completion = hit.answer.to_completion(cid, ex.route.model, created)
-            return self._ok(ex, orjson.dumps(completion))
-        chunks = hit.answer.replay_chunks(cid, ex.route.model, created,
-                                          include_usage=ex.chat.include_usage, pieces=None)
-        return self._ok(ex, stream=self._replay_stream(ex, chunks))
+            return self._ok(ex, data)
+        return self._ok(ex, stream=self._replay_stream(ex, data))
 
-    async def _replay_stream(self, ex: Exchange, chunks: list[dict[str, Any]]
-                             ) -> AsyncIterator[Piece]:
+    async def _replay_stream(self, ex: Exchange, data: bytes) -> AsyncIterator[Piece]:
         try:
             ex.ttft = time.perf_counter() - ex.started
-            # one write for the whole replay: the chunks stay distinct SSE events
-            yield b"".join([*(sse_event(data) for data in chunks), SSE_DONE]), True
+            # one write for the whole replay: the events stay distinct SSE events
+            yield data, True
         except BaseException:
             ex.outcome = "client_disconnected"
             raise
@@ -311,16 +361,11 @@ class Pipeline:
     async def _completed(self, ex: Exchange, completion: dict[str, Any]) -> Reply:
         answer = ex.answer
         answer.add_completion(completion)
-        cid, created = _ids()
-        completion["id"] = completion.get("id") or cid
-        completion["object"] = "chat.completion"
-        completion["created"] = completion.get("created") or created
-        completion["model"] = ex.route.model
         if not completion.get("usage"):
-            completion["usage"] = self._usage(ex)
+            completion["usage"] = estimated_usage(ex)
         answer.usage = completion["usage"]
         ex.ttft = time.perf_counter() - ex.started
-        data = orjson.dumps(completion)
+        data = await ex.encoder.whole(ex, completion)
         await self._store(ex)
         return self._ok(ex, data)
 
@@ -328,13 +373,13 @@ class Pipeline:
         """Re-emit upstream chunks as they arrive; one ``finally`` ends the exchange.
 
         Chunks that arrived in one upstream read leave in one write; the read that carried
-        ``[DONE]`` goes out together with the usage chunk, our ``[DONE]`` and the end of the
-        response body."""
-        cid, created = _ids()
+        ``[DONE]`` goes out together with the encoder's ending (for chat: the usage chunk and
+        our ``[DONE]``) and the end of the response body."""
+        encoder = ex.encoder
         try:
             tail: list[bytes] = []
             async for batch, last in stream.batches():
-                out = self._reemit(ex, batch, cid, created)
+                out = encoder.relay(ex, batch)
                 if not out:
                     continue
                 if ex.ttft is None:
@@ -343,16 +388,12 @@ class Pipeline:
                     tail = out
                     break
                 yield (out[0] if len(out) == 1 else b"".join(out)), False
-            if ex.chat.include_usage:
-                ex.answer.usage = ex.answer.usage or self._usage(ex)
-                tail.append(sse_event(usage_chunk(cid, ex.route.model, created,
-                                                  ex.answer.usage)))
-            tail.append(SSE_DONE)
+            tail += await encoder.close(ex)
             yield b"".join(tail), True
             await self._store(ex)
         except GatewayError as exc:
             self._fail(ex, exc)
-            yield sse_event(exc.body()), True
+            yield encoder.failure(ex, exc), True
         except (asyncio.CancelledError, GeneratorExit) as exc:
             self._interrupted(ex, exc)
             raise
@@ -360,7 +401,7 @@ class Pipeline:
             log.exception("stream_failed", error_type=type(exc).__name__)
             error = GatewayError("The gateway failed while relaying the stream.")
             self._fail(ex, error)
-            yield sse_event(error.body()), True
+            yield encoder.failure(ex, error), True
         finally:
             await stream.aclose()
             await self._finish(ex)
@@ -369,33 +410,6 @@ class Pipeline:
         """Cache the answer, unless a fallback model gave it (not this model's answer)."""
         if ex.claim is not None and self.cache is not None and ex.route.model == ex.plan.model:
             await self.cache.store(ex.claim, ex.answer)
-
-    def _reemit(self, ex: Exchange, batch: list[dict[str, Any]], cid: str, created: int
-                ) -> list[bytes]:
-        """One upstream read's chunks as our SSE events: under the public model name, with
-        an id and time where the upstream gave none. Each is added to the answer first; the
-        upstream's usage is kept for the end of the stream (sent only when asked)."""
-        out: list[bytes] = []
-        for data in batch:
-            ex.answer.add_chunk(data)
-            if "usage" in data:
-                del data["usage"]
-                if not data.get("choices"):
-                    continue  # the upstream's usage chunk
-            data["model"] = ex.route.model
-            data["object"] = "chat.completion.chunk"
-            if not data.get("id"):
-                data["id"] = cid
-            if not data.get("created"):
-                data["created"] = created
-            out.append(sse_event(data))
-        return out
-
-    def _usage(self, ex: Exchange) -> dict[str, Any]:
-        completion = text_tokens(ex.answer.text) + text_tokens("".join(ex.answer.reasoning))
-        for call in ex.answer.tool_calls.values():
-            completion += text_tokens(str((call.get("function") or {}).get("arguments") or ""))
-        return usage_dict(ex.prompt_estimate, completion, estimated=True)
 
     # -- endings -----------------------------------------------------------------------------
 
@@ -425,7 +439,7 @@ class Pipeline:
         ex.finished = True
         if ex.claim is not None and self.cache is not None:
             self.cache.release(ex.claim)  # a lead not ended by storing the answer
-        usage = ex.answer.usage = ex.answer.usage or self._usage(ex)
+        usage = ex.answer.usage = ex.answer.usage or estimated_usage(ex)
         if ex.admission is not None:
             used = int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
             ex.admission.settle(0 if ex.cached else used)
@@ -476,6 +490,7 @@ class Pipeline:
             error=ex.error,
             user=ex.headers.get(self.user_header) or ex.chat.user,
             conversation_id=ex.headers.get(self.conversation_header),
+            api=ex.api,
             trace_id=ex.trace.trace_id,
             span_id=ex.trace.span_id,
         )
@@ -506,6 +521,78 @@ class Pipeline:
                      route=ex.route)
 
 
-def _ids() -> tuple[str, int]:
-    now = time.time()
-    return f"chatcmpl-{time.time_ns():x}", int(now)
+def estimated_usage(ex: Exchange) -> dict[str, Any]:
+    """Usage counted by the gateway, for an upstream that told none."""
+    completion = text_tokens(ex.answer.text) + text_tokens("".join(ex.answer.reasoning))
+    for call in ex.answer.tool_calls.values():
+        completion += text_tokens(str((call.get("function") or {}).get("arguments") or ""))
+    return usage_dict(ex.prompt_estimate, completion, estimated=True)
+
+
+# -- chat completions ------------------------------------------------------------------------
+
+
+class ChatApi:
+    """``/v1/chat/completions``: the body is the chat request, the answer re-emitted as
+    ``chat.completion`` chunks."""
+
+    name: ApiName = "chat.completions"
+    path = "/v1/chat/completions"
+
+    async def parse(self, raw: bytes, principal: Principal) -> Parsed:
+        body, chat = parse_chat_request(raw)
+        return Parsed(body, chat, ChatEncoder())
+
+
+class ChatEncoder:
+    __slots__ = ("cid", "created")
+
+    def __init__(self) -> None:
+        now = time.time()
+        self.cid = f"chatcmpl-{time.time_ns():x}"
+        self.created = int(now)
+
+    def relay(self, ex: Exchange, batch: list[dict[str, Any]]) -> list[bytes]:
+        """One upstream read's chunks as our SSE events: under the public model name, with
+        an id and time where the upstream gave none. Each is added to the answer first; the
+        upstream's usage is kept for the end of the stream (sent only when asked)."""
+        out: list[bytes] = []
+        for data in batch:
+            ex.answer.add_chunk(data)
+            if "usage" in data:
+                del data["usage"]
+                if not data.get("choices"):
+                    continue  # the upstream's usage chunk
+            data["model"] = ex.route.model
+            data["object"] = "chat.completion.chunk"
+            if not data.get("id"):
+                data["id"] = self.cid
+            if not data.get("created"):
+                data["created"] = self.created
+            out.append(sse_event(data))
+        return out
+
+    async def close(self, ex: Exchange) -> list[bytes]:
+        if not ex.chat.include_usage:
+            return [SSE_DONE]
+        ex.answer.usage = ex.answer.usage or estimated_usage(ex)
+        return [sse_event(usage_chunk(self.cid, ex.route.model, self.created, ex.answer.usage)),
+                SSE_DONE]
+
+    async def whole(self, ex: Exchange, completion: dict[str, Any]) -> bytes:
+        completion["id"] = completion.get("id") or self.cid
+        completion["object"] = "chat.completion"
+        completion["created"] = completion.get("created") or self.created
+        completion["model"] = ex.route.model
+        return orjson.dumps(completion)
+
+    async def replay(self, ex: Exchange) -> bytes:
+        answer, model = ex.answer, ex.route.model
+        if not ex.chat.stream:
+            return orjson.dumps(answer.to_completion(self.cid, model, self.created))
+        chunks = answer.replay_chunks(self.cid, model, self.created,
+                                      include_usage=ex.chat.include_usage, pieces=None)
+        return b"".join([*(sse_event(data) for data in chunks), SSE_DONE])
+
+    def failure(self, ex: Exchange, exc: GatewayError) -> bytes:
+        return sse_event(exc.body())

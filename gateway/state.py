@@ -15,6 +15,7 @@ from gateway.config import GatewayConfig
 from gateway.health import HealthSource
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
+from gateway.responses import ResponsesApi
 from gateway.routing.table import ModelPlan
 from gateway.serving import Drain
 
@@ -30,6 +31,7 @@ class GatewayState:
     drain: Drain
     started: int  # unix time: the `created` of every model object
     health: HealthSource  # the deployments' circuits (the router, unless a test gives one)
+    responses: ResponsesApi  # /v1/responses on the pipeline, with the stored responses
     admin: ASGIApp | None = None  # the admin API, when `server.admin_key` is set
 
     @property

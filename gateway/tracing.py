@@ -52,8 +52,8 @@ class ExchangeTrace(Protocol):
 
 
 class Tracing(Protocol):
-    def exchange(self, headers: Mapping[str, str]) -> ExchangeTrace:
-        """The trace of a new request, a child of the client's ``traceparent`` if any."""
+    def exchange(self, headers: Mapping[str, str], route: str) -> ExchangeTrace:
+        """The trace of a new request to `route`, a child of the client's ``traceparent`` if any."""
         ...
 
     def delivery(self, sink: str, records: Sequence[ExchangeRecord]
@@ -103,7 +103,7 @@ NO_TRACE = NoTrace()
 
 
 class NoTracing:
-    def exchange(self, headers: Mapping[str, str]) -> NoTrace:
+    def exchange(self, headers: Mapping[str, str], route: str) -> NoTrace:
         return NO_TRACE
 
     def delivery(self, sink: str, records: Sequence[ExchangeRecord]) -> NoTrace:

@@ -82,17 +82,27 @@ def parse_chat_request(raw: bytes) -> tuple[dict[str, Any], ChatRequest]:
     try:
         chat = ChatRequest.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        missing = first["type"] == "missing"
-        message = (
-            f"Missing required parameter: '{param}'."
-            if missing
-            else f"Invalid value for '{param}': {first['msg']}."
-        )
-        raise InvalidRequest(message, param=param, code="missing_required_parameter"
-                             if missing else "invalid_value") from None
+        raise validation_error(exc) from None
     return body, chat
+
+
+# the names pydantic puts in an error's location for the member of a union it tried
+_UNION_MEMBERS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
+
+
+def validation_error(exc: ValidationError) -> InvalidRequest:
+    """A request model's first validation error as the 400 that names its parameter."""
+    first = exc.errors(include_url=False)[0]
+    param = ".".join(str(p) for p in first["loc"] if p not in _UNION_MEMBERS
+                     and "[" not in str(p)) or None
+    missing = first["type"] == "missing"
+    message = (
+        f"Missing required parameter: '{param}'."
+        if missing
+        else f"Invalid value for '{param}': {first['msg']}."
+    )
+    return InvalidRequest(message, param=param, code="missing_required_parameter"
+                          if missing else "invalid_value")
 
 
 def completion_id() -> str:

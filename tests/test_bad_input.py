@@ -1,4 +1,5 @@
-"""Whatever a client sends, the gateway answers 2xx or a 4xx OpenAI envelope, never a 5xx:
+"""Whatever a client sends to /v1/chat/completions or /v1/responses, the gateway answers 2xx
+or a 4xx OpenAI envelope, never a 5xx:
 property-based, over request bodies built from valid ones with any field given any JSON
 value, against the demo's sample upstreams of every backend kind (Inkeep, the agents API
 through the OpenAI-compatible path, Nuclia) in a real `gateway serve --demo`."""
@@ -94,6 +95,68 @@ def test_any_body_gets_a_2xx_or_a_4xx_envelope(demo: str, model: str,
 @given(raw=st.binary(max_size=200) | json_values.map(orjson.dumps))
 def test_bodies_that_are_not_chat_requests_get_a_400(demo: str, raw: bytes) -> None:
     reply = httpx.post(f"{demo}/v1/chat/completions", content=raw, timeout=30,
+                       headers={"authorization": f"Bearer {DEMO_KEY}",
+                                "content-type": "application/json"})
+    check(reply)
+    assert reply.status_code == 400
+
+
+RESPONSES_FIELDS = [
+    "input", "instructions", "stream", "store", "previous_response_id", "max_output_tokens",
+    "temperature", "top_p", "metadata", "user", "tools", "tool_choice",
+    "parallel_tool_calls", "text", "reasoning", "include", "truncation", "nuclia", "model",
+]
+ITEM_TYPES = ["message", "function_call", "function_call_output", "reasoning",
+              "item_reference", "computer_call", ""]
+PART_TYPES = ["input_text", "output_text", "input_image", "input_file", "refusal", "x"]
+items = st.lists(
+    st.fixed_dictionaries(
+        {},
+        optional={"type": st.sampled_from(ITEM_TYPES) | json_values,
+                  "role": st.sampled_from(ROLES) | json_values,
+                  "content": st.text(max_size=20) | st.lists(
+                      st.fixed_dictionaries({"type": st.sampled_from(PART_TYPES)},
+                                            optional={"text": json_values,
+                                                      "image_url": json_values}),
+                      max_size=3) | json_values,
+                  "call_id": json_values, "name": json_values, "arguments": json_values,
+                  "output": json_values},
+    ),
+    max_size=4,
+)
+response_overrides = st.dictionaries(
+    st.sampled_from(RESPONSES_FIELDS),
+    st.one_of(json_values, items,
+              st.fixed_dictionaries({"format": st.fixed_dictionaries(
+                  {"type": st.sampled_from(["text", "json_schema", "json_object", "x"])},
+                  optional={"schema": json_values, "name": json_values})}),
+              st.lists(st.fixed_dictionaries({"type": st.sampled_from(["function", "x"])},
+                                             optional={"name": json_values,
+                                                       "parameters": json_values}),
+                       max_size=2)),
+    max_size=4,
+)
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(model=st.sampled_from(MODELS), changes=response_overrides)
+def test_any_responses_body_gets_a_2xx_or_a_4xx_envelope(demo: str, model: str,
+                                                         changes: dict[str, Any]) -> None:
+    body: dict[str, Any] = {"model": model, "input": "hello", **changes}
+    with httpx.Client(base_url=demo, timeout=30,
+                      headers={"authorization": f"Bearer {DEMO_KEY}"}) as client:
+        with client.stream("POST", "/v1/responses", content=orjson.dumps(body),
+                           headers={"content-type": "application/json"}) as reply:
+            reply.read()
+    check(reply)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.binary(max_size=200) | json_values.map(orjson.dumps))
+def test_bodies_that_are_not_responses_requests_get_a_400(demo: str, raw: bytes) -> None:
+    reply = httpx.post(f"{demo}/v1/responses", content=raw, timeout=30,
                        headers={"authorization": f"Bearer {DEMO_KEY}",
                                 "content-type": "application/json"})
     check(reply)

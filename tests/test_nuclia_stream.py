@@ -70,12 +70,13 @@ async def aiter_of(items: list[bytes]) -> AsyncIterator[bytes]:
         yield item
 
 
-async def run(lines: list[bytes], learning_id: str | None = "lid-1"
-              ) -> tuple[list[dict[str, Any]], BaseException | None]:
+async def run(lines: list[bytes], learning_id: str | None = "lid-1", *,
+              structured: bool = False) -> tuple[list[dict[str, Any]], BaseException | None]:
     out: list[dict[str, Any]] = []
     try:
         async for data in translate_ask_stream(aiter_of(lines), backend=BACKEND, cid="c1",
-                                               model="m", created=1, learning_id=learning_id):
+                                               model="m", created=1, learning_id=learning_id,
+                                               structured=structured):
             out.append(data)
     except UpstreamError as exc:
         return out, exc
@@ -141,6 +142,42 @@ async def test_answer_json_alone_becomes_the_content() -> None:
     chunks, error = await run(lines)
     assert error is None
     assert deltas(chunks)[1] == {"content": '{"a":1}'}
+
+
+async def test_structured_the_json_is_the_content_and_prose_is_not_sent() -> None:
+    chunks, error = await run(normal_answer(), structured=True)
+    assert error is None
+    answer = Answer()
+    for data in chunks:
+        answer.add_chunk(data)
+    assert orjson.loads(answer.text) == {"renews": "yearly"}
+    assert not any("renews every" in str(d) for d in deltas(chunks))  # the prose
+    assert "".join(answer.reasoning) == "Think first. "  # reasoning as without a schema
+    assert chunks[-1]["nuclia"]["answer_json"] == {"renews": "yearly"}
+    assert chunks[-1]["nuclia"]["citations"]
+
+
+async def test_structured_without_json_is_an_honest_error() -> None:
+    lines = [line(ns.StatusAskResponseItem(code="-3", status="no_retrieval_data")),
+             line(ns.AnswerAskResponseItem(text="Not enough data to answer this."))]
+    chunks, error = await run(lines, structured=True)
+    assert isinstance(error, UpstreamError)
+    assert "JSON that response_format asked for" in error.message
+    assert "no_retrieval_data" in error.message
+    assert error.detail == "Not enough data to answer this."  # for the log only
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks)
+
+
+def test_structured_sync_response() -> None:
+    sync = {"answer": "Prose.", "answer_json": {"a": [1]}, "status": "success",
+            "retrieval_results": {"resources": {}}}
+    completion = completion_from_sync(sync, backend=BACKEND, cid="c", model="m", created=1,
+                                      structured=True)
+    message = completion["choices"][0]["message"]
+    assert message["content"] == '{"a":[1]}' and message["nuclia"]["answer_json"] == {"a": [1]}
+    with pytest.raises(UpstreamError, match="response_format"):
+        completion_from_sync({**sync, "answer_json": None}, backend=BACKEND, cid="c",
+                             model="m", created=1, structured=True)
 
 
 @pytest.mark.parametrize(("code", "status", "flag"), [("-2", "no_context", "no_context"),

@@ -170,6 +170,7 @@ def inkeep_payload(record: ExchangeRecord) -> dict[str, Any]:
         "ttft_ms": record.ttft_ms, "cached": record.cached, "request_id": record.request_id,
         "finish_reason": record.finish_reason, "usage": record.usage,
         "outcome": record.outcome, "status": record.status, "stream": record.stream,
+        "api": record.api,
     }
     if record.extensions.get("citations"):
         properties["citations"] = record.extensions["citations"]

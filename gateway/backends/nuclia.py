@@ -5,7 +5,9 @@ earlier user/assistant turns are ``chat_history`` (authors ``USER`` / ``NUCLIA``
 deprecated ``context`` alongside it); non-empty ``system``/``developer`` messages are joined into
 ``prompt.system``; ``seed`` -> ``generative_model_seed``; ``max_completion_tokens`` /
 ``max_tokens`` -> ``max_tokens``; ``metadata`` and ``user`` -> ``audit_metadata`` (and ``user``
--> the ``X-NUCLIADB-USER`` header); ``response_format: json_schema`` -> ``answer_json_schema``.
+-> the ``X-NUCLIADB-USER`` header); ``response_format: json_schema`` -> ``answer_json_schema``,
+and the answer's content is then Nuclia's ``answer_json`` (see `gateway.backends.nuclia_stream`);
+``json_object`` is a 400 that says to give a schema (Nuclia has no schema-less JSON mode).
 Content given as parts is flattened to its text parts. Defaults come from the model's
 ``nuclia:`` dict in the config and are overridden by the per-request extension field
 ``"nuclia": {...}`` (``extra_body={"nuclia": {...}}`` in the OpenAI SDK). What Nuclia cannot
@@ -109,6 +111,12 @@ def _json_schema(body: dict[str, Any]) -> dict[str, Any] | None:
         "{'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}.",
         param="response_format",
     )
+
+
+def structured(call: UpstreamCall) -> bool:
+    """Whether the answer's content must be Nuclia's JSON answer (``response_format`` asked
+    for a schema), not its prose."""
+    return _json_schema(call.body) is not None
 
 
 class _Turn(NamedTuple):
@@ -292,10 +300,11 @@ class NucliaChunkStream:
     """An opened Nuclia answer stream, translated chunk by chunk; closes its response."""
 
     def __init__(self, response: UpstreamResponse, backend: str, model: str,
-                 learning_id: str | None) -> None:
+                 learning_id: str | None, *, structured: bool) -> None:
         self._response = response
         self._translator = AskTranslator(backend=backend, cid=completion_id(), model=model,
-                                         created=int(time.time()), learning_id=learning_id)
+                                         created=int(time.time()), learning_id=learning_id,
+                                         structured=structured)
 
     async def batches(self) -> AsyncGenerator[Batch, None]:
         """One batch per upstream read; the finish chunk, sent when the body ends, is the
@@ -374,7 +383,8 @@ class NucliaBackend:
             raw = await response.read()
             raise map_nuclia_status(self.name, response.status, raw, response.headers)
         learning_id = _learning_id(call, response)
-        return NucliaChunkStream(response, self.name, call.route.model, learning_id)
+        return NucliaChunkStream(response, self.name, call.route.model, learning_id,
+                                 structured=structured(call))
 
     async def complete(self, call: UpstreamCall) -> dict[str, Any]:
         synchronous = self._config.synchronous
@@ -395,9 +405,10 @@ class NucliaBackend:
                     backend=self.name,
                 ) from None
             return completion_from_sync(data, backend=self.name, cid=cid, model=model,
-                                        created=created, learning_id=learning_id)
+                                        created=created, learning_id=learning_id,
+                                        structured=structured(call))
         translator = AskTranslator(backend=self.name, cid=cid, model=model, created=created,
-                                   learning_id=learning_id)
+                                   learning_id=learning_id, structured=structured(call))
         answer = Answer()
         answer.add_chunk(translator.start())
         decoder = NdjsonDecoder()

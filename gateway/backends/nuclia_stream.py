@@ -6,8 +6,10 @@
 - first a ``{"role": "assistant", "content": ""}`` delta, before any line is read;
 - each ``answer`` item becomes one ``delta.content`` chunk the moment it is read;
 - each ``reasoning`` item becomes one ``delta.reasoning_content`` chunk (never content);
-- an ``answer_json`` item is kept for the extension and, when no answer text came, also sent
-  as the content (the JSON text), so ``response_format: json_schema`` clients get it;
+- an ``answer_json`` item is kept for the extension and sent as the content (the JSON text) when
+  no answer text came; when the request asked for a JSON schema (``structured``), the JSON IS
+  the content: ``answer`` items are prose beside it and are not sent, and an answer without
+  ``answer_json`` is an `UpstreamError` (the client asked for JSON, prose would not parse);
 - ``retrieval`` / ``status`` / ``citations`` / ``footnote_citations`` / ``metadata`` are
   remembered; ``prequeries``, ``relations``, ``augmented_context``, ``debug`` and
   ``consumption`` are ignored; unknown types are skipped with a ``nuclia_item_skipped`` debug
@@ -205,12 +207,14 @@ class AskTranslator:
     the backend drives it per upstream read, so chunks of one read leave in one write."""
 
     def __init__(self, *, backend: str, cid: str, model: str, created: int,
-                 learning_id: str | None = None) -> None:
+                 learning_id: str | None = None, structured: bool = False) -> None:
         self.backend = backend
         self.cid = cid
         self.model = model
         self.created = created
         self.state = AskState(learning_id)
+        self.structured = structured
+        self.prose = ""  # structured: the answer text Nuclia sent beside its JSON (for the log)
 
     def start(self) -> dict[str, Any]:
         return chunk(self.cid, self.model, self.created, {"role": "assistant", "content": ""})
@@ -219,11 +223,7 @@ class AskTranslator:
         """One line -> the chunk to send at once, if any; raises on a failure item."""
         kind, item = _decode(line, self.backend)
         if kind == "answer":
-            text = _text(item, "text", self.backend)
-            if not text:
-                return None
-            self.state.text_seen = True
-            return chunk(self.cid, self.model, self.created, {"content": text})
+            return self._answer(_text(item, "text", self.backend))
         if kind == "reasoning":
             text = _text(item, "text", self.backend)
             if not text:
@@ -237,12 +237,23 @@ class AskTranslator:
             log.debug("nuclia_item_skipped", backend=self.backend, item_type=kind[:64])
         return None
 
+    def _answer(self, text: str) -> dict[str, Any] | None:
+        """Answer text is the content, unless the request asked for JSON: then it is prose
+        beside the JSON, kept for the log only."""
+        if not text:
+            return None
+        if self.structured:
+            self.prose = (self.prose + text)[:MAX_DETAIL]
+            return None
+        self.state.text_seen = True
+        return chunk(self.cid, self.model, self.created, {"content": text})
+
     def _answer_json(self, answer_json: Any) -> dict[str, Any] | None:
-        """Kept for the extension, and sent as the content when no answer text came, so that
-        ``response_format: json_schema`` clients get it."""
+        """Kept for the extension, and sent as the content when the request asked for it or
+        no answer text came."""
         state = self.state
         state.answer_json = answer_json
-        if state.text_seen or answer_json is None:
+        if (state.text_seen and not self.structured) or answer_json is None:
             return None
         state.text_seen = True
         return chunk(self.cid, self.model, self.created,
@@ -259,6 +270,8 @@ class AskTranslator:
             )
         if state.failed:
             raise _generation_failed(backend, state)
+        if self.structured and state.answer_json is None:
+            raise without_json(backend, state, self.prose)
         final = chunk(self.cid, self.model, self.created, {}, "stop")
         final["nuclia"] = state.extension()
         usage = state.usage()
@@ -275,10 +288,11 @@ async def translate_ask_stream(
     model: str,
     created: int,
     learning_id: str | None = None,
+    structured: bool = False,
 ) -> AsyncGenerator[dict[str, Any], None]:
     """Nuclia ndjson lines -> OpenAI chunks (see the module docstring for the mapping)."""
     translator = AskTranslator(backend=backend, cid=cid, model=model, created=created,
-                               learning_id=learning_id)
+                               learning_id=learning_id, structured=structured)
     yield translator.start()
     async for line in lines:
         translated = translator.line(line)
@@ -290,6 +304,13 @@ async def translate_ask_stream(
 def _generation_failed(backend: str, state: AskState) -> UpstreamError:
     return UpstreamError(f"The upstream '{backend}' could not generate the answer.",
                          backend=backend, detail=state.details or "no detail given")
+
+
+def without_json(backend: str, state: AskState, prose: str) -> UpstreamError:
+    """A structured request answered with prose only (e.g. nothing found to answer from)."""
+    return UpstreamError(
+        f"The upstream '{backend}' answered without the JSON that response_format asked for "
+        f"(answer status: {state.status}).", backend=backend, detail=prose or "no answer text")
 
 
 def _sync_state(data: dict[str, Any], backend: str, learning_id: str | None) -> AskState:
@@ -310,10 +331,10 @@ def _sync_state(data: dict[str, Any], backend: str, learning_id: str | None) -> 
     return state
 
 
-def _sync_message(data: dict[str, Any], state: AskState) -> dict[str, Any]:
+def _sync_message(data: dict[str, Any], state: AskState, structured: bool) -> dict[str, Any]:
     """The assistant message of a ``SyncAskResponse``, as the stream would have built it."""
     content: str = data["answer"]
-    if not content and state.answer_json is not None:
+    if (structured or not content) and state.answer_json is not None:
         content = orjson.dumps(state.answer_json).decode()
     message: dict[str, Any] = {"role": "assistant", "content": content}
     reasoning = data.get("reasoning")
@@ -325,17 +346,20 @@ def _sync_message(data: dict[str, Any], state: AskState) -> dict[str, Any]:
 
 def completion_from_sync(
     data: Any, *, backend: str, cid: str, model: str, created: int,
-    learning_id: str | None = None,
+    learning_id: str | None = None, structured: bool = False,
 ) -> dict[str, Any]:
-    """An ``X-Synchronous: true`` answer (``SyncAskResponse``) -> a ``chat.completion`` dict."""
+    """An ``X-Synchronous: true`` answer (``SyncAskResponse``) -> a ``chat.completion`` dict;
+    `structured` as in `AskTranslator`."""
     if not isinstance(data, dict) or not isinstance(data.get("answer"), str):
         raise UpstreamProtocolError(
             f"The upstream '{backend}' answered without an 'answer' field.", backend=backend
         )
     state = _sync_state(data, backend, learning_id)
+    if structured and state.answer_json is None:
+        raise without_json(backend, state, data["answer"][:MAX_DETAIL])
     completion: dict[str, Any] = {
         "id": cid, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": _sync_message(data, state),
+        "choices": [{"index": 0, "message": _sync_message(data, state, structured),
                      "finish_reason": "stop"}],
     }
     usage = state.usage()

@@ -20,6 +20,9 @@ message select a scenario:
     [tools]     a provideLinks tool call (only if the request declared tools)
     [chunks=N]  N content chunks (default 10)
 
+``response_format`` is honoured: a ``json_schema`` request is answered with an instance of the
+schema (`gateway.testing.schema_answer`), ``json_object`` with ``{"answer": ...}``.
+
 Every request is counted on ``app.state.calls``; the last body and headers are kept.
 ``app.state.faults`` (`gateway.testing.faults.Faults`) injects failures whatever the question.
 """
@@ -39,6 +42,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from gateway.testing.faults import Faults
+from gateway.testing.schema_answer import SchemaError, schema_instance
 
 SAMPLE_NOTE = "(sample answer from the gateway's local fake Inkeep upstream)"
 _CHUNKS = re.compile(r"\[chunks=(\d+)\]")
@@ -64,6 +68,20 @@ def split_answer(text: str, pieces: int) -> list[str]:
     pieces = max(1, pieces)
     size = max(1, -(-len(text) // pieces))
     return [text[i:i + size] for i in range(0, len(text), size)]
+
+
+def formatted(response_format: Any, text: str) -> str:
+    """The answer in the format asked for: an instance of a ``json_schema`` (its first
+    free-form string is the answer), ``{"answer": ...}`` for ``json_object``, else the text."""
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise SchemaError("json_schema.schema must be an object")
+        return orjson.dumps(schema_instance(schema, text=text)).decode()
+    if kind == "json_object":
+        return orjson.dumps({"answer": text}).decode()
+    return text
 
 
 def _tokens(text: str) -> int:
@@ -139,6 +157,12 @@ def create_fake_inkeep_app(*, api_key: str | None = None, delay: float = 0.0) ->
                 "url": "https://example.invalid/docs", "title": "Sample document",
                 "source": {"type": "content", "content": [{"type": "text", "text": text}]},
             }]}).decode()
+        try:
+            text = formatted(body.get("response_format"), text)
+        except SchemaError as exc:
+            error = {"error": {"message": f"Invalid schema for response_format: {exc}",
+                               "type": "invalid_request_error", "param": "response_format"}}
+            return Response(orjson.dumps(error), status_code=400, media_type="application/json")
         tools = body.get("tools") if "[tools]" in question else None
         completion_id = f"chatcmpl-fake{state.calls}"
         created = int(time.time())

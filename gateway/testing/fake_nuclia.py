@@ -37,7 +37,8 @@ clearly that it is a SAMPLE. Markers in the query select a scenario:
 
 ``citations`` (``true``/``"default"``) adds a ``citations`` item, ``"llm_footnotes"`` also a
 ``footnote_citations`` item; ``X-Show-Consumption: true`` adds ``consumption``;
-``answer_json_schema`` adds an ``answer_json`` item. Counters on ``app.state``: ``calls``,
+``answer_json_schema`` adds an ``answer_json`` item holding an instance of that schema (a schema
+the fake cannot follow is a 422, as Nuclia validates it). Counters on ``app.state``: ``calls``,
 ``streams_finished``, ``streams_cancelled``, ``last_body``, ``last_headers``.
 """
 
@@ -55,6 +56,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from gateway.testing.fake_inkeep import HTML_502, INTERNAL_DETAIL
+from gateway.testing.schema_answer import SchemaError, schema_instance
 
 SAMPLE_NOTE = "(sample answer from the gateway's local fake Nuclia Knowledge Box)"
 NOT_ENOUGH_DATA = "Not enough data to answer this."
@@ -147,7 +149,10 @@ def _generated(query: str, body: dict[str, Any], text: str, everything: bool
                   {"type": "reasoning", "text": "Then answer it from the sample resources."}]
     count = int(m.group(1)) if (m := _CHUNKS.search(query)) else 10
     items += [{"type": "answer", "text": piece} for piece in split_answer(text, count)]
-    if body.get("answer_json_schema") or everything:
+    schema = body.get("answer_json_schema")
+    if schema:
+        items.append({"type": "answer_json", "object": schema_instance(schema, text=text)})
+    elif everything:
         items.append({"type": "answer_json", "object": {"answer": text, "sample": True}})
     return items
 
@@ -278,6 +283,18 @@ def _invalid(loc: list[str | int], msg: str, kind: str = "value_error") -> Respo
     return JSONResponse({"detail": [{"type": kind, "loc": loc, "msg": msg}]}, status_code=422)
 
 
+def _invalid_schema(schema: Any) -> Response | None:
+    if schema is None:
+        return None
+    try:
+        if not isinstance(schema, dict):
+            raise SchemaError("not an object")
+        schema_instance(schema)
+    except SchemaError as exc:
+        return _invalid(["body", "answer_json_schema"], f"Invalid JSON schema: {exc}")
+    return None
+
+
 def _validate(body: Any, headers: Any) -> Response | None:
     client = headers.get("x-ndb-client")
     if client is not None and client not in NDB_CLIENTS:
@@ -298,7 +315,7 @@ def _validate(body: Any, headers: Any) -> Response | None:
             if not isinstance(turn, dict) or turn.get("author") not in ("USER", "NUCLIA"):
                 return _invalid(["body", field, i, "author"],
                                 "Input should be 'NUCLIA' or 'USER'", "enum")
-    return None
+    return _invalid_schema(body.get("answer_json_schema"))
 
 
 # -- the app ---------------------------------------------------------------------------------
