@@ -15,11 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.errors import InvalidRequest, UnsupportedParameter
-from gateway.wire import ChatRequest, validation_error
+from gateway.wire import ChatRequest, json_body, validation_error
 
 _ROLES = frozenset({"user", "assistant", "system", "developer"})
 _TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
@@ -78,12 +77,7 @@ class Translated:
 
 
 def parse_responses_request(raw: bytes) -> ResponsesRequest:
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
+    body = json_body(raw)
     try:
         return ResponsesRequest.model_validate(body)
     except ValidationError as exc:

@@ -71,14 +71,20 @@ class ChatRequest(BaseModel):
         return self.max_completion_tokens or self.max_tokens
 
 
-def parse_chat_request(raw: bytes) -> tuple[dict[str, Any], ChatRequest]:
-    """Decode the body once, validate it, and return (the raw dict to forward, the typed view)."""
+def json_body(raw: bytes) -> dict[str, Any]:
+    """A request body that must be one JSON object, else a 400 saying what is wrong."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    return body
+
+
+def parse_chat_request(raw: bytes) -> tuple[dict[str, Any], ChatRequest]:
+    """Decode the body once, validate it, and return (the raw dict to forward, the typed view)."""
+    body = json_body(raw)
     try:
         chat = ChatRequest.model_validate(body)
     except ValidationError as exc:

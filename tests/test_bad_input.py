@@ -82,12 +82,17 @@ def test_any_body_gets_a_2xx_or_a_4xx_envelope(demo: str, model: str,
                                                changes: dict[str, Any]) -> None:
     body: dict[str, Any] = {"model": model,
                             "messages": [{"role": "user", "content": "hello"}], **changes}
+    check(posted(demo, "/v1/chat/completions", body))
+
+
+def posted(demo: str, path: str, body: dict[str, Any]) -> httpx.Response:
+    """`body` posted to `path` as the demo key, its reply read whole (streamed or not)."""
     with httpx.Client(base_url=demo, timeout=30,
                       headers={"authorization": f"Bearer {DEMO_KEY}"}) as client:
-        with client.stream("POST", "/v1/chat/completions", content=orjson.dumps(body),
+        with client.stream("POST", path, content=orjson.dumps(body),
                            headers={"content-type": "application/json"}) as reply:
             reply.read()
-    check(reply)
+    return reply
 
 
 @settings(max_examples=60, deadline=None,
@@ -144,12 +149,7 @@ response_overrides = st.dictionaries(
 def test_any_responses_body_gets_a_2xx_or_a_4xx_envelope(demo: str, model: str,
                                                          changes: dict[str, Any]) -> None:
     body: dict[str, Any] = {"model": model, "input": "hello", **changes}
-    with httpx.Client(base_url=demo, timeout=30,
-                      headers={"authorization": f"Bearer {DEMO_KEY}"}) as client:
-        with client.stream("POST", "/v1/responses", content=orjson.dumps(body),
-                           headers={"content-type": "application/json"}) as reply:
-            reply.read()
-    check(reply)
+    check(posted(demo, "/v1/responses", body))
 
 
 @settings(max_examples=60, deadline=None,

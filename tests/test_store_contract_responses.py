@@ -5,7 +5,7 @@ much); one test lets Redis itself expire an entry."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -17,22 +17,9 @@ from gateway.stores.responses import (
     StoredResponse,
 )
 from tests.eventually import eventually
-from tests.test_store_contract_cache import shorten_ttls
+from tests.test_store_contract_cache import Advance, Clock, shorten_ttls
 
 TTL = 60.0
-Advance = Callable[[float], Awaitable[None]]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def advance(self, seconds: float) -> None:
-        self.now += seconds
-
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
 async def subject(request: pytest.FixtureRequest) -> AsyncIterator[tuple[ResponseStore, Advance]]:
