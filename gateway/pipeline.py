@@ -376,9 +376,12 @@ class Pipeline:
         ``[DONE]`` goes out together with the encoder's ending (for chat: the usage chunk and
         our ``[DONE]``) and the end of the response body."""
         encoder = ex.encoder
+        # closed below rather than left suspended after the last batch: the event loop's
+        # finalizer would close it with a task of its own, per stream
+        batches = stream.batches()
         try:
             tail: list[bytes] = []
-            async for batch, last in stream.batches():
+            async for batch, last in batches:
                 out = encoder.relay(ex, batch)
                 if not out:
                     continue
@@ -403,6 +406,7 @@ class Pipeline:
             self._fail(ex, error)
             yield encoder.failure(ex, error), True
         finally:
+            await batches.aclose()
             await stream.aclose()
             await self._finish(ex)
 
