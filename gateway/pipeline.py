@@ -151,6 +151,9 @@ class Exchange:
     wall: float
     principal: Principal
     plan: ModelPlan
+    # the answering deployment's route (a fallback's, maybe), the model's own until one
+    # answers (cache keys, refusals)
+    route: Route
     chat: ChatRequest
     body: dict[str, Any]
     headers: Mapping[str, str]
@@ -168,14 +171,8 @@ class Exchange:
     upstream_wait: float = 0.0
     finished: bool = False
     extra_headers: dict[str, str] = field(default_factory=dict)
-    served: Route | None = None  # the deployment that answered (a fallback's, maybe)
     attempts: int = 0  # upstream calls made
     trace: ExchangeTrace = NO_TRACE
-
-    @property
-    def route(self) -> Route:
-        """The answering deployment's route, else the model's own (cache keys, refusals)."""
-        return self.served or self.plan.route
 
 
 class Pipeline:
@@ -227,8 +224,8 @@ class Pipeline:
             trace.request(principal.team, principal.key_id, chat.model, body)
             plan = self._plan(principal, chat.model)
             estimate = prompt_tokens(body["messages"])
-            ex = Exchange(request_id, started, wall, principal, plan, chat, body, headers,
-                          estimate, parsed.encoder, api.name, trace=trace)
+            ex = Exchange(request_id, started, wall, principal, plan, plan.route, chat, body,
+                          headers, estimate, parsed.encoder, api.name, trace=trace)
             if self.admitter is not None:
                 tokens = estimate + (chat.answer_token_budget or self.default_max_tokens)
                 with trace.stage("limits"):
@@ -252,7 +249,7 @@ class Pipeline:
         if not principal.allows(plan.model):
             raise PermissionDenied(f"Your key may not use the model '{plan.model}'.",
                                    param="model")
-        missing = plan.credentials_missing()
+        missing = plan.credentials_missing
         if missing:
             raise ServiceUnavailable(
                 f"The model '{plan.model}' is not available: its backend "
@@ -312,7 +309,7 @@ class Pipeline:
 
     def _served(self, ex: Exchange, served: Served[T]) -> T:
         """Note who answered, for the reply's headers and the record."""
-        ex.served = served.call.route
+        ex.route = served.call.route
         ex.attempts = served.attempts
         ex.extra_headers.update(served.call.reply_headers)
         ex.extra_headers["x-gateway-backend"] = served.deployment.name

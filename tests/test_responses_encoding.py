@@ -50,7 +50,7 @@ async def exchange(request: dict[str, Any]) -> tuple[Exchange, ResponsesEncoder]
                                              PRINCIPAL)
     route = Route("qa", "inkeep", "inkeep-qa")
     plan = ModelPlan("qa", (Deployment("inkeep", route, cast(Any, None), 1.0),), (), 0)
-    ex = Exchange("req", time.perf_counter(), time.time(), PRINCIPAL, plan, parsed.chat,
+    ex = Exchange("req", time.perf_counter(), time.time(), PRINCIPAL, plan, route, parsed.chat,
                   parsed.body, {}, 3, parsed.encoder, "responses")
     return ex, cast(ResponsesEncoder, parsed.encoder)
 

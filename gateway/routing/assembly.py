@@ -13,13 +13,16 @@ from gateway.routing.budget import RetryBudget
 from gateway.routing.circuits import Circuits
 from gateway.routing.router import Router
 from gateway.routing.table import Deployment, ModelPlan
+from gateway.routing.traffic import Traffic
 from gateway.stores.circuits import CircuitStore
 
 
 async def build_router(config: GatewayConfig, plans: Mapping[str, ModelPlan],
                        store: CircuitStore, metrics: Metrics,
                        stack: AsyncExitStack) -> Router:
-    circuits = Circuits(config.routing.circuit, store, config.backends)
+    routing = config.routing
+    traffic = Traffic(config.backends, max(routing.circuit.window, routing.retry_budget.window))
+    circuits = Circuits(routing.circuit, store, config.backends, traffic)
     await circuits.start()
     stack.push_async_callback(circuits.aclose)
     attempts = metrics.tally(metrics.upstream_attempts)  # by model, deployment, outcome
@@ -31,5 +34,5 @@ async def build_router(config: GatewayConfig, plans: Mapping[str, ModelPlan],
     for name in config.backends:
         metrics.sample_gauge(metrics.child(metrics.circuit_state, name),
                              functools.partial(circuits.state, name))
-    return Router(plans, config.routing, circuits, RetryBudget(config.routing.retry_budget),
-                  on_attempt=on_attempt)
+    return Router(plans, routing, circuits, RetryBudget(routing.retry_budget, traffic),
+                  traffic, on_attempt=on_attempt)

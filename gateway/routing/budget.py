@@ -3,34 +3,20 @@ window, so that a full outage does not multiply the load on a struggling vendor.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 from gateway.config import RetryBudgetConfig
-from gateway.routing.window import Window
+from gateway.routing.traffic import Traffic
 
 
 class RetryBudget:
-    """Per backend: first attempts and retries over the window."""
+    """Per backend: its retries against its client requests (first attempts) over the
+    window, from the `Traffic` the router records."""
 
-    def __init__(self, config: RetryBudgetConfig,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: RetryBudgetConfig, traffic: Traffic) -> None:
         self.ratio = config.ratio
         self.window = config.window
         self.min_retries = config.min_retries
-        self.clock = clock
-        self._counts: dict[str, Window] = {}
-
-    def _of(self, backend: str) -> Window:
-        counts = self._counts.get(backend)
-        if counts is None:
-            counts = self._counts[backend] = Window(self.window, self.clock)
-        return counts
+        self.traffic = traffic
 
     def allows_retry(self, backend: str) -> bool:
-        requests, retries = self._of(backend).totals()
-        return retries + 1 <= self.min_retries + self.ratio * requests
-
-    def count(self, backend: str, *, retry: bool) -> None:
-        """An attempt on `backend`: a client request's first one, or a retry."""
-        self._of(backend).add(*((0, 1) if retry else (1, 0)))
+        counts = self.traffic.counts(backend, self.window)
+        return counts.retries + 1 <= self.min_retries + self.ratio * counts.first

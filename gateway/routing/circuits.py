@@ -22,7 +22,7 @@ import structlog
 
 from gateway.config import CircuitConfig
 from gateway.errors import ServiceUnavailable
-from gateway.routing.window import Window
+from gateway.routing.traffic import Traffic
 from gateway.stores.circuits import CircuitStore
 
 log = structlog.get_logger("gateway.routing.circuits")
@@ -34,20 +34,22 @@ SYNC_SECONDS = 1.0
 
 @dataclass(slots=True)
 class _Circuit:
-    outcomes: Window  # requests, failures
     state: int = CLOSED
     open_until: float = 0.0
     failures_in_row: int = 0
     probing: bool = False
+    # the clock when the state last changed: the error rate counts only what came after
+    counted_from: float = float("-inf")
 
 
 class Circuits:
-    def __init__(self, config: CircuitConfig, store: CircuitStore, names: Iterable[str], *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: CircuitConfig, store: CircuitStore, names: Iterable[str],
+                 traffic: Traffic, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.store = store
+        self.traffic = traffic  # attempts and failures per deployment, recorded by the router
         self.clock = clock
-        self._circuits = {name: _Circuit(Window(config.window, clock)) for name in names}
+        self._circuits = {name: _Circuit() for name in names}
         self._syncing: asyncio.Task[None] | None = None
 
     # -- the request path --------------------------------------------------------------------
@@ -72,45 +74,46 @@ class Circuits:
 
     def record(self, name: str, ok: bool) -> None:
         """The outcome of one attempt on `name` (a failure is the deployment's: a 5xx, a 429,
-        a timeout, a refused connection)."""
+        a timeout, a refused connection), which `traffic` already counted as begun."""
         circuit = self._circuits[name]
-        now = self.clock()
+        if not ok:
+            self.traffic.failed(name)
         if circuit.probing:
             circuit.probing = False
             self.store.probe_done(name)
             if ok:
                 self._close(name, circuit)
             else:
-                self._open(name, circuit, now, "probe_failed")
+                self._open(name, circuit, "probe_failed")
             return
         if circuit.state != CLOSED:
             return  # an attempt begun before the circuit opened
         if ok:
-            circuit.outcomes.add(1, 0)
             circuit.failures_in_row = 0
             return
-        circuit.outcomes.add(1, 1)
         circuit.failures_in_row += 1
-        if self._tripped(circuit):
-            self._open(name, circuit, now, "failing")
+        if self._tripped(name, circuit):
+            self._open(name, circuit, "failing")
 
-    def _tripped(self, circuit: _Circuit) -> bool:
+    def _tripped(self, name: str, circuit: _Circuit) -> bool:
         config = self.config
         if circuit.failures_in_row >= config.failures:
             return True
-        total, failed = circuit.outcomes.totals()
-        return total >= config.min_requests and failed / total >= config.error_rate
+        # attempts still in flight count as not failed: the rate errs on the side of traffic
+        counts = self.traffic.counts(name, config.window, circuit.counted_from)
+        return (counts.attempts >= config.min_requests
+                and counts.failures / counts.attempts >= config.error_rate)
 
-    def _open(self, name: str, circuit: _Circuit, now: float, why: str) -> None:
+    def _open(self, name: str, circuit: _Circuit, why: str) -> None:
+        now = self.clock()
         circuit.state, circuit.open_until = OPEN, now + self.config.cooldown
-        circuit.failures_in_row = 0
-        circuit.outcomes.clear()
+        circuit.failures_in_row, circuit.counted_from = 0, now
         self.store.trip(name, self.config.cooldown)
         log.warning("circuit_opened", deployment=name, why=why, cooldown=self.config.cooldown)
 
     def _close(self, name: str, circuit: _Circuit) -> None:
         circuit.state, circuit.failures_in_row = CLOSED, 0
-        circuit.outcomes.clear()
+        circuit.counted_from = self.clock()
         log.info("circuit_closed", deployment=name)
 
     # -- shared state ------------------------------------------------------------------------
@@ -122,7 +125,7 @@ class Circuits:
             circuit = self._circuits.get(name)
             if circuit is not None and circuit.state == CLOSED:
                 circuit.state, circuit.open_until = OPEN, now + left
-                circuit.outcomes.clear()
+                circuit.counted_from = now
                 log.warning("circuit_opened", deployment=name, why="another_replica")
 
     async def start(self) -> None:
@@ -150,12 +153,12 @@ class Circuits:
         now = self.clock()
         rows: list[dict[str, object]] = []
         for name, circuit in sorted(self._circuits.items()):
-            requests, errors = circuit.outcomes.totals()
+            counts = self.traffic.counts(name, self.config.window, circuit.counted_from)
             rows.append({
                 "deployment": name, "state": STATE_NAMES[circuit.state],
                 "failures_in_row": circuit.failures_in_row,
-                "recent_requests": requests,
-                "recent_errors": errors,
+                "recent_requests": counts.attempts,
+                "recent_errors": counts.failures,
                 "reopens_in": max(0.0, round(circuit.open_until - now, 3))
                 if circuit.state == OPEN else None,
             })

@@ -37,6 +37,7 @@ from gateway.health import DeploymentHealth
 from gateway.routing.budget import RetryBudget
 from gateway.routing.circuits import Circuits
 from gateway.routing.table import Deployment, ModelPlan
+from gateway.routing.traffic import Traffic
 
 T = TypeVar("T")
 # statuses of an upstream that may answer the same request on the next try (529 and 530 are
@@ -82,18 +83,9 @@ class RoutingFailed(Exception):
         self.attempts = attempts
 
 
-class _Attempts:
-    """The state of one client request's attempts: how many, until when they may wait."""
-
-    def __init__(self, max_wait: float) -> None:
-        self.count = 0
-        self.deadline = time.monotonic() + max_wait
-        self.last: GatewayError | None = None
-
-
 class Router:
     def __init__(self, plans: Mapping[str, ModelPlan], config: RoutingConfig,
-                 circuits: Circuits, budget: RetryBudget, *,
+                 circuits: Circuits, budget: RetryBudget, traffic: Traffic, *,
                  on_attempt: Callable[[Deployment, str], None] = lambda d, outcome: None,
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
                  rng: random.Random | None = None) -> None:
@@ -101,10 +93,14 @@ class Router:
         self.config = config
         self.circuits = circuits
         self.budget = budget
+        self.traffic = traffic
         self.on_attempt = on_attempt  # (deployment, outcome): for the metrics
         self.sleep = sleep
         self.rng = rng or random.Random()
         self._busy: dict[str, int] = {}  # requests in flight per deployment, on this replica
+        # each model followed by its fallbacks: the models a request may be answered by
+        self._chains = {name: (plan, *(plans[f] for f in plan.fallbacks))
+                        for name, plan in plans.items()}
 
     def health(self) -> list[dict[str, Any]]:
         """Per model, its deployments with their circuit and requests in flight here."""
@@ -126,57 +122,54 @@ class Router:
                                          int(str(row["recent_errors"])), detail))
         return rows
 
-    async def stream(self, plan: ModelPlan, call: Callable[[Route], UpstreamCall]
-                     ) -> Served[ChunkStream]:
-        return await self._serve(plan, call, _open_stream)
+    # `stream` and `complete` hand back `_serve`'s coroutine rather than awaiting it: every
+    # frame in an await chain is resumed at each of the upstream's reads
+    def stream(self, plan: ModelPlan, call: Callable[[Route], UpstreamCall]
+               ) -> Awaitable[Served[ChunkStream]]:
+        return self._serve(plan, call, _open_stream)
 
-    async def complete(self, plan: ModelPlan, call: Callable[[Route], UpstreamCall]
-                       ) -> Served[dict[str, Any]]:
-        return await self._serve(plan, call, _complete)
+    def complete(self, plan: ModelPlan, call: Callable[[Route], UpstreamCall]
+                 ) -> Awaitable[Served[dict[str, Any]]]:
+        return self._serve(plan, call, _complete)
 
     async def _serve(self, plan: ModelPlan, call: Callable[[Route], UpstreamCall],
                      attempt: Callable[[Deployment, UpstreamCall], Awaitable[T]]) -> Served[T]:
-        attempts = _Attempts(self.config.max_wait)
-        for model in (plan, *(self.plans[name] for name in plan.fallbacks)):
-            served = await self._on_model(model, call, attempt, attempts)
-            if served is not None:
-                return served
-        error = attempts.last or ServiceUnavailable(
+        """Attempts on `plan`'s deployments, then on each fallback's, until one answers."""
+        deadline = time.monotonic() + self.config.max_wait  # for waits between attempts
+        count = 0  # attempts made
+        last: GatewayError | None = None  # the last attempt's failure
+        for model in self._chains[plan.model]:
+            tried: set[str] = set()
+            for n in range(1 + model.retries):
+                deployment = await self._pick(model, tried, retry=count > 0)
+                if deployment is None:
+                    break  # nothing left to try on this model: its fallback, if any
+                tried.add(deployment.name)
+                self.traffic.attempt(deployment.name, retry=count > 0)
+                count += 1
+                self._busy[deployment.name] = self._busy.get(deployment.name, 0) + 1
+                upstream = call(deployment.route)
+                try:
+                    with upstream.trace.attempt(deployment.name,
+                                                deployment.route.upstream_model, count):
+                        result = await attempt(deployment, upstream)
+                except GatewayError as exc:
+                    if not self._failed(deployment, exc):
+                        raise RoutingFailed(exc, count) from exc
+                    last = exc
+                    untried = any(d.name not in tried for d in model.deployments)
+                    if not await self._back_off(n, exc, deadline, untried=untried):
+                        break
+                    continue
+                finally:
+                    self._busy[deployment.name] -= 1
+                self.circuits.record(deployment.name, ok=True)
+                self.on_attempt(deployment, "success")
+                return Served(result, deployment, upstream, model.model, count)
+        error = last or ServiceUnavailable(
             f"No deployment of the model '{plan.model}' is available: they are taken out "
             "after repeated failures. Retry shortly.", code="deployments_unavailable")
-        raise RoutingFailed(error, attempts.count)
-
-    async def _on_model(self, plan: ModelPlan, call: Callable[[Route], UpstreamCall],
-                        attempt: Callable[[Deployment, UpstreamCall], Awaitable[T]],
-                        attempts: _Attempts) -> Served[T] | None:
-        tried: set[str] = set()
-        for n in range(1 + plan.retries):
-            deployment = await self._pick(plan, tried, retry=attempts.count > 0)
-            if deployment is None:
-                return None
-            tried.add(deployment.name)
-            self.budget.count(deployment.name, retry=attempts.count > 0)
-            attempts.count += 1
-            self._busy[deployment.name] = self._busy.get(deployment.name, 0) + 1
-            upstream = call(deployment.route)
-            try:
-                with upstream.trace.attempt(deployment.name, deployment.route.upstream_model,
-                                            attempts.count):
-                    result = await attempt(deployment, upstream)
-            except GatewayError as exc:
-                if not self._failed(deployment, exc):
-                    raise RoutingFailed(exc, attempts.count) from exc
-                attempts.last = exc
-                untried = any(d.name not in tried for d in plan.deployments)
-                if not await self._back_off(n, exc, attempts, untried=untried):
-                    return None
-                continue
-            finally:
-                self._busy[deployment.name] -= 1
-            self.circuits.record(deployment.name, ok=True)
-            self.on_attempt(deployment, "success")
-            return Served(result, deployment, upstream, plan.model, attempts.count)
-        return None
+        raise RoutingFailed(error, count)
 
     def _failed(self, deployment: Deployment, exc: GatewayError) -> bool:
         """Count a failed attempt; whether another one is worth it."""
@@ -189,7 +182,7 @@ class Router:
         self.on_attempt(deployment, "retryable_error" if again else "error")
         return again
 
-    async def _back_off(self, n: int, exc: GatewayError, attempts: _Attempts, *,
+    async def _back_off(self, n: int, exc: GatewayError, deadline: float, *,
                         untried: bool) -> bool:
         """Before the next attempt: none when another deployment is still untried; else the
         upstream's retry-after, or an exponential backoff with full jitter. False when that
@@ -200,7 +193,7 @@ class Router:
         asked = retry_after(exc)
         wait = asked if asked is not None else self.rng.uniform(
             0, min(backoff.max, backoff.initial * 2 ** n))
-        if wait > attempts.deadline - time.monotonic():
+        if wait > deadline - time.monotonic():
             return False
         await self.sleep(wait)
         return True
@@ -234,8 +227,8 @@ class Router:
         return sorted(order, key=lambda d: d.name in tried)  # stable: untried first
 
 
-async def _complete(deployment: Deployment, upstream: UpstreamCall) -> dict[str, Any]:
-    return await deployment.backend.complete(upstream)
+def _complete(deployment: Deployment, upstream: UpstreamCall) -> Awaitable[dict[str, Any]]:
+    return deployment.backend.complete(upstream)
 
 
 async def _open_stream(deployment: Deployment, upstream: UpstreamCall) -> ChunkStream:

@@ -29,18 +29,14 @@ class ModelPlan:
     deployments: tuple[Deployment, ...]
     fallbacks: tuple[str, ...]
     retries: int
+    # the variable to set when no deployment has its credentials (fixed at start-up), else None
+    credentials_missing: str | None = None
 
     @property
     def route(self) -> Route:
         """The model's first deployment's route: what its cache keys are made of, so that
         answers of any of its deployments share entries."""
         return self.deployments[0].route
-
-    def credentials_missing(self) -> str | None:
-        """The variable to set when no deployment has its credentials, else None."""
-        if any(d.missing is None for d in self.deployments):
-            return None
-        return self.deployments[0].missing
 
 
 def build_table(config: GatewayConfig, backends: Mapping[str, Backend]) -> dict[str, ModelPlan]:
@@ -51,5 +47,7 @@ def build_table(config: GatewayConfig, backends: Mapping[str, Backend]) -> dict[
             Deployment(d.backend, Route(name, d.backend, d.upstream_model or name, options),
                        backends[d.backend], d.weight, backends[d.backend].credentials_missing())
             for d in model.deployment_list(name))
-        table[name] = ModelPlan(name, deployments, tuple(model.fallbacks), model.retries)
+        missing = None if any(d.missing is None for d in deployments) else deployments[0].missing
+        table[name] = ModelPlan(name, deployments, tuple(model.fallbacks), model.retries,
+                                missing)
     return table
