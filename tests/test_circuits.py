@@ -23,7 +23,7 @@ class Clock:
 def breakers(clock: Clock, **config: float) -> tuple[Circuits, Traffic]:
     circuit = CircuitConfig(**{"failures": 100, "min_requests": 10, "error_rate": 0.5,
                                "window": 30, "cooldown": 20, **config})
-    traffic = Traffic(["a"], 30, clock)
+    traffic = Traffic(["a"], circuit.window, clock)  # as long as the circuits read
     return Circuits(circuit, MemoryCircuitStore(clock), ["a"], traffic, clock=clock), traffic
 
 
