@@ -21,7 +21,7 @@ run: $(VENV)/.installed
 	$(VENV)/bin/gateway serve --demo
 
 ## Install with the dev extras, lint, and run the whole test suite (real redis-server, real
-## uvicorn, the benchmark's wrk and nginx for its tests, Prometheus and promtool for the
+## uvicorn, the benchmark's wrk, nginx and valgrind for its tests, Prometheus and promtool for the
 ## dashboard's and the alert rules' tests, Chromium for the console's, and the Node clients'
 ## packages, openai-node and the Vercel AI SDK, for tests/test_node_clients.py).
 test: $(VENV)/.installed redis-server bench-tools prometheus browser node-clients lint
@@ -42,9 +42,10 @@ redis-server:
 	@command -v redis-server >/dev/null || $(call apt,redis-server)
 
 # nginx lives in /usr/sbin, which is not on every user's PATH
+# valgrind: bench/instructions.py counts a request's instructions under callgrind
 bench-tools:
-	@command -v wrk >/dev/null && PATH="$$PATH:/usr/sbin" command -v nginx >/dev/null || \
-		$(call apt,wrk nginx-light)
+	@command -v wrk >/dev/null && PATH="$$PATH:/usr/sbin" command -v nginx >/dev/null && \
+		command -v callgrind_control >/dev/null || $(call apt,wrk nginx-light valgrind)
 
 # without its recommends (node-exporter, smartmontools and more): the tests start their own
 prometheus:

@@ -1,5 +1,6 @@
-"""The benchmark's parts (bodies, configs, wrk's summary, budgets) and one tiny real run with
-nginx, wrk and a gateway; wrk and nginx are installed by `make test`, never skipped."""
+"""The benchmark's parts (bodies, configs, wrk's summary, budgets), one tiny real run with
+nginx, wrk and a gateway, and one instruction count under callgrind; wrk, nginx and valgrind
+are installed by `make test`, never skipped."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from bench import instructions
 from bench.budgets import UNITS, parse_budget, read_budgets, verdict
 from bench.measure import Server, chat_body, check_reply, parse_wrk
 from bench.run import VARIANTS, gateway_yaml, run, table
@@ -108,6 +110,17 @@ def test_a_tiny_real_run_through_nginx_wrk_and_a_gateway(tmp_path: Path) -> None
     printed = table(rows, {"nginx-1": "-", "idle": "PASS", "core-1": "PASS"})
     assert printed.splitlines()[0].split()[:3] == ["row", "conns", "req/s"]
     assert "core-1" in printed and "ms added p50" in printed
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # valgrind runs Python some 50 times slower
+def test_instructions_per_streamed_request_are_counted(tmp_path: Path) -> None:
+    per_request = instructions.count(tmp_path, requests=20, warmup=5, stream=True)
+    # a streamed request is over a million instructions; counted from the start, the imports
+    # alone would make it hundreds of millions
+    assert 300_000 < per_request < 10_000_000
+    with pytest.raises(RuntimeError, match="an incomplete stream"):
+        instructions.check(b"data: [DONE]\n\n", stream=True)
 
 
 @pytest.mark.slow

@@ -125,10 +125,11 @@ def gateway_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 @contextmanager
 def run_gateways(config: Path, count: int, *, workers: int = 1,
                  env: Mapping[str, str] | None = None, ready: str = "/healthz",
-                 timeout: float = 30.0, grace: float = 10.0,
-                 args: Sequence[str] = ()) -> Iterator[list[GatewayProcess]]:
+                 timeout: float = 30.0, grace: float = 10.0, args: Sequence[str] = (),
+                 wrapper: Sequence[str] = ()) -> Iterator[list[GatewayProcess]]:
     """`count` replicas of ``gateway serve --config config`` (plus `args`, e.g. ``--demo``),
-    each on a free port with `workers` uvicorn workers; all are started before the first is
+    each on a free port with `workers` uvicorn workers, run by `wrapper` if any (a profiler,
+    valgrind); all are started before the first is
     waited for (start-up is mostly imports). Each logs to ``gateway-<port>.log`` beside the
     config. The block starts once every replica answers ``GET ready``; all are stopped when
     it exits."""
@@ -137,7 +138,7 @@ def run_gateways(config: Path, count: int, *, workers: int = 1,
         for _ in range(count):
             port = free_port()
             log = config.with_name(f"gateway-{port}.log")
-            argv = [sys.executable, "-m", "gateway", "serve", "--config", str(config),
+            argv = [*wrapper, sys.executable, "-m", "gateway", "serve", "--config", str(config),
                     "--port", str(port), "--workers", str(workers), *args]
             proc = spawn(argv, log=log, env=gateway_env(env))
             stack.callback(stop, proc, grace=grace)
@@ -151,8 +152,9 @@ def run_gateways(config: Path, count: int, *, workers: int = 1,
 @contextmanager
 def run_gateway(config: Path, *, workers: int = 1, env: Mapping[str, str] | None = None,
                 ready: str = "/healthz", timeout: float = 30.0, grace: float = 10.0,
-                args: Sequence[str] = ()) -> Iterator[GatewayProcess]:
+                args: Sequence[str] = (), wrapper: Sequence[str] = ()
+                ) -> Iterator[GatewayProcess]:
     """One ``gateway serve`` (as `run_gateways`)."""
     with run_gateways(config, 1, workers=workers, env=env, ready=ready, timeout=timeout,
-                      grace=grace, args=args) as (gateway,):
+                      grace=grace, args=args, wrapper=wrapper) as (gateway,):
         yield gateway
