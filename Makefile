@@ -21,9 +21,9 @@ run: $(VENV)/.installed
 	$(VENV)/bin/gateway serve --demo
 
 ## Install with the dev extras, lint, and run the whole test suite (real redis-server, real
-## uvicorn, the benchmark's wrk, nginx and valgrind for its tests, Prometheus and promtool for the
-## dashboard's and the alert rules' tests, Chromium for the console's, and the Node clients'
-## packages, openai-node and the Vercel AI SDK, for tests/test_node_clients.py).
+## uvicorn, the benchmark's wrk, nginx and valgrind for its tests, Prometheus and promtool
+## for the dashboard's and the alert rules' tests, Chromium for the console's, and the Node
+## clients' packages, openai-node and the Vercel AI SDK, for tests/test_node_clients.py).
 test: $(VENV)/.installed redis-server bench-tools prometheus browser node-clients lint
 	$(PY) -m pytest
 

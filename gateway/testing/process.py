@@ -129,10 +129,9 @@ def run_gateways(config: Path, count: int, *, workers: int = 1,
                  wrapper: Sequence[str] = ()) -> Iterator[list[GatewayProcess]]:
     """`count` replicas of ``gateway serve --config config`` (plus `args`, e.g. ``--demo``),
     each on a free port with `workers` uvicorn workers, run by `wrapper` if any (a profiler,
-    valgrind); all are started before the first is
-    waited for (start-up is mostly imports). Each logs to ``gateway-<port>.log`` beside the
-    config. The block starts once every replica answers ``GET ready``; all are stopped when
-    it exits."""
+    valgrind); all are started before the first is waited for (start-up is mostly imports).
+    Each logs to ``gateway-<port>.log`` beside the config. The block starts once every
+    replica answers ``GET ready``; all are stopped when it exits."""
     with ExitStack() as stack:
         started = []
         for _ in range(count):
