@@ -232,11 +232,9 @@ def _complete(deployment: Deployment, upstream: UpstreamCall) -> Awaitable[dict[
 
 
 async def _open_stream(deployment: Deployment, upstream: UpstreamCall) -> ChunkStream:
-    return await _first_chunks(await deployment.backend.stream(upstream))
-
-
-async def _first_chunks(stream: ChunkStream) -> ChunkStream:
-    """`stream` once its first batch arrived (a failure before it is the open's failure)."""
+    """The deployment's stream once its first batch arrived (a failure before it is the
+    open's failure: the attempt's, which may be retried)."""
+    stream = await deployment.backend.stream(upstream)
     batches = stream.batches()
     try:
         first = await anext(batches, None)
