@@ -1,13 +1,14 @@
 """Instructions per request of a real gateway, counted by valgrind's callgrind: the same on
-every run to about 1%, where CPU time on a shared machine moves by 15%. For the before and
+every run to 1–2 %, where CPU time on a shared machine moves by 15 %. For the before and
 after of a hot-path change whose cost is smaller than the bench's noise:
 
     .venv/bin/python bench/instructions.py [--requests 1000] [--stream]
 
 One `core` gateway (as `bench/run.py` starts it) in front of nginx, run under callgrind; a
-warm-up, then `--requests` requests one after the other on one connection, counted from zero.
-It counts the gateway's own instructions (Python, uvicorn, the upstream client), not the
-kernel's (its sockets), nor any wait: compare runs of it, not CPU time.
+warm-up (not counted, so only a few times slower), then `--requests` requests one after the
+other on one connection, counted. It counts the gateway's own instructions (Python, uvicorn,
+the upstream client), not the kernel's (its sockets), nor any wait: compare runs of it, not
+CPU time.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ def count(workdir: Path, *, requests: int, warmup: int, stream: bool) -> float:
         config = workdir / "gateway.yaml"
         config.write_text(gateway_yaml(upstream, "core"))
         out = workdir / "callgrind.out"
-        # valgrind starts Python about 50 times slower: imports take a minute
-        with run_gateway(config, wrapper=["valgrind", "--tool=callgrind",
+        # counting from the start would run the imports some 50 times slower
+        with run_gateway(config, wrapper=["valgrind", "--tool=callgrind", "--instr-atstart=no",
                                           f"--callgrind-out-file={out}"],
                          # the same str hashes, so the same dict and set probing, every run
                          env={"PYTHONHASHSEED": "0"}, timeout=300, grace=60) as gateway:
@@ -78,12 +79,12 @@ def count(workdir: Path, *, requests: int, warmup: int, stream: bool) -> float:
             body = chat_body("bench-sse" if stream else "bench-json", stream=stream)
             for _ in range(warmup):
                 post(connection, body, stream=stream)
-            callgrind(gateway.pid, "zero")
+            callgrind(gateway.pid, "instr=on")
             for _ in range(requests):
                 post(connection, body, stream=stream)
             callgrind(gateway.pid, "dump")
             connection.close()
-        # `callgrind.out.1` is the dump of what was counted since the zeroing
+        # `callgrind.out.1` is the dump of what was counted since counting began
         return total(workdir / "callgrind.out.1") / requests
 
 

@@ -113,11 +113,11 @@ def test_a_tiny_real_run_through_nginx_wrk_and_a_gateway(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)  # valgrind runs Python some 50 times slower
+@pytest.mark.timeout(300)  # counted requests run some 50 times slower
 def test_instructions_per_streamed_request_are_counted(tmp_path: Path) -> None:
     per_request = instructions.count(tmp_path, requests=20, warmup=5, stream=True)
-    # a streamed request is over a million instructions; counted from the start, the imports
-    # alone would make it hundreds of millions
+    # a streamed request is over a million instructions; had counting begun at the start,
+    # the imports alone would make it hundreds of millions per request
     assert 300_000 < per_request < 10_000_000
     with pytest.raises(RuntimeError, match="an incomplete stream"):
         instructions.check(b"data: [DONE]\n\n", stream=True)
