@@ -27,7 +27,7 @@ from bench.run import CLIENT_KEY, gateway_yaml  # noqa: E402
 from bench.upstream import CHUNKS, nginx  # noqa: E402
 from gateway.testing.process import run_gateway  # noqa: E402
 
-# a callgrind dump's line with the instructions counted since the last zeroing
+# the line of a callgrind dump with the instructions it counted
 TOTAL_LINES = ("summary:", "totals:")
 
 

@@ -113,7 +113,7 @@ def test_a_tiny_real_run_through_nginx_wrk_and_a_gateway(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)  # counted requests run some 50 times slower
+@pytest.mark.timeout(300)  # under valgrind: start-up a few times slower, counting 50 times
 def test_instructions_per_streamed_request_are_counted(tmp_path: Path) -> None:
     per_request = instructions.count(tmp_path, requests=20, warmup=5, stream=True)
     # a streamed request is over a million instructions; had counting begun at the start,
