@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as bench/instructions.py
 
-from bench.measure import chat_body  # noqa: E402
+from bench.measure import chat_body, check_answer  # noqa: E402
 from bench.run import CLIENT_KEY, gateway_yaml  # noqa: E402
-from bench.upstream import CHUNKS, nginx  # noqa: E402
+from bench.upstream import nginx  # noqa: E402
 from gateway.testing.process import run_gateway  # noqa: E402
 
 # the line of a callgrind dump with the instructions it counted
@@ -39,16 +39,7 @@ def post(connection: http.client.HTTPConnection, body: bytes, *, stream: bool) -
     data = reply.read()
     if reply.status != 200:
         raise RuntimeError(f"the gateway answered {reply.status}: {data[:200]!r}")
-    check(data, stream=stream)
-
-
-def check(data: bytes, *, stream: bool) -> None:
-    """A completion, or a stream with every upstream chunk and its end."""
-    if not stream and b'"chat.completion"' not in data:
-        raise RuntimeError(f"not a completion: {data[:200]!r}")
-    if stream and (data.count(b"chat.completion.chunk") < CHUNKS
-                   or not data.endswith(b"data: [DONE]\n\n")):
-        raise RuntimeError(f"an incomplete stream: {data[-200:]!r}")
+    check_answer(data, stream=stream)
 
 
 def callgrind(pid: int, command: str) -> None:

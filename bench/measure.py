@@ -99,6 +99,18 @@ def rss_mb(pid: int) -> float:
     return sum(kib) * 1024 / 1e6
 
 
+def check_answer(data: bytes, *, stream: bool) -> None:
+    """Raise unless `data` is a chat.completion, or a stream of the upstream's chunks (at
+    least) ending in [DONE]."""
+    if stream:
+        events = [line for line in data.splitlines() if line.startswith(b"data:")]
+        chunks = sum(b"chat.completion.chunk" in line for line in events)
+        if chunks < CHUNKS or events[-1] != b"data: [DONE]":
+            raise RuntimeError(f"probe: {chunks} chunks, last line {events[-1:]!r}")
+    elif orjson.loads(data).get("object") != "chat.completion":
+        raise RuntimeError(f"probe: not a chat.completion: {data[:200]!r}")
+
+
 def check_reply(server: Server, body: bytes, *, stream: bool, cache_hit: bool = False) -> None:
     """POST `body` once; raise if the reply is not what the row claims to measure: a 200 with
     a chat.completion, or a stream of the upstream's chunks (at least) ending in [DONE]."""
@@ -109,13 +121,7 @@ def check_reply(server: Server, body: bytes, *, stream: bool, cache_hit: bool = 
             data, headers = reply.read(), reply.headers
     except urllib.error.HTTPError as exc:
         raise RuntimeError(f"probe: HTTP {exc.code} {exc.read()[:200]!r}") from exc
-    if stream:
-        events = [line for line in data.splitlines() if line.startswith(b"data:")]
-        chunks = sum(b"chat.completion.chunk" in line for line in events)
-        if chunks < CHUNKS or events[-1] != b"data: [DONE]":
-            raise RuntimeError(f"probe: {chunks} chunks, last line {events[-1:]!r}")
-    elif orjson.loads(data).get("object") != "chat.completion":
-        raise RuntimeError(f"probe: not a chat.completion: {data[:200]!r}")
+    check_answer(data, stream=stream)
     if cache_hit and headers.get("x-gateway-cache") != "hit":
         raise RuntimeError(f"probe: x-gateway-cache: {headers.get('x-gateway-cache')}")
 

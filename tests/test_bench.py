@@ -119,8 +119,6 @@ def test_instructions_per_streamed_request_are_counted(tmp_path: Path) -> None:
     # a streamed request is over a million instructions; had counting begun at the start,
     # the imports alone would make it hundreds of millions per request
     assert 300_000 < per_request < 10_000_000
-    with pytest.raises(RuntimeError, match="an incomplete stream"):
-        instructions.check(b"data: [DONE]\n\n", stream=True)
 
 
 @pytest.mark.slow
